@@ -1,0 +1,143 @@
+"""Adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Only adapter tensors are saved, never the base (as in peft). The config
+records the base (its spec and a weight fingerprint), the variant and its
+dims, and the name/shape/dtype of every tensor, so that loading can refuse
+an adapter that does not belong to the model and say what differs.
+Writes are atomic: a folder is written beside the target and renamed into
+place, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.adapters import AdapterSpec
+from common.model import AdaptedCLIPSeg, AdapterStateError, check_fingerprint
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def adapter_config(model: AdaptedCLIPSeg, state: dict[str, torch.Tensor], extra: dict | None = None) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "base": model.base_id,
+        "base_fingerprint": model.base_fingerprint,
+        "image_size": model.image_size,
+        "adapter": model.spec.to_dict(),
+        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in state.items()},
+        **({"extra": extra} if extra else {}),
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to `path` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter_state(
+    state: dict[str, torch.Tensor], config: dict, out_dir: str | Path
+) -> Path:
+    """Atomically write an adapter folder from a state dict and its config."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            # Swap in two renames so a crash leaves either the old or the new folder.
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_adapter(model: AdaptedCLIPSeg, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Save `model`'s adapter tensors (only those) and their config to `out_dir`."""
+    state = model.adapter_state()
+    return save_adapter_state(state, adapter_config(model, state, extra), out_dir)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} beside {WEIGHTS_NAME})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterStateError(f"{path}: not valid JSON ({err})") from err
+    for key in ("format_version", "base", "base_fingerprint", "adapter", "tensors"):
+        if key not in cfg:
+            raise AdapterStateError(f"{path}: missing key '{key}'")
+    if cfg["format_version"] > FORMAT_VERSION:
+        raise AdapterStateError(
+            f"{path}: format_version {cfg['format_version']} is newer than this fedvlsm supports ({FORMAT_VERSION})"
+        )
+    return cfg
+
+
+def read_adapter_spec(adapter_dir: str | Path) -> AdapterSpec:
+    return AdapterSpec.from_dict(read_adapter_config(adapter_dir)["adapter"])
+
+
+def load_adapter(model: AdaptedCLIPSeg, adapter_dir: str | Path) -> dict:
+    """Load an adapter folder into `model`, refusing any mismatch. Returns its config."""
+    adapter_dir = Path(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    spec = AdapterSpec.from_dict(cfg["adapter"])
+    where = str(adapter_dir)
+    if spec != model.spec:
+        diffs = [
+            f"{k}: file {v!r} vs model {model.spec.to_dict()[k]!r}"
+            for k, v in spec.to_dict().items()
+            if model.spec.to_dict()[k] != v
+        ]
+        raise AdapterStateError(f"{where}: adapter spec differs from the model's ({'; '.join(diffs)})")
+    check_fingerprint(model, cfg["base_fingerprint"], cfg["base"], where)
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: adapter weights missing")
+    state = load_file(str(weights))
+    params = dict(model.named_parameters())
+    problems = []
+    for name, t in state.items():
+        if name in params and t.dtype != params[name].dtype:
+            problems.append(f"{name}: dtype {t.dtype} != model {params[name].dtype}")
+        meta = cfg["tensors"].get(name)
+        if meta is None or list(t.shape) != meta["shape"]:
+            problems.append(f"{name}: weights file and {CONFIG_NAME} disagree")
+    if problems:
+        raise AdapterStateError(f"{where}: " + "; ".join(problems))
+    try:
+        model.load_adapter_state(state, strict=True)
+    except AdapterStateError as err:
+        raise AdapterStateError(f"{where}: {err}") from err
+    return cfg

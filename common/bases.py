@@ -1,0 +1,185 @@
+"""Load a frozen base CLIPSeg and its tokenizer from a base *spec*.
+
+Specs:
+- a Hugging Face hub id (``CIDAS/clipseg-rd64-refined``) or a local folder:
+  ``from_pretrained``; honours ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``.
+- ``arch:clipseg-rd64-refined``: exactly that architecture from its config,
+  random (seeded) weights: parameter counts, shapes, benchmarks.
+- ``arch:tiny``: a tiny random CLIPSeg for fast tests.
+- ``demo``: the small CLIPSeg pretrained by ``scripts/pretrain_demo_base.py``
+  on synthetic images, shipped in ``common/assets/demo-base``; runs offline.
+
+The returned model is in eval mode with every parameter frozen; adapter
+variants decide what (if anything) becomes trainable on their own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPSegConfig,
+    CLIPSegForImageSegmentation,
+    PreTrainedTokenizerBase,
+)
+
+from common.tokenizer import EOS_ID, build_word_tokenizer
+
+DEMO_BASE_DIR = Path(__file__).resolve().parent / "assets" / "demo-base"
+REAL_BASE_ID = "CIDAS/clipseg-rd64-refined"
+# Image size the model runs at unless its folder says otherwise (config key
+# `fedvlsm_image_size`, written by the demo pretraining script).
+DEFAULT_IMAGE_SIZE = 352
+
+
+class BaseLoadError(RuntimeError):
+    """A base spec that cannot be turned into a model, with the reason."""
+
+
+@dataclass
+class Base:
+    model: CLIPSegForImageSegmentation
+    tokenizer: PreTrainedTokenizerBase
+    base_id: str
+    image_size: int
+
+    @property
+    def fingerprint(self) -> str:
+        return base_fingerprint(self.model)
+
+
+def clipseg_rd64_refined_config() -> CLIPSegConfig:
+    """The config of CIDAS/clipseg-rd64-refined (ViT-B/16 at 352, rd 64, refined decoder)."""
+    return CLIPSegConfig(
+        text_config=dict(
+            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=8, max_position_embeddings=77, eos_token_id=EOS_ID,
+            bos_token_id=1, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            image_size=224, patch_size=16,
+        ),
+        projection_dim=512,
+        extract_layers=[3, 6, 9],
+        reduce_dim=64,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=2048,
+        conditional_layer=0,
+        use_complex_transposed_convolution=True,
+    )
+
+
+def tiny_config(vocab_size: int) -> CLIPSegConfig:
+    """A CLIPSeg small enough that a training step takes milliseconds on a CPU."""
+    return CLIPSegConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=2, max_position_embeddings=77, eos_token_id=EOS_ID,
+            bos_token_id=1, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=5, num_attention_heads=2,
+            image_size=64, patch_size=16,
+        ),
+        projection_dim=32,
+        extract_layers=[1, 2, 3],
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        conditional_layer=0,
+        use_complex_transposed_convolution=True,
+    )
+
+
+ARCHS = {"clipseg-rd64-refined": (clipseg_rd64_refined_config, 352), "tiny": (tiny_config, 64)}
+
+
+def _freeze(model: CLIPSegForImageSegmentation) -> CLIPSegForImageSegmentation:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _build_arch(name: str) -> Base:
+    if name not in ARCHS:
+        raise BaseLoadError(f"unknown architecture 'arch:{name}'; known: {', '.join('arch:' + k for k in ARCHS)}")
+    make_config, image_size = ARCHS[name]
+    tokenizer = build_word_tokenizer()
+    config = make_config(len(tokenizer)) if name == "tiny" else make_config()
+    # Seeded so that the same arch spec always yields the same weights (and
+    # the same fingerprint), without disturbing the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPSegForImageSegmentation(config)
+    return Base(_freeze(model), tokenizer, f"arch:{name}", image_size)
+
+
+def _load_pretrained(spec: str, base_id: str) -> Base:
+    try:
+        # fp32 master weights whatever the checkpoint's dtype (the demo ships
+        # fp16 to stay small); autocast gives bf16/fp16 speed on GPUs.
+        model = CLIPSegForImageSegmentation.from_pretrained(spec, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+        hint = (
+            "offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so only the local cache is searched"
+            if offline
+            else "the hub could not be reached or has no such model"
+        )
+        raise BaseLoadError(
+            f"cannot load base '{spec}': not a local folder with a CLIPSeg checkpoint, and {hint}. "
+            f"Download it where the hub is reachable (huggingface-cli download {spec} --local-dir DIR) "
+            f"and pass --base DIR. Cause: {err}"
+        ) from err
+    image_size = int(getattr(model.config, "fedvlsm_image_size", DEFAULT_IMAGE_SIZE))
+    return Base(_freeze(model), tokenizer, base_id, image_size)
+
+
+def load_base(spec: str = "demo") -> Base:
+    """Resolve a base spec (see module docstring) to a frozen model + tokenizer."""
+    if spec.startswith("arch:"):
+        return _build_arch(spec.removeprefix("arch:"))
+    if spec == "demo":
+        if not (DEMO_BASE_DIR / "config.json").exists():
+            raise BaseLoadError(
+                f"the demo base is missing from {DEMO_BASE_DIR}; rebuild it with "
+                "`python scripts/pretrain_demo_base.py`"
+            )
+        return _load_pretrained(str(DEMO_BASE_DIR), "demo")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise BaseLoadError(f"base folder '{path}' has no config.json (expected a saved CLIPSeg model)")
+        return _load_pretrained(str(path), str(path.resolve()))
+    return _load_pretrained(spec, spec)
+
+
+def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:
+    """A short hash of the base's frozen weights, independent of where they were loaded from.
+
+    Adapters are only meaningful on the weights they were trained against: two
+    bases with identical shapes (rd64 vs rd64-refined, a random arch) must
+    still be told apart. A few slices of tensors spread over the model are
+    enough to tell different checkpoints apart cheaply.
+    """
+    h = hashlib.sha256()
+    clip = model.clip
+    probes = [
+        clip.vision_model.embeddings.patch_embedding.weight,
+        clip.vision_model.encoder.layers[0].self_attn.q_proj.weight,
+        clip.text_model.embeddings.token_embedding.weight,
+        clip.text_projection.weight,
+        model.decoder.film_mul.weight,
+    ]
+    for t in probes:
+        flat = t.detach().float().reshape(-1)[:4096].cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(flat.numpy().round(5).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,180 @@
+"""`fedvlsm` command line: a thin layer over the Python API in `common`.
+
+    fedvlsm params  --base B --adapter A [--json]
+    fedvlsm train   DATA --base B --adapter A --out DIR [...]
+    fedvlsm eval    DATA --adapter-dir DIR [--split test] [--json]
+    fedvlsm predict --adapter-dir DIR --image IMG --prompt "..." --out OUT
+    fedvlsm data synth OUT --sites K --per-site N --seed S
+    fedvlsm data check PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from common.adapters.spec import VARIANTS
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="demo",
+                   help="hub id, local folder, arch:clipseg-rd64-refined, arch:tiny or demo (default: demo)")
+    p.add_argument("--adapter", default="dense-vl", choices=VARIANTS, help="adapter variant or baseline")
+    p.add_argument("--init", default="paper", choices=["paper", "identity"], help="adapter initialisation")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (adapter lora)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 shallow, 1e-3 dense")
+    p.add_argument("--patience", type=int, default=20, help="early stop after this many epochs without a better val Dice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--eval-prompt-index", type=int, default=9, help="fixed prompt p_k used for evaluation")
+    p.add_argument("--cache-dir", default=None, help="keep preprocessed images here for later runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.data.cli import add_data_commands
+
+    parser = argparse.ArgumentParser(prog="fedvlsm", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="trainable/total parameter counts and adapter payload size")
+    _spec_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("train", help="train adapters at one site")
+    p.add_argument("data", help="dataset folder (folder format or medvlsm anns/)")
+    _spec_args(p)
+    _train_args(p)
+    p.add_argument("--out", required=True, help="output folder for the best adapter and the training log")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate an adapter folder on a dataset split")
+    p.add_argument("data")
+    p.add_argument("--adapter-dir", required=True)
+    p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
+    p.add_argument("--split", default="test")
+    p.add_argument("--eval-prompt-index", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", default=None, help="also write the metrics (with per-item rows) to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment one image with a text prompt")
+    p.add_argument("--adapter-dir", required=True)
+    p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="output folder: mask.png and overlay.png")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    add_data_commands(sub)
+    return parser
+
+
+def _spec(args: argparse.Namespace):
+    from common.adapters import AdapterSpec
+
+    return AdapterSpec(variant=args.adapter, init=args.init, lora_rank=args.lora_rank)
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from common.bases import load_base
+    from common.model import build_model
+
+    base = load_base(args.base)
+    model = build_model(base, _spec(args))
+    counts = model.parameter_counts()
+    info = {
+        "base": base.base_id,
+        "adapter": args.adapter,
+        **counts,
+        "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
+        "payload_bytes_fp32": 4 * counts["trainable"],
+        "payload_bytes_fp16": 2 * counts["trainable"],
+        "tensors": len(model.adapter_names()),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"base {info['base']}, adapter {info['adapter']}")
+        print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} "
+              f"|| trainable%: {info['trainable_percent']:.4f}")
+        print(f"payload: {info['payload_bytes_fp32']:,} bytes fp32, {info['payload_bytes_fp16']:,} bytes fp16 "
+              f"({info['tensors']} tensors)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from common.api import train_site
+
+    from common.config import TrainConfig
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=args.device, amp=args.amp, eval_prompt_index=args.eval_prompt_index,
+                      early_stop_patience=args.patience, progress=not args.quiet)
+    result = train_site(args.data, base=args.base, spec=_spec(args), cfg=cfg, out_dir=args.out,
+                        cache_dir=args.cache_dir)
+    print(f"best val Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "
+          f"({result.epochs_run} epochs, {result.seconds:.1f} s); adapter saved in {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from common.api import evaluate_adapter_dir
+    from common.config import TrainConfig
+
+    cfg = TrainConfig(batch_size=args.batch_size, device=args.device, eval_prompt_index=args.eval_prompt_index)
+    result = evaluate_adapter_dir(args.data, args.adapter_dir, split=args.split, cfg=cfg, base=args.base)
+    summary = {"data": str(args.data), "split": args.split, "adapter_dir": str(args.adapter_dir),
+               **result.summary()}
+    if args.out:
+        from common.adapter_io import write_json_atomic
+
+        write_json_atomic(Path(args.out), {**summary, "items": result.per_item})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{'split':<8}{'n':>5}{'Dice':>9}{'IoU':>9}{'HD95':>9}{'loss':>9}")
+        print(f"{args.split:<8}{result.n:>5}{result.dice:>9.4f}{result.iou:>9.4f}{result.hd95:>9.2f}{result.loss:>9.4f}")
+        if result.hd95_undefined:
+            print(f"(HD95 undefined for {result.hd95_undefined} item(s) with an empty mask or prediction)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from common.api import predict_to_files
+
+    mask_path, overlay_path = predict_to_files(args.adapter_dir, args.image, args.prompt, args.out,
+                                               base=args.base, device=args.device)
+    print(f"mask: {mask_path}\noverlay: {overlay_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from common.adapter_io import AdapterStateError
+    from common.bases import BaseLoadError
+    from common.data.formats import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, AdapterStateError, BaseLoadError, FileNotFoundError, ValueError) as err:
+        print(f"fedvlsm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Evaluation (Dice, IoU, HD95 at the original image resolution) and prediction.
+
+Logits come out at the model's input resolution; each item's probability
+map is resized back to its original size before thresholding at 0.5, so the
+figures are comparable with the paper's and with other models.
+Empty ground truth with an empty prediction counts as a perfect Dice/IoU;
+HD95 is undefined when either mask is empty and such items are left out of
+its mean (their count is reported).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.metrics import compute_hausdorff_distance, compute_iou, compute_dice
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import TrainConfig, autocast_dtype, resolve_device
+from common.data.dataset import IMAGENET_MEAN, IMAGENET_STD, collate_fn
+from common.model import AdaptedCLIPSeg
+
+
+def make_loss(cfg: TrainConfig) -> DiceCELoss:
+    # Dice + BCE on logits; sigmoid applied once, inside the loss.
+    return DiceCELoss(sigmoid=True, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+
+
+def item_metrics(prob: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Dice, IoU, HD95 of one (H, W) probability map against an (H, W) binary mask."""
+    pred = (prob > 0.5).float()[None, None]
+    gt = (target > 0).float()[None, None]
+    dice = compute_dice(pred, gt, include_background=True, ignore_empty=False).item()
+    iou = compute_iou(pred, gt, include_background=True, ignore_empty=False).item()
+    if pred.sum() == 0 or gt.sum() == 0:
+        hd95 = math.nan
+    else:
+        with warnings.catch_warnings():  # MONAI deprecation noise from inside its own helper
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95).item()
+    return {"dice": dice, "iou": iou, "hd95": hd95}
+
+
+def to_original(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, H', W') logits -> (H, W) probabilities at the original resolution."""
+    up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(up)[0, 0]
+
+
+@dataclass
+class EvalResult:
+    dice: float
+    iou: float
+    hd95: float
+    loss: float
+    n: int
+    hd95_undefined: int
+    per_item: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "dice": self.dice, "iou": self.iou, "hd95": self.hd95, "loss": self.loss,
+            "n": self.n, "hd95_undefined": self.hd95_undefined,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: AdaptedCLIPSeg,
+    dataset: Dataset,
+    tokenizer: Any,
+    cfg: TrainConfig | None = None,
+    device: torch.device | None = None,
+) -> EvalResult:
+    """Mean Dice / IoU / HD95 over `dataset` at original resolution, plus the mean loss."""
+    cfg = cfg or TrainConfig()
+    device = device or resolve_device(cfg.device)
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(tokenizer),
+                        num_workers=cfg.num_workers)
+    loss_fn = make_loss(cfg)
+    amp = autocast_dtype(cfg.amp, device)
+    was_training = model.training
+    model.eval().to(device)
+    per_item, losses, weights = [], [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                           batch["attention_mask"].to(device))
+        logits = logits.float()
+        mask = batch["mask"].to(device)
+        if logits.shape[-2:] != mask.shape[-2:]:
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        losses.append(loss_fn(logits, mask).item())
+        weights.append(len(batch["ids"]))
+        for i, orig in enumerate(batch["orig_masks"]):
+            prob = to_original(logits[i].cpu(), tuple(orig.shape))
+            per_item.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], **item_metrics(prob, orig)})
+    model.train(was_training)
+    hd = [r["hd95"] for r in per_item if not math.isnan(r["hd95"])]
+    return EvalResult(
+        dice=float(np.mean([r["dice"] for r in per_item])),
+        iou=float(np.mean([r["iou"] for r in per_item])),
+        hd95=float(np.mean(hd)) if hd else math.nan,
+        loss=float(np.average(losses, weights=weights)),
+        n=len(per_item),
+        hd95_undefined=len(per_item) - len(hd),
+        per_item=per_item,
+    )
+
+
+def preprocess_image(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalised float (1, 3, S, S), as the datasets do."""
+    resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+    x = resized.astype(np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    return torch.from_numpy((x - mean) / std)[None]
+
+
+@torch.no_grad()
+def predict(
+    model: AdaptedCLIPSeg, tokenizer: Any, image: np.ndarray, prompt: str, device: torch.device | None = None
+) -> np.ndarray:
+    """Probability map (H, W) in [0, 1] for `prompt` on a uint8 (H, W, 3) image, at its own size."""
+    if not prompt.strip():
+        raise ValueError("predict needs a non-empty prompt")
+    device = device or resolve_device("auto")
+    model.eval().to(device)
+    x = preprocess_image(image, model.image_size).to(device)
+    tokens = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+    logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()

@@ -1,0 +1,168 @@
+"""AdaptedCLIPSeg: a frozen CLIPSeg with trainable adapters, and our own forward.
+
+Why our own forward: the stock ``CLIPSegForImageSegmentation.forward`` runs
+both CLIP towers under ``torch.no_grad()``, so nothing inside the towers could
+ever get a gradient. Here the towers are walked layer by layer, which lets
+dense adapters sit inside the blocks, lets the ``full`` baseline really train
+the towers, and lets us stop the vision tower at the last layer the decoder
+reads (layers 10 and 11 of the real model feed nothing).
+
+Layers without adapters are called as the stock modules, so with the ``none``
+variant the logits equal the stock forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import CLIPSegForImageSegmentation
+from transformers.masking_utils import create_causal_mask
+
+from common.adapters import AdapterSet, AdapterSpec, build_adapter_set
+from common.adapters.baselines import prepare_base
+from common.bases import Base, base_fingerprint
+
+
+class AdapterStateError(ValueError):
+    """An adapter state that does not fit the model (names, shapes, dtypes, base)."""
+
+
+class AdaptedCLIPSeg(nn.Module):
+    def __init__(self, base: Base, spec: AdapterSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.base_id = base.base_id
+        self.base_fingerprint = base_fingerprint(base.model)
+        self.image_size = base.image_size
+        self.clipseg: CLIPSegForImageSegmentation = prepare_base(base.model, spec)
+        self.adapters: AdapterSet = build_adapter_set(spec, self.clipseg.config)
+        self.adapters.requires_grad_(True)
+        self.extract_layers = list(self.clipseg.config.extract_layers)
+        self._trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ state
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapter_names(self) -> list[str]:
+        """Names of the tensors that make up the adapter state (what trains, what travels)."""
+        return list(self._trainable)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors only, detached, on the CPU, in their own dtype."""
+        params = dict(self.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in self._trainable}
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy `state` into the adapter tensors; with strict, names/shapes must match exactly."""
+        params = dict(self.named_parameters())
+        expected = set(self._trainable)
+        given = set(state)
+        problems = []
+        if strict:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            if missing:
+                problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+            if unexpected:
+                problems.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+        for name in sorted(given & expected):
+            if tuple(state[name].shape) != tuple(params[name].shape):
+                problems.append(f"{name}: shape {tuple(state[name].shape)} != model {tuple(params[name].shape)}")
+        if not strict and not (given & expected):
+            problems.append("no tensor name in common with the model")
+        if problems:
+            raise AdapterStateError(
+                f"adapter state does not fit a '{self.spec.variant}' model on base '{self.base_id}': "
+                + "; ".join(problems)
+            )
+        with torch.no_grad():
+            for name in given & expected:
+                params[name].copy_(state[name].to(params[name].dtype))
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "total": total}
+
+    def train(self, mode: bool = True) -> "AdaptedCLIPSeg":
+        # Frozen parts stay in eval mode whatever the caller does: the base is
+        # shared and has no business changing behaviour during adapter training.
+        super().train(mode)
+        if self.spec.variant not in ("full", "lora", "decoder"):
+            self.clipseg.eval()
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def _layer(self, layer: nn.Module, tower: str, index: int, h: torch.Tensor, mask, **kw) -> torch.Tensor:
+        adapters = self.adapters.layer_adapters(tower, index)
+        if adapters is None:
+            return layer(h, mask, **kw)
+        attn_adapter, mlp_adapter = adapters
+        a, _ = layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask, **kw)
+        h = h + attn_adapter(a)
+        return h + mlp_adapter(layer.mlp(layer.layer_norm2(h)))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Vision activations the decoder reads (after vision adapters)."""
+        vm = self.clipseg.clip.vision_model
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=True))
+        acts = []
+        for i, layer in enumerate(vm.encoder.layers[: max(self.extract_layers) + 1]):
+            h = self._layer(layer, "vision", i, h, None)
+            if i in self.extract_layers:
+                acts.append(h)
+        return self.adapters.adapt_activations(acts)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The conditional embedding (after text and conditional adapters)."""
+        tm = self.clipseg.clip.text_model
+        h = tm.embeddings(input_ids=input_ids)
+        mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None)
+        eot = self._eot_positions(input_ids, tm.config.eos_token_id).to(h.device)
+        rows = torch.arange(h.shape[0], device=h.device)
+        taps = []
+        for i, layer in enumerate(tm.encoder.layers):
+            h = self._layer(layer, "text", i, h, mask, is_causal=True)
+            if self.adapters.needs_text_taps and i in self.extract_layers:
+                taps.append(h[rows, eot])
+        pooled = tm.final_layer_norm(h)[rows, eot]
+        cond = self.clipseg.clip.text_projection(pooled)
+        return self.adapters.adapt_condition(cond, taps)
+
+    @staticmethod
+    def _eot_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+        # Same rule as CLIPSegTextModel: legacy configs (eos id 2) pool at the
+        # highest token id (CLIP's end-of-text is the last vocabulary entry).
+        ids = input_ids.to(torch.int)
+        if eos_token_id == 2:
+            return ids.argmax(dim=-1)
+        return (ids == eos_token_id).int().argmax(dim=-1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of shape (B, 1, H, W) at the model's input resolution."""
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"batch mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts"
+            )
+        activations = self.encode_image(pixel_values)
+        cond = self.encode_text(input_ids, attention_mask)
+        return self.clipseg.decoder(activations, cond).logits.unsqueeze(1)
+
+
+def build_model(base: Base, spec: AdapterSpec | str) -> AdaptedCLIPSeg:
+    """A model with `spec`'s adapters (fresh, per its init) on top of `base`."""
+    if isinstance(spec, str):
+        spec = AdapterSpec(variant=spec)
+    return AdaptedCLIPSeg(base, spec)
+
+
+def check_fingerprint(model: AdaptedCLIPSeg, fingerprint: str, base_id: str, source: str) -> None:
+    if fingerprint != model.base_fingerprint:
+        raise AdapterStateError(
+            f"{source}: adapter was trained on base '{base_id}' (fingerprint {fingerprint}), "
+            f"but this model's base is '{model.base_id}' (fingerprint {model.base_fingerprint})"
+        )
