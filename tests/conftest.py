@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests never reach for the hub: offline mode is forced here."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from common.bases import load_base
+
+    return load_base("arch:tiny")
+
+
+@pytest.fixture(scope="session")
+def full_arch_base():
+    from common.bases import load_base
+
+    return load_base("arch:clipseg-rd64-refined")
+
+
+@pytest.fixture(scope="session")
+def synth_sites(tmp_path_factory):
+    """Three small synthetic sites, made once per test session."""
+    from common.data import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    return synthesize(root, sites=3, per_site=24, seed=0)

@@ -1,0 +1,165 @@
+"""Adapter variants: parameter counts from the architecture, what trains, what the forward computes."""
+
+import pytest
+import torch
+
+from common.adapters import VARIANTS, AdapterSpec
+from common.model import build_model
+
+
+def adapter_params(d: int, r: int) -> int:
+    """One adapter block: down (d*r + r) + up (r*d + d)."""
+    return 2 * d * r + r + d
+
+
+def expected_trainable(variant: str, cfg) -> int | None:
+    """Trainable parameters of an adapter variant, derived from the base config and the paper's dims."""
+    v, t, p = cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.projection_dim
+    n, depth = len(cfg.extract_layers), max(cfg.extract_layers)
+    family, scopes = variant.split("-")
+    if family == "shallow":
+        per = {"v": n * adapter_params(v, 512), "l": n * adapter_params(t, 512), "c": adapter_params(p, 256)}
+    else:
+        per = {"v": 2 * depth * adapter_params(v, 64), "l": 2 * depth * adapter_params(t, 64),
+               "c": adapter_params(p, 256)}
+    return sum(per[s] for s in scopes)
+
+
+ADAPTER_VARIANTS = [v for v in VARIANTS if "-" in v]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_counts_on_full_architecture(full_arch_base, variant):
+    model = build_model(full_arch_base, variant)
+    counts = model.parameter_counts()
+    base_total = sum(p.numel() for p in full_arch_base.model.parameters())
+    assert 150_000_000 < base_total < 151_000_000  # CLIPSeg rd64-refined: about 150.7 M
+    if variant in ADAPTER_VARIANTS:
+        assert counts["trainable"] == expected_trainable(variant, full_arch_base.model.config)
+        assert counts["total"] == base_total + counts["trainable"]
+    elif variant == "none":
+        assert counts == {"trainable": 0, "total": base_total}
+    elif variant == "full":
+        assert counts["trainable"] == base_total
+    elif variant == "decoder":
+        assert counts["trainable"] == sum(p.numel() for p in full_arch_base.model.decoder.parameters())
+    elif variant == "lora":
+        # r=8 on q and v of 12 vision (768) + 12 text (512) layers: A (r x d) + B (d x r).
+        assert counts["trainable"] == 2 * 12 * (2 * 8 * 768) + 2 * 12 * (2 * 8 * 512)
+
+
+def test_paper_counts(full_arch_base):
+    """The paper: about 4.2 M for its shallow adapter (SA) and 3.0 M for its dense one (DA)."""
+    shallow = build_model(full_arch_base, "shallow-vlc").parameter_counts()["trainable"]
+    dense = build_model(full_arch_base, "dense-vl").parameter_counts()["trainable"]
+    assert round(shallow / 1e6, 1) == 4.2
+    assert round(dense / 1e6, 1) == 3.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_adapters_require_grad(tiny_base, variant):
+    model = build_model(tiny_base, variant)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(model.adapter_names()) == trainable
+    if variant in ADAPTER_VARIANTS:
+        assert trainable and all(n.startswith("adapters.") for n in trainable)
+    elif variant == "decoder":
+        assert trainable and all(n.startswith("clipseg.decoder.") for n in trainable)
+    elif variant == "lora":
+        assert trainable and all("lora_" in n and ".encoder.layers." in n for n in trainable)
+    elif variant == "none":
+        assert not trainable
+    # the shared, cached base itself is never made trainable
+    assert not any(p.requires_grad for p in tiny_base.model.parameters())
+
+
+def _batch(base, n=2):
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(n, 3, base.image_size, base.image_size, generator=g)
+    tok = base.tokenizer(["round lesion", "a small bright polyp in the left of the image"][:n],
+                         padding=True, return_tensors="pt")
+    return px, tok["input_ids"], tok["attention_mask"]
+
+
+def test_none_equals_stock_forward(tiny_base):
+    px, ids, am = _batch(tiny_base)
+    ours = build_model(tiny_base, "none")(px, ids, am).squeeze(1)
+    stock = tiny_base.model(input_ids=ids, pixel_values=px, attention_mask=am).logits
+    assert ours.shape == stock.shape
+    assert (ours - stock).abs().max().item() <= 1e-5
+
+
+def test_none_equals_stock_forward_full_architecture(full_arch_base):
+    px, ids, am = _batch(full_arch_base, n=1)
+    with torch.no_grad():
+        ours = build_model(full_arch_base, "none")(px, ids, am).squeeze(1)
+        stock = full_arch_base.model(input_ids=ids, pixel_values=px, attention_mask=am).logits
+    assert (ours - stock).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ADAPTER_VARIANTS)
+def test_identity_init_starts_at_base_and_trains(tiny_base, variant):
+    px, ids, am = _batch(tiny_base)
+    model = build_model(tiny_base, AdapterSpec(variant, init="identity"))
+    out = model(px, ids, am)
+    stock = tiny_base.model(input_ids=ids, pixel_values=px, attention_mask=am).logits
+    assert (out.squeeze(1) - stock).abs().max().item() <= 1e-5
+    out.square().mean().backward()
+    ups = [p.grad for n, p in model.named_parameters() if n.endswith("up.weight")]
+    assert ups and all(g is not None and g.abs().sum() > 0 for g in ups)
+
+
+@pytest.mark.parametrize("variant", ADAPTER_VARIANTS)
+def test_paper_init_moves_away_from_base(tiny_base, variant):
+    px, ids, am = _batch(tiny_base)
+    torch.manual_seed(0)
+    out = build_model(tiny_base, AdapterSpec(variant, init="paper"))(px, ids, am)
+    stock = tiny_base.model(input_ids=ids, pixel_values=px, attention_mask=am).logits
+    assert (out.squeeze(1) - stock).abs().max().item() > 1e-4
+    up = next(m for m in build_model(tiny_base, variant).modules() if hasattr(m, "up")).up
+    assert up.weight.abs().sum() > 0  # PyTorch default init, not zeros
+
+
+@pytest.mark.parametrize("variant", ["dense-vl", "full", "lora"])
+def test_gradients_reach_inside_the_towers(tiny_base, variant):
+    px, ids, am = _batch(tiny_base)
+    model = build_model(tiny_base, variant)
+    model(px, ids, am).mean().backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+    assert any("vision" in n for n in names), "no gradient reached the vision tower's trainable parts"
+    assert any("text" in n for n in names), "no gradient reached the text tower's trainable parts"
+
+
+def test_vision_layers_after_last_extracted_are_skipped(tiny_base):
+    model = build_model(tiny_base, "dense-vl")
+    layers = model.clipseg.clip.vision_model.encoder.layers
+    last = max(tiny_base.model.config.extract_layers)
+    assert len(layers) > last + 1
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    # dense layers bypass the layer's own forward; count the attention modules instead
+    hooks += [layer.self_attn.register_forward_pre_hook(lambda m, a, kw=None, i=i: calls.__setitem__(i, calls[i] + 1))
+              for i, layer in enumerate(layers)]
+    model(*_batch(tiny_base))
+    for h in hooks:
+        h.remove()
+    assert all(c > 0 for c in calls[: last + 1])
+    assert all(c == 0 for c in calls[last + 1:])
+
+
+def test_frozen_weights_unchanged_after_a_training_step(tiny_base):
+    model = build_model(tiny_base, "dense-vlc")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=1e-3)
+    model(*_batch(tiny_base)).mean().backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], t) for n, t in frozen.items())
+    assert any(not torch.equal(after[n], t) for n, t in adapters.items())
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown adapter variant"):
+        AdapterSpec("dense-xyz")
