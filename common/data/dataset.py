@@ -1,0 +1,236 @@
+"""``SegDataset`` and ``collate_fn``: items -> model-ready tensors (data contract).
+
+Kept separate from ``formats`` so the model side depends only on the tensor
+contract in docs/architecture.md, not on how a site stores its files.
+
+Prompt choice. Training draws, per item and epoch, one prompt uniformly
+among the item's non-empty prompts, then (for a list-valued prompt) one
+non-empty variant uniformly. The draw comes from
+``random.Random(f"{seed}:{epoch}:{index}")``: it depends only on the seed,
+the epoch set with ``set_epoch`` and the item index, so it is the same with
+any number of DataLoader workers and any shuffling order, and a trainer that
+calls ``set_epoch(e)`` each epoch sees a new prompt per item per epoch.
+Evaluation uses the fixed ``prompt_index`` k: p_k if non-empty, else the
+highest-index non-empty prompt below k, else the first non-empty one above k;
+for a list, its first non-empty variant. ``prompt_index=None`` in evaluation
+means "the most detailed", the last non-empty prompt. A ``prompt_index``
+given in training fixes the training prompt the same way.
+
+Caching. Decoding and resizing dominate the data cost of a short federated
+round, and each round may run in a new process; with ``cache_dir`` the
+resized image, resized mask and original-resolution mask are stored as one
+``.npz`` per item, keyed by a hash of both files' absolute paths, mtimes and
+sizes and the image size, written atomically (temporary file + os.replace)
+so concurrent clients never see a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .check import pair_problems
+from .formats import (
+    DataError,
+    Item,
+    Prompt,
+    binarize_mask,
+    format_problems,
+    has_prompt,
+    prompt_is_empty,
+    read_image,
+    read_mask,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 1  # bump when the preprocessing changes, to invalidate old cache files
+
+
+def _non_empty_variants(prompt: Prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] if prompt.strip() else []
+    return [v for v in prompt if v.strip()]
+
+
+def random_prompt(prompts: Sequence[Prompt], rng: random.Random) -> str:
+    """One non-empty prompt drawn uniformly, then one of its non-empty variants."""
+    choices = [p for p in prompts if not prompt_is_empty(p)]
+    if not choices:
+        raise DataError("item has no non-empty prompt")
+    return rng.choice(_non_empty_variants(rng.choice(choices)))
+
+
+def fixed_prompt(prompts: Sequence[Prompt], index: int | None) -> str:
+    """p_index, else the last non-empty prompt below it, else the first above; first variant of a list."""
+    filled = [k for k, p in enumerate(prompts) if not prompt_is_empty(p)]
+    if not filled:
+        raise DataError("item has no non-empty prompt")
+    if index is None:
+        k = filled[-1]
+    else:
+        at_or_below = [k for k in filled if k <= index]
+        k = at_or_below[-1] if at_or_below else filled[0]
+    return _non_empty_variants(prompts[k])[0]
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+
+
+class SegDataset(Dataset):
+    """Map-style dataset of ``Item``s returning the dicts of the data contract."""
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        image_size: int,
+        train: bool,
+        prompt_index: int | None = None,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if prompt_index is not None and prompt_index < 0:
+            raise ValueError(f"prompt_index must be >= 0 or None, got {prompt_index}")
+        self.items = list(items)
+        silent = [f"{i.id} ({i.image})" for i in self.items if not has_prompt(i)]
+        if silent:
+            raise DataError(f"{len(silent)} item(s) without a non-empty prompt: {', '.join(silent[:10])}")
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.prompt_index = prompt_index
+        self.seed = int(seed)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.epoch = 0
+        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+        self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the training prompt draws of ``epoch`` (call once per epoch)."""
+        self.epoch = int(epoch)
+
+    def prompt_for(self, index: int) -> str:
+        """The prompt ``__getitem__(index)`` uses now (no pixels loaded)."""
+        prompts = self.items[index].prompts  # non-empty: checked in __init__
+        if self.train and self.prompt_index is None:
+            return random_prompt(prompts, random.Random(f"{self.seed}:{self.epoch}:{index}"))
+        return fixed_prompt(prompts, self.prompt_index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        image, mask, orig_mask = self.arrays(index)
+        pixels = image.astype(np.float32).transpose(2, 0, 1) / 255.0
+        pixels = (pixels - self._mean) / self._std
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)),
+            "mask": torch.from_numpy(mask.astype(np.float32)[None]),
+            "orig_mask": torch.from_numpy(orig_mask),
+            "prompt": self.prompt_for(index),
+            "id": item.id,
+        }
+
+    # ---- pixels ----------------------------------------------------------
+
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image uint8 SxSx3, mask uint8 SxS {0,1}, original mask uint8 HxW {0,1}), cached if enabled."""
+        item = self.items[index]
+        if self.cache_dir is None:
+            return self._preprocess(item)
+        path = self.cache_dir / f"{self._cache_key(item)}.npz"
+        cached = _load_npz(path)
+        if cached is not None:
+            return cached
+        arrays = self._preprocess(item)
+        _save_npz(path, arrays)
+        return arrays
+
+    def _cache_key(self, item: Item) -> str:
+        try:
+            key = f"v{CACHE_VERSION}|{_file_key(item.image)}|{_file_key(item.mask)}|{self.image_size}"
+        except OSError as exc:
+            raise DataError(f"item '{item.id}': cannot stat {exc.filename}: {exc.strerror}") from exc
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
+
+    def _preprocess(self, item: Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = read_image(item.image)
+        raw_mask = read_mask(item.mask)
+        problems = pair_problems(item.image, image, item.mask, raw_mask)
+        if problems:
+            raise DataError(format_problems(problems, f"item '{item.id}'"))
+        orig_mask = binarize_mask(raw_mask)
+        size = (self.image_size, self.image_size)
+        resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(orig_mask).resize(size, Image.Resampling.NEAREST))
+        return np.ascontiguousarray(resized), np.ascontiguousarray(mask), orig_mask
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return data["image"], data["mask"], data["orig_mask"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # a damaged cache file is rebuilt, never trusted
+
+
+def _save_npz(path: Path, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image, mask, orig_mask = arrays
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, image=image, mask=mask, orig_mask=orig_mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Collate:
+    """Picklable collate callable (DataLoader workers may be spawned, not forked)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if not batch:
+            raise ValueError("collate_fn got an empty batch")
+        prompts = [b["prompt"] for b in batch]
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+            "mask": torch.stack([b["mask"] for b in batch]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "orig_masks": [b["orig_mask"] for b in batch],
+            "ids": [b["id"] for b in batch],
+            "prompts": prompts,
+        }
+
+
+def collate_fn(tokenizer: Any, max_length: int = 77) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """A DataLoader ``collate_fn`` that stacks tensors and tokenises the prompts.
+
+    Prompts are padded to the longest in the batch and truncated to
+    ``max_length`` tokens (CLIP's text tower has 77 positions).
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    return _Collate(tokenizer, max_length)

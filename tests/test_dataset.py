@@ -1,0 +1,180 @@
+"""SegDataset and collate_fn follow the data contract of docs/architecture.md."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import common.data.dataset as dataset_module
+from common.data import DataError, Item, SegDataset, collate_fn, load_items
+from common.data.dataset import IMAGENET_MEAN, IMAGENET_STD, fixed_prompt
+from helpers import make_medvlsm_dataset, make_word_tokenizer, square_pair, write_png
+
+PROMPTS = ["", "lesion", "round lesion", ["small round lesion", "tiny round lesion"], "", "round lesion on the left"]
+
+
+def _item(tmp_path: Path, prompts: list, h: int = 24, w: int = 32, name: str = "a") -> Item:
+    image, mask = square_pair(h, w)
+    return Item(name, write_png(tmp_path / f"{name}.png", image), write_png(tmp_path / f"{name}_m.png", mask), prompts)
+
+
+def test_getitem_matches_the_contract(tmp_path: Path) -> None:
+    item = _item(tmp_path, PROMPTS, h=24, w=32)
+    sample = SegDataset([item], image_size=16, train=False)[0]
+    assert set(sample) == {"pixel_values", "mask", "orig_mask", "prompt", "id"}
+    pv, mask, orig = sample["pixel_values"], sample["mask"], sample["orig_mask"]
+    assert pv.shape == (3, 16, 16) and pv.dtype == torch.float32
+    assert mask.shape == (1, 16, 16) and mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert orig.shape == (24, 32) and orig.dtype == torch.uint8 and set(orig.unique().tolist()) == {0, 1}
+    assert sample["id"] == "a" and isinstance(sample["prompt"], str)
+    # the foreground rectangle rows 6..11, cols 8..15 of 24x32 -> rows 4..7, cols 4..7 of 16x16 (nearest)
+    assert int(orig.sum()) == 6 * 8
+    assert mask[0, 4:8, 4:8].all() and mask.sum() == 16
+
+
+def test_imagenet_normalisation(tmp_path: Path) -> None:
+    image = np.full((8, 8, 3), 128, np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    item = Item("c", write_png(tmp_path / "c.png", image), write_png(tmp_path / "cm.png", mask), ["x"])
+    pv = SegDataset([item], 8, train=False)[0]["pixel_values"]
+    for c in range(3):
+        expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        assert torch.allclose(pv[c], torch.full((8, 8), expected), atol=1e-5)
+
+
+def test_train_draws_cover_non_empty_prompts_and_variants(tmp_path: Path) -> None:
+    ds = SegDataset([_item(tmp_path, PROMPTS)], 8, train=True, seed=3)
+    seen = Counter()
+    for epoch in range(300):
+        ds.set_epoch(epoch)
+        seen[ds.prompt_for(0)] += 1
+    assert "" not in seen
+    assert set(seen) == {"lesion", "round lesion", "small round lesion", "tiny round lesion", "round lesion on the left"}
+    # uniform over the 4 non-empty prompts: each plain prompt about 1/4, each variant about 1/8
+    assert all(40 < seen[p] < 110 for p in ("lesion", "round lesion", "round lesion on the left"))
+
+
+def test_train_draws_are_reproducible_and_order_independent(tmp_path: Path) -> None:
+    items = [_item(tmp_path, PROMPTS, name=f"i{k}") for k in range(5)]
+
+    def draws(seed: int, order: list[int]) -> dict[tuple[int, int], str]:
+        ds = SegDataset(items, 8, train=True, seed=seed)
+        out = {}
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            for i in order:
+                out[(epoch, i)] = ds[i]["prompt"]
+        return out
+
+    forward = draws(0, [0, 1, 2, 3, 4])
+    assert forward == draws(0, [4, 2, 0, 3, 1])  # same prompts whatever the access order (workers, shuffling)
+    assert forward != draws(1, [0, 1, 2, 3, 4])
+    assert len({forward[(e, 0)] for e in range(4)}) > 1 or len({forward[(0, i)] for i in range(5)}) > 1
+
+
+def test_eval_prompt_is_fixed_with_fallback() -> None:
+    assert fixed_prompt(PROMPTS, 2) == "round lesion"
+    assert fixed_prompt(PROMPTS, 3) == "small round lesion"  # list: first variant
+    assert fixed_prompt(PROMPTS, 4) == "small round lesion"  # p4 empty -> highest non-empty below
+    assert fixed_prompt(PROMPTS, 0) == "lesion"  # nothing non-empty at or below -> first above
+    assert fixed_prompt(PROMPTS, 99) == "round lesion on the left"
+    assert fixed_prompt(PROMPTS, None) == "round lesion on the left"  # None: the most detailed
+    assert fixed_prompt(["", ["", "only variant"]], 1) == "only variant"
+    with pytest.raises(DataError, match="no non-empty prompt"):
+        fixed_prompt(["", " "], 1)
+
+
+def test_eval_dataset_uses_the_same_prompt_every_call(tmp_path: Path) -> None:
+    ds = SegDataset([_item(tmp_path, PROMPTS)], 8, train=False, prompt_index=3)
+    prompts = set()
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        prompts.add(ds[0]["prompt"])
+    assert prompts == {"small round lesion"}
+
+
+def test_item_without_prompt_is_refused_naming_the_item(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"without a non-empty prompt: mute \(.*mute.png\)"):
+        SegDataset([_item(tmp_path, ["", ["", " "]], name="mute")], 8, train=True)
+
+
+def test_cache_round_trip_identical_and_reused_by_a_fresh_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_medvlsm_dataset(tmp_path / "d", n=4)
+    items = load_items(root, "train")
+    cache = tmp_path / "cache"
+    plain = [SegDataset(items, 20, train=False)[i] for i in range(len(items))]
+    first = [SegDataset(items, 20, train=False, cache_dir=cache)[i] for i in range(len(items))]
+    files = sorted(cache.glob("*.npz"))
+    assert len(files) == len(items) and not list(cache.glob(".tmp-*"))
+
+    def no_decoding(path: object) -> None:
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(dataset_module, "read_image", no_decoding)
+    monkeypatch.setattr(dataset_module, "read_mask", no_decoding)
+    fresh = SegDataset(items, 20, train=False, cache_dir=cache)  # as in a new process each round
+    second = [fresh[i] for i in range(len(items))]
+    for a, b, c in zip(plain, first, second):
+        for key in ("pixel_values", "mask", "orig_mask"):
+            assert torch.equal(a[key], b[key]) and torch.equal(b[key], c[key])
+    monkeypatch.undo()
+
+    # another image size or a changed file gets its own entry
+    SegDataset(items, 24, train=False, cache_dir=cache)[0]
+    st = items[0].image.stat()
+    os.utime(items[0].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    SegDataset(items, 20, train=False, cache_dir=cache)[0]
+    assert len(list(cache.glob("*.npz"))) == len(items) + 2
+
+
+def test_damaged_cache_file_is_rebuilt(tmp_path: Path) -> None:
+    item = _item(tmp_path, PROMPTS)
+    cache = tmp_path / "cache"
+    ds = SegDataset([item], 12, train=False, cache_dir=cache)
+    expected = ds[0]["pixel_values"]
+    (cache_file,) = cache.glob("*.npz")
+    cache_file.write_bytes(b"truncated")
+    assert torch.equal(SegDataset([item], 12, train=False, cache_dir=cache)[0]["pixel_values"], expected)
+
+
+def test_collate_tokenises_and_stacks(tmp_path: Path) -> None:
+    items = [_item(tmp_path, ["", "lesion"], name="a", h=24, w=32), _item(tmp_path, ["", "small round lesion"], name="b", h=20, w=20)]
+    ds = SegDataset(items, 16, train=False)
+    tok = make_word_tokenizer(["lesion", "small round lesion"])
+    loader = DataLoader(ds, batch_size=2, collate_fn=collate_fn(tok))
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["mask"].shape == (2, 1, 16, 16)
+    assert batch["ids"] == ["a", "b"] and batch["prompts"] == ["lesion", "small round lesion"]
+    assert [m.shape for m in batch["orig_masks"]] == [(24, 32), (20, 20)]
+    assert batch["input_ids"].shape == (2, 5)  # <bos> small round lesion <eos>
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"][0, 1].item() == tok.convert_tokens_to_ids("lesion")
+    assert batch["input_ids"][0, 3].item() == tok.pad_token_id
+
+    short = collate_fn(tok, max_length=3)([ds[1]])
+    assert short["input_ids"].shape == (1, 3)
+
+
+def test_collate_rejects_empty_batch_and_bad_max_length() -> None:
+    tok = make_word_tokenizer(["x"])
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_fn(tok)([])
+    with pytest.raises(ValueError, match="max_length"):
+        collate_fn(tok, max_length=0)
+
+
+def test_worker_loader_gives_the_same_batches(tmp_path: Path) -> None:
+    root = make_medvlsm_dataset(tmp_path / "d", n=6)
+    ds = SegDataset(load_items(root, "train"), 16, train=True, seed=11)
+    ds.set_epoch(2)
+    tok = make_word_tokenizer(["polyp", "round", "oval"])
+    single = list(DataLoader(ds, batch_size=2, collate_fn=collate_fn(tok)))
+    multi = list(DataLoader(ds, batch_size=2, collate_fn=collate_fn(tok), num_workers=2))
+    assert [b["prompts"] for b in single] == [b["prompts"] for b in multi]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(single, multi))
