@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from transformers.utils import logging as hf_logging
+
 from common.tokenizer import EOS_ID, build_word_tokenizer
 
 DEMO_BASE_DIR = Path(__file__).resolve().parent / "assets" / "demo-base"
@@ -121,6 +123,8 @@ def _build_arch(name: str) -> Base:
 
 
 def _load_pretrained(spec: str, base_id: str) -> Base:
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 2 MB model in every round
     try:
         # fp32 master weights whatever the checkpoint's dtype (the demo ships
         # fp16 to stay small); autocast gives bf16/fp16 speed on GPUs.
@@ -138,6 +142,9 @@ def _load_pretrained(spec: str, base_id: str) -> Base:
             f"Download it where the hub is reachable (huggingface-cli download {spec} --local-dir DIR) "
             f"and pass --base DIR. Cause: {err}"
         ) from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     image_size = int(getattr(model.config, "fedvlsm_image_size", DEFAULT_IMAGE_SIZE))
     return Base(_freeze(model), tokenizer, base_id, image_size)
 
