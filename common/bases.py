@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,17 +150,36 @@ def _load_pretrained(spec: str, base_id: str) -> Base:
     return Base(_freeze(model), tokenizer, base_id, image_size)
 
 
+def demo_base_dir() -> Path:
+    """The folder holding the demo base's weights.
+
+    Normally beside this file. But `flwr run` installs the app bundle (FAB)
+    under $FLWR_HOME/apps/... and puts it first on sys.path, and a FAB only
+    carries text files (.py/.toml/.md/.json/.yaml in flwr 1.42, not
+    configurable): that copy of common/assets/demo-base has config and
+    tokenizer but no weights. The installed project (editable or not) still
+    has them, so the first copy on sys.path with the weights is used.
+    """
+    if (DEMO_BASE_DIR / "model.safetensors").is_file():
+        return DEMO_BASE_DIR
+    relative = Path("common", "assets", "demo-base")
+    for entry in sys.path:
+        candidate = Path(entry or ".").resolve() / relative
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    raise BaseLoadError(
+        f"the demo base's weights are missing from {DEMO_BASE_DIR} (and from every common/assets/demo-base "
+        "on sys.path); install the project (pip install -e .) or rebuild them with "
+        "`python scripts/pretrain_demo_base.py`"
+    )
+
+
 def load_base(spec: str = "demo") -> Base:
     """Resolve a base spec (see module docstring) to a frozen model + tokenizer."""
     if spec.startswith("arch:"):
         return _build_arch(spec.removeprefix("arch:"))
     if spec == "demo":
-        if not (DEMO_BASE_DIR / "config.json").exists():
-            raise BaseLoadError(
-                f"the demo base is missing from {DEMO_BASE_DIR}; rebuild it with "
-                "`python scripts/pretrain_demo_base.py`"
-            )
-        return _load_pretrained(str(DEMO_BASE_DIR), "demo")
+        return _load_pretrained(str(demo_base_dir()), "demo")
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

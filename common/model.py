@@ -119,7 +119,14 @@ class AdaptedCLIPSeg(nn.Module):
         """The conditional embedding (after text and conditional adapters)."""
         tm = self.clipseg.clip.text_model
         h = tm.embeddings(input_ids=input_ids)
-        mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None)
+        # Under the causal mask, right padding can never reach the end-of-text
+        # token (the only position anyone reads), so the padding mask is dropped
+        # and attention keeps its fast fused causal kernel; a mask is kept only
+        # if some pad comes before a real token (left padding).
+        if attention_mask is not None and not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            attention_mask = None
+        # positional: the 4th parameter was renamed (past_key_values -> cache) within transformers 5.x
+        mask = create_causal_mask(tm.config, h, attention_mask, None)
         eot = self._eot_positions(input_ids, tm.config.eos_token_id).to(h.device)
         rows = torch.arange(h.shape[0], device=h.device)
         taps = []

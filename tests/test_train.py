@@ -36,7 +36,6 @@ def test_seeded_training_is_reproducible(tiny_base, site_data):
 
 
 def test_early_stopping_and_best_restored(tiny_base, site_data, tmp_path):
-    from common.adapter_io import load_adapter
 
     model, result = _fit(tiny_base, site_data, epochs=6, early_stop_patience=1, lr=0.5)
     assert result.epochs_run < 6  # a huge lr makes val Dice stop improving; patience 1 stops early

@@ -1,0 +1,169 @@
+"""One site (hospital) as its ClientApp sees it: frozen base, data, site-local state.
+
+Why this file exists: Flower builds a new ClientApp for every message, and
+in deployment a SuperNode even starts a new *process* for every message.
+So anything worth keeping must live somewhere that outlives the message:
+
+- The frozen base: a per-process cache keyed by base spec (``base``). In
+  simulation one Ray actor serves many messages (and sites), so the base is
+  loaded once per actor; in deployment each message pays one load. Load
+  count and seconds are reported in every reply's metrics.
+- Preprocessed images: ``<site-dir>/cache/`` (SegDataset's npz cache), which
+  survives processes, rounds and runs.
+- Personalised adapter parts (run config ``personal``): written each round
+  to ``<site-dir>/runs/<run-name>/personal/round-NNNN.safetensors``. They
+  never leave the site, and a resumed run finds them again.
+- A small per-run history in Flower's ``context.state`` (rounds trained),
+  which the SuperNode keeps across messages of one run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.bases import Base, load_base
+from common.config import TrainConfig
+from common.data import SegDataset, load_items
+from common.data.formats import Item
+from common.federation_config import (
+    FederationConfig,
+    SiteIdentity,
+)
+from common.model import AdaptedCLIPSeg
+from common.payload import split_personal
+
+# The per-process cache. A module global on purpose: it is exactly the
+# thing that must outlive one ClientApp object (and nothing else lives here).
+_BASES: dict[str, Base] = {}
+_STATS: dict[str, float] = {"base-loads": 0, "base-load-seconds": 0.0, "process-messages": 0}
+
+_PERSONAL_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
+
+
+def base(spec: str) -> Base:
+    """The frozen base for `spec`, loaded at most once per process."""
+    if spec not in _BASES:
+        start = time.perf_counter()
+        _BASES[spec] = load_base(spec)
+        _STATS["base-loads"] += 1
+        _STATS["base-load-seconds"] += time.perf_counter() - start
+    return _BASES[spec]
+
+
+def process_stats() -> dict[str, float]:
+    """Base loads and seconds in this process, and how many messages it served."""
+    return dict(_STATS)
+
+
+class Site:
+    """A site's view for one message: identity, data, personal state."""
+
+    def __init__(self, cfg: FederationConfig, node_config: Mapping[str, Any]) -> None:
+        _STATS["process-messages"] += 1
+        self.cfg = cfg
+        self.identity = SiteIdentity.from_node_config(node_config, cfg)
+        self._items: dict[str, list[Item]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    @property
+    def site_dir(self) -> Path:
+        return self.identity.site_dir
+
+    # ------------------------------------------------------------------ data
+    def items(self, split: str) -> list[Item]:
+        if self._items is None:
+            self._items = self._load_items()
+        items = self._items[split]
+        return items[: self.cfg.max_images] if self.cfg.max_images else items
+
+    def _load_items(self) -> dict[str, list[Item]]:
+        ident = self.identity
+        if ident.data_path is not None:
+            return {split: load_items(ident.data_path, split) for split in ("train", "val", "test")}
+        from simulations.partition import site_items  # simulation only
+
+        assert ident.partition_id is not None and ident.num_partitions is not None
+        return site_items(
+            self.cfg.data_dir,
+            self.cfg.partition,
+            ident.partition_id,
+            ident.num_partitions,
+            seed=self.cfg.seed,
+            alpha=self.cfg.partition_alpha,
+        )
+
+    def dataset(self, split: str, frozen: Base, train: bool, seed: int = 0) -> SegDataset:
+        return SegDataset(
+            self.items(split),
+            frozen.image_size,
+            train=train,
+            prompt_index=None if train else TrainConfig.eval_prompt_index,
+            seed=seed,
+            cache_dir=self.site_dir / "cache",
+        )
+
+    # --------------------------------------------------------- personal parts
+    def personal_dir(self, run_name: str) -> Path:
+        return self.site_dir / "runs" / run_name / "personal"
+
+    def load_personal(self, run_name: str, before_round: int) -> dict[str, torch.Tensor]:
+        """The latest personal parts saved before `before_round` ({} if none yet)."""
+        folder = self.personal_dir(run_name)
+        if not folder.is_dir():
+            return {}
+        rounds = [int(m.group(1)) for p in folder.iterdir() if (m := _PERSONAL_FILE.match(p.name))]
+        earlier = [r for r in rounds if r < before_round]
+        if not earlier:
+            return {}
+        return load_file(str(folder / f"round-{max(earlier):04d}.safetensors"))
+
+    def save_personal(self, run_name: str, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Atomically write this round's personal parts (never sent anywhere)."""
+        if not state:
+            return
+        folder = self.personal_dir(run_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+            os.replace(tmp, folder / f"round-{server_round:04d}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ model
+    def model(
+        self,
+        frozen: Base,
+        shared: Mapping[str, torch.Tensor] | None = None,
+        personal: Mapping[str, torch.Tensor] | None = None,
+    ) -> AdaptedCLIPSeg:
+        """Fresh adapters on the cached base, then the global (shared) and personal tensors."""
+        model = self.cfg.initial_model(frozen)
+        if shared:
+            expected, _ = split_personal(dict.fromkeys(model.adapter_names()), self.cfg.personal)
+            if set(shared) != set(expected):
+                missing = sorted(set(expected) - set(shared))[:3]
+                extra = sorted(set(shared) - set(expected))[:3]
+                raise ValueError(
+                    f"site {self.name}: the global adapter does not match this site's model "
+                    f"(missing e.g. {missing}, unexpected e.g. {extra}); do the server and the site "
+                    "use the same 'adapter', 'base' and 'personal' settings?"
+                )
+            model.load_adapter_state(dict(shared), strict=False)
+        if personal:
+            model.load_adapter_state(dict(personal), strict=False)
+        return model

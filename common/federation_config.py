@@ -1,0 +1,304 @@
+"""FederationConfig: the one typed config of a federated run.
+
+Built in exactly one place from Flower's ``context.run_config`` (the
+``[tool.flwr.app.config]`` table of pyproject.toml, overridden with
+``flwr run . --run-config "key=value ..."``) plus, on a site, its
+``context.node_config``. No Flower import, so the CLI, tests and the
+simulation helpers can build it too.
+
+Every key of ``[tool.flwr.app.config]`` maps to one field here (hyphens in
+the file, underscores here); docs/federation.md lists them with their
+meaning. Errors name the config key, so a typo in ``--run-config`` says
+which value is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.adapters.spec import VARIANTS, AdapterSpec
+from common.bases import Base
+from common.config import TrainConfig
+from common.model import AdaptedCLIPSeg, build_model
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+PAYLOAD_DTYPES = ("fp32", "fp16")
+PARTITIONS = ("natural", "iid", "quantity-skew", "dirichlet")
+ADAPTER_INITS = ("paper", "identity")
+# A run name becomes a folder name on every machine involved: keep it boring.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Node-config keys a deployed SuperNode may set (`flower-supernode --node-config`).
+NODE_DATA_PATH = "data-path"
+NODE_SITE_DIR = "site-dir"
+NODE_SITE_NAME = "site-name"
+# Node-config keys the Flower simulation engine sets.
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+
+class ConfigError(ValueError):
+    """A run/node config value that cannot be used; the message names the key."""
+
+
+def fedvlsm_home(configured: str = "") -> Path:
+    """Where runs, demo data and site folders live by default (absolute).
+
+    `home` key if set, else $FEDVLSM_HOME, else ~/.fedvlsm. Flower runs the
+    apps with the working directory of whoever started the SuperLink, so
+    nothing here may be relative to the current directory.
+    """
+    raw = configured or os.environ.get("FEDVLSM_HOME", "") or "~/.fedvlsm"
+    return Path(raw).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    # --- model
+    base: str = "demo"
+    adapter: str = "shallow-vlc"
+    adapter_init: str = "identity"
+    # --- federation
+    rounds: int = 10
+    local_epochs: int = 2
+    lr: float = 0.001  # 0: the variant's default learning rate (TrainConfig.lr = None)
+    batch_size: int = 8
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 0  # 0: every site connected when the run starts
+    strategy: str = "fedavg"
+    prox_mu: float = 0.01
+    server_lr: float = 0.01
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    trim_beta: float = 0.2
+    payload_dtype: str = "fp16"
+    personal: tuple[str, ...] = ()  # tensor-name prefixes that never leave the site
+    finetune_epochs: int = 2  # final local fine-tuning of the global adapter at each site
+    seed: int = 0
+    round_timeout: float = 3600.0
+    # torch intra-op threads in each site process and the server (0: torch's
+    # default, all cores). On small CPUs shared by several processes (a
+    # simulation's actors, SuperNodes on one host) more threads than free
+    # cores make OpenMP spin-wait: 20-30x slower steps were measured on 2 cores.
+    torch_threads: int = 1
+    # --- data
+    data: str = "demo"  # "demo": synthesize; else the folder the simulation partitions
+    partition: str = "natural"
+    partition_alpha: float = 0.5
+    demo_sites: int = 3
+    demo_images: int = 60  # per synthetic site (all splits)
+    demo_image_size: int = 96
+    max_images: int = 0  # per site and split, 0 = all (quick experiments, tests)
+    # --- records
+    home: str = ""
+    run_name: str = ""
+    resume: bool = False
+    compare: bool = True  # end with the per-site comparison table (simulation only)
+
+    # ------------------------------------------------------------------ build
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"run config '{key}': {why}")
+
+        if self.adapter not in VARIANTS:
+            raise bad("adapter", f"unknown variant {self.adapter!r}; choose one of {', '.join(VARIANTS)}")
+        if self.adapter == "none":
+            raise bad("adapter", "'none' has nothing to train or federate")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise bad("adapter-init", f"must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.payload_dtype not in PAYLOAD_DTYPES:
+            raise bad("payload-dtype", f"must be one of {PAYLOAD_DTYPES}, got {self.payload_dtype!r}")
+        if self.partition not in PARTITIONS:
+            raise bad("partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
+        for key in ("rounds", "local_epochs", "batch_size", "demo_sites", "demo_images", "demo_image_size"):
+            if getattr(self, key) < 1:
+                raise bad(_key(key), f"must be >= 1, got {getattr(self, key)}")
+        for key in ("min_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
+            if getattr(self, key) < 0:
+                raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise bad(_key(key), f"must be in (0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise bad("trim-beta", f"must be in [0, 0.5), got {self.trim_beta}")
+        if self.server_lr <= 0 or self.server_tau <= 0:
+            raise bad("server-lr/server-tau", "must be > 0")
+        for key in ("server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(_key(key), f"must be in [0, 1), got {getattr(self, key)}")
+        if self.partition_alpha <= 0:
+            raise bad("partition-alpha", f"must be > 0, got {self.partition_alpha}")
+        if self.round_timeout <= 0:
+            raise bad("round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        if self.run_name and not _RUN_NAME.match(self.run_name):
+            raise bad("run-name", f"{self.run_name!r}: use letters, digits, '.', '_' or '-' (max 100)")
+        if self.resume and not self.run_name:
+            raise bad("resume", "needs 'run-name' (the run to continue)")
+        if self.strategy == "fedprox" and self.prox_mu == 0:
+            raise bad("prox-mu", "fedprox with prox-mu = 0 is plain fedavg; set prox-mu > 0 or strategy = 'fedavg'")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Parse Flower's run_config (hyphenated keys, TOML scalar values)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_key, value in run_config.items():
+            name = raw_key.replace("-", "_")
+            if name not in names:
+                known = ", ".join(sorted(_key(n) for n in names))
+                raise ConfigError(f"run config '{raw_key}': unknown key; known keys: {known}")
+            values[name] = _coerce(raw_key, value, names[name])
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The inverse of from_run_config (what config.json stores, what --run-config takes)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[_key(f.name)] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> FederationConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- derived
+    @property
+    def home_dir(self) -> Path:
+        return fedvlsm_home(self.home)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home_dir / "runs"
+
+    @property
+    def demo_data_dir(self) -> Path:
+        # Keyed by everything that shapes the synthetic data, so runs with
+        # other demo settings never read a mismatched folder.
+        return self.home_dir / "data" / (
+            f"demo-s{self.demo_sites}-n{self.demo_images}-px{self.demo_image_size}-seed{self.seed}"
+        )
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder the simulation partitions (absolute)."""
+        if self.data == "demo":
+            return self.demo_data_dir
+        return Path(self.data).expanduser().resolve()
+
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(variant=self.adapter, init=self.adapter_init)
+
+    def train_config(self, epochs: int, seed: int, prox_mu: float = 0.0) -> TrainConfig:
+        """Local-training settings for one call of common.train.fit."""
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr or None,
+            seed=seed,
+            prox_mu=prox_mu,
+            device="cpu" if os.environ.get("FEDVLSM_FORCE_CPU") else "auto",
+            # A round is a handful of epochs: the best-validation restore and
+            # early stop of centralised training would make a site return an
+            # earlier state than the one it trained to, which breaks
+            # FedProx/FedOpt's notion of a local update.
+            select_best=False,
+            early_stop_patience=10**6,
+            progress=False,
+        )
+
+    def initial_model(self, base: Base) -> AdaptedCLIPSeg:
+        """Adapters at their initial values: identical on every site and on the server.
+
+        Seeded by the run's seed alone (the caller's RNG is left untouched),
+        so the server's initial global adapter, personal parts that have not
+        trained yet and a site's local-only baseline start from the same tensors.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return build_model(base, self.adapter_spec())
+
+    def apply_threads(self) -> None:
+        """Set torch's intra-op threads for this process (see `torch_threads`)."""
+        if self.torch_threads and torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(raw_key: str, value: Any, f: dataclasses.Field) -> Any:
+    """TOML gives int/float/bool/str; accept what a user would write for each field."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, (list, tuple)):
+                return tuple(str(v).strip() for v in value if str(v).strip())
+            return tuple(p.strip() for p in str(value).split(",") if p.strip())
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no", ""):
+                return False
+            raise ValueError(f"expected true/false, got {value!r}")
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"run config '{raw_key}': {err}") from None
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who a node is and where its data and site-local state live.
+
+    Deployment: the SuperNode's ``--node-config "data-path=... site-dir=...
+    site-name=..."``. Simulation: ``partition-id`` / ``num-partitions`` set
+    by Flower; the data come from the partitioner.
+    """
+
+    name: str
+    partition_id: int | None  # simulation only
+    num_partitions: int | None
+    data_path: Path | None  # deployment only
+    site_dir: Path = field(default=Path("."))
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteIdentity:
+        if NODE_DATA_PATH in node_config:
+            data_path = Path(str(node_config[NODE_DATA_PATH])).expanduser().resolve()
+            if not data_path.is_dir():
+                raise ConfigError(f"node config '{NODE_DATA_PATH}': {data_path} is not a folder")
+            name = str(node_config.get(NODE_SITE_NAME, "") or data_path.name)
+            site_dir = node_config.get(NODE_SITE_DIR, "") or cfg.home_dir / "sites" / name
+            return cls(name, None, None, data_path, Path(str(site_dir)).expanduser().resolve())
+        if NODE_PARTITION_ID in node_config:
+            pid = int(node_config[NODE_PARTITION_ID])
+            num = int(node_config.get(NODE_NUM_PARTITIONS, 0))
+            name = f"site-{pid}"
+            site_dir = cfg.home_dir / "sites" / f"sim-{cfg.data_dir.name}-{cfg.partition}-{num}" / name
+            return cls(name, pid, num, None, site_dir)
+        raise ConfigError(
+            f"node config has neither '{NODE_DATA_PATH}' (deployment: flower-supernode "
+            f"--node-config \"{NODE_DATA_PATH}=/path/to/site/data\") nor '{NODE_PARTITION_ID}' (simulation); "
+            f"got keys {sorted(node_config)}"
+        )

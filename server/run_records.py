@@ -1,0 +1,213 @@
+"""The run directory: config, per-round records, atomic checkpoints, resume.
+
+Layout of ``<runs-dir>/<run-name>/``::
+
+    config.json                 the FederationConfig the run uses (run-config keys)
+    rounds.jsonl                one JSON object per completed round (keys: docs/federation.md)
+    checkpoints/round-NNNN/     adapter/ (adapter format) + strategy.npz + state.json
+    final/                      adapter/ + summary.json (+ comparison.{json,md} in the demo)
+
+Crash safety: every file is written beside its target and renamed into
+place, and a checkpoint is assembled in a hidden temporary folder that is
+renamed to ``round-NNNN`` only when complete, so a crash leaves either the
+old state or the new one, never half of a checkpoint or of a record. A
+round counts as complete when both its record and its checkpoint exist;
+``resume`` restarts after the last complete round and drops anything later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from common.adapter_io import save_adapter_state, write_json_atomic
+
+CONFIG_FILE = "config.json"
+ROUNDS_FILE = "rounds.jsonl"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+ADAPTER_DIR = "adapter"
+STRATEGY_FILE = "strategy.npz"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class RunRecordsError(RuntimeError):
+    """A run directory that cannot be created or resumed as asked."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    arrays: dict[str, np.ndarray]  # the global (shared) adapter, fp32
+    strategy_arrays: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+
+def checkpoint_name(server_round: int) -> str:
+    return f"round-{server_round:04d}"
+
+
+class RunRecords:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir).resolve()
+
+    # ----------------------------------------------------------- open/create
+    @classmethod
+    def create(cls, runs_dir: Path, run_name: str, config: dict[str, Any]) -> RunRecords:
+        """A new run directory; refuses one that already holds rounds (use resume)."""
+        records = cls(Path(runs_dir) / run_name)
+        if records.read_rounds():
+            raise RunRecordsError(
+                f"{records.run_dir} already holds rounds of a run named '{run_name}'; "
+                "continue it with --run-config \"resume=true run-name=...\" or pick another 'run-name'"
+            )
+        records.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(records.run_dir / CONFIG_FILE, config)
+        return records
+
+    @classmethod
+    def open_existing(cls, runs_dir: Path, run_name: str) -> RunRecords:
+        records = cls(Path(runs_dir) / run_name)
+        if not (records.run_dir / CONFIG_FILE).is_file():
+            raise RunRecordsError(f"cannot resume '{run_name}': {records.run_dir / CONFIG_FILE} does not exist")
+        return records
+
+    def read_config(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / CONFIG_FILE).read_text())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / CONFIG_FILE, config)
+
+    # ---------------------------------------------------------------- rounds
+    def read_rounds(self) -> list[dict[str, Any]]:
+        path = self.run_dir / ROUNDS_FILE
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+        return out
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Add one round's record; the whole file is rewritten and renamed into place."""
+        if "round" not in record:
+            raise ValueError("a round record needs a 'round' key")
+        rounds = [r for r in self.read_rounds() if r["round"] < record["round"]] + [record]
+        self._write_rounds(rounds)
+
+    def _write_rounds(self, rounds: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rounds)
+        _write_text_atomic(self.run_dir / ROUNDS_FILE, text)
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self,
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        adapter_config: dict[str, Any],
+        strategy_arrays: dict[str, np.ndarray],
+        state: dict[str, Any],
+    ) -> Path:
+        """Write checkpoints/round-NNNN/ atomically (assembled aside, then renamed)."""
+        root = self.run_dir / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / checkpoint_name(server_round)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-"))
+        try:
+            self._write_adapter(tmp / ADAPTER_DIR, arrays, adapter_config)
+            with open(tmp / STRATEGY_FILE, "wb") as fh:
+                np.savez(fh, **strategy_arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            write_json_atomic(tmp / STATE_FILE, {"round": server_round, **state})
+            if target.exists():  # a leftover from a run that crashed after this point
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @staticmethod
+    def _write_adapter(out: Path, arrays: dict[str, np.ndarray], adapter_config: dict[str, Any]) -> None:
+        state = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in arrays.items()}
+        save_adapter_state(state, adapter_config, out)
+
+    def checkpoint_rounds(self) -> list[int]:
+        root = self.run_dir / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        found = []
+        for p in root.iterdir():
+            if p.name.startswith("round-") and (p / STATE_FILE).is_file():
+                found.append(int(p.name.removeprefix("round-")))
+        return sorted(found)
+
+    def last_complete_round(self) -> int:
+        recorded = {r["round"] for r in self.read_rounds()}
+        complete = [r for r in self.checkpoint_rounds() if r in recorded]
+        return max(complete, default=0)
+
+    def load_checkpoint(self, server_round: int) -> Checkpoint:
+        path = self.run_dir / CHECKPOINTS / checkpoint_name(server_round)
+        if not (path / STATE_FILE).is_file():
+            raise RunRecordsError(f"{path}: no complete checkpoint ({STATE_FILE} missing)")
+        weights = load_file(str(path / ADAPTER_DIR / WEIGHTS_FILE))
+        with np.load(path / STRATEGY_FILE) as data:
+            strategy_arrays = {k: data[k] for k in data.files}
+        return Checkpoint(
+            round=server_round,
+            arrays={k: v.float().numpy() for k, v in weights.items()},
+            strategy_arrays=strategy_arrays,
+            state=json.loads((path / STATE_FILE).read_text()),
+        )
+
+    def rewind_to(self, server_round: int) -> None:
+        """Forget everything after `server_round` (records, checkpoints, final, temp leftovers)."""
+        self._write_rounds([r for r in self.read_rounds() if r["round"] <= server_round])
+        root = self.run_dir / CHECKPOINTS
+        if root.is_dir():
+            for p in root.iterdir():
+                late = p.name.startswith("round-") and int(p.name.removeprefix("round-")) > server_round
+                if late or p.name.startswith("."):
+                    shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(self.run_dir / FINAL, ignore_errors=True)
+
+    # ------------------------------------------------------------------ final
+    def save_final(self, arrays: dict[str, np.ndarray], adapter_config: dict[str, Any], summary: dict[str, Any]) -> Path:
+        final = self.run_dir / FINAL
+        final.mkdir(parents=True, exist_ok=True)
+        self._write_adapter(final / ADAPTER_DIR, arrays, adapter_config)
+        write_json_atomic(final / "summary.json", summary)
+        return final
+
+    def save_final_file(self, name: str, text: str) -> Path:
+        path = self.run_dir / FINAL / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(path, text)
+        return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

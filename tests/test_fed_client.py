@@ -1,0 +1,130 @@
+"""ClientApp handlers called directly: what a site sends back, FedProx, personal parts, base cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import client_app
+from client import site as sites
+from common.bases import load_base
+from common.data import synthesize
+from common.federation_config import FederationConfig
+from common.payload import from_wire, split_personal, to_wire
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-data")
+    synthesize(root, sites=2, per_site=9, seed=0, image_size=64)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def make_cfg(data, tmp_path, **kw) -> FederationConfig:
+    return FederationConfig(base="arch:tiny", adapter="shallow-vlc", data=str(data), home=str(tmp_path),
+                            run_name="unit", **kw)
+
+
+def context(cfg: FederationConfig, pid: int = 0) -> Context:
+    return Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid, "num-partitions": 2},
+                   state=RecordDict(), run_config=cfg.to_run_config())
+
+
+def train_message(cfg: FederationConfig, server_round: int = 1, mu: float | None = None, shift: float = 0.0):
+    model = cfg.initial_model(load_base(cfg.base))
+    shared, _ = split_personal(model.adapter_state(), cfg.personal)
+    shared = {k: v + shift for k, v in shared.items()}
+    config = {"server-round": server_round, "run-name": cfg.run_name}
+    if mu is not None:
+        config["proximal-mu"] = mu
+    wire = to_wire(shared, cfg.payload_dtype)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+                          "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=10, message_type="train"), shared, model
+
+
+def received(reply: Message) -> dict[str, np.ndarray]:
+    return from_wire({k: a.numpy() for k, a in reply.content["arrays"].items()})
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("fp16", 2), ("fp32", 4)])
+def test_train_reply_holds_exactly_the_adapter_tensors(data, tmp_path, dtype, itemsize):
+    cfg = make_cfg(data, tmp_path, payload_dtype=dtype, lr=0.01)
+    msg, shared, model = train_message(cfg)
+    reply = client_app.train(msg, context(cfg))
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(model.adapter_names())
+    assert {a.dtype for a in arrays.values()} == {"float16" if dtype == "fp16" else "float32"}
+    metrics = reply.content["metrics"]
+    n = model.parameter_counts()["trainable"]
+    assert metrics["payload-bytes-up"] == n * itemsize == metrics["payload-bytes-down"]
+    assert metrics["num-examples"] == len(sites.Site(cfg, {"partition-id": 0, "num-partitions": 2}).items("train"))
+    assert reply.content["site"]["name"] == "site-0"
+    # The site trained: the reply differs from what it received.
+    assert any(not np.allclose(v, shared[k].numpy(), atol=1e-3) for k, v in received(reply).items())
+
+
+def test_personal_parts_stay_at_the_site_and_come_back_next_round(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",))
+    msg, shared, model = train_message(cfg, server_round=1)
+    reply = client_app.train(msg, context(cfg))
+    names = set(reply.content["arrays"].keys())
+    assert names == set(shared) and not any(n.startswith("adapters.vision") for n in names)
+    site = sites.Site(cfg, {"partition-id": 0, "num-partitions": 2})
+    saved = site.load_personal("unit", before_round=2)
+    assert saved and all(k.startswith("adapters.vision") for k in saved)
+    initial = model.adapter_state()
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # they trained
+    assert site.load_personal("unit", before_round=1) == {}  # nothing before round 1
+    # Round 2 starts from the site's own personal parts, not from the initial ones.
+    m2 = site.model(load_base(cfg.base), {k: torch.from_numpy(v) for k, v in received(reply).items()}, saved)
+    for k, v in saved.items():
+        assert torch.equal(m2.adapter_state()[k], v)
+
+
+def distance_to_global(reply, shared) -> float:
+    return float(sum(((v - shared[k].numpy()) ** 2).sum() for k, v in received(reply).items()) ** 0.5)
+
+
+def test_fedprox_mu_pulls_the_update_towards_the_global_adapter(data, tmp_path):
+    # Start away from the identity init so the local loss gradient is not tiny,
+    # then compare how far the site moves with mu = 0, moderate and large.
+    cfg = make_cfg(data, tmp_path, local_epochs=2, lr=0.01, payload_dtype="fp32")
+    distances = []
+    for mu in (0.0, 1.0, 100.0):
+        msg, shared, _ = train_message(cfg, mu=mu, shift=0.05)
+        distances.append(distance_to_global(client_app.train(msg, context(cfg)), shared))
+    assert distances[0] > distances[1] > distances[2] > 0
+
+
+def test_the_base_is_loaded_once_per_process(data, tmp_path):
+    cfg = make_cfg(data, tmp_path)
+    client_app.train(train_message(cfg)[0], context(cfg, 0))
+    loads = sites.process_stats()["base-loads"]
+    reply = client_app.train(train_message(cfg)[0], context(cfg, 1))
+    assert sites.process_stats()["base-loads"] == loads  # a second message, another site: no reload
+    m = reply.content["metrics"]
+    assert m["base-loads"] == loads and m["base-load-seconds"] >= 0 and m["import-seconds"] > 0
+
+
+def test_evaluate_and_final_report_global_and_personalised_dice(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",), finetune_epochs=1)
+    msg, _, _ = train_message(cfg, server_round=1)
+    ctx = context(cfg)
+    trained = client_app.train(msg, ctx)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(a.numpy()) for k, a in trained.content["arrays"].items()}),
+                          "config": ConfigRecord({"server-round": 1, "run-name": "unit"})})
+    ev = client_app.evaluate(Message(content, dst_node_id=10, message_type="evaluate"), ctx).content["metrics"]
+    assert 0 <= ev["dice"] <= 1 and 0 <= ev["dice-personal"] <= 1 and ev["num-examples"] >= 1
+    final = client_app.evaluate_final(
+        Message(content, dst_node_id=10, message_type="evaluate.final"), ctx).content["metrics"]
+    assert {"dice-base", "dice-global", "dice-personal", "dice-finetuned"} <= set(final)
+    assert ctx.state.config_records["site-history"]["rounds-trained"] == 1

@@ -1,0 +1,99 @@
+"""The one federation config: parsed from pyproject/run_config, errors name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.federation_config import ConfigError, FederationConfig, SiteIdentity
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def app_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_parse_and_cover_every_field():
+    raw = app_config()
+    cfg = FederationConfig.from_run_config(raw)
+    # Every config field is a pyproject key (so --run-config can override it) and back.
+    assert set(cfg.to_run_config()) == set(raw)
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert cfg.base == "demo" and cfg.data == "demo" and cfg.demo_sites == 3
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ({"strategy": "fedsgd"}, "strategy"),
+        ({"payload-dtype": "int8"}, "payload-dtype"),
+        ({"rounds": 0}, "rounds"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"adapter": "nope"}, "adapter"),
+        ({"rounds": "three"}, "rounds"),
+        ({"run-name": "../escape"}, "run-name"),
+        ({"resume": True}, "resume"),
+        ({"strategy": "fedprox", "prox-mu": 0.0}, "prox-mu"),
+        ({"trim-beta": 0.5}, "trim-beta"),
+        ({"local_epochs_typo": 1}, "local_epochs_typo"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        FederationConfig.from_run_config({**app_config(), **override})
+
+
+def test_personal_accepts_a_comma_list_and_home_is_absolute(tmp_path, monkeypatch):
+    cfg = FederationConfig.from_run_config({"personal": "adapters.vision, adapters.cond", "home": str(tmp_path)})
+    assert cfg.personal == ("adapters.vision", "adapters.cond")
+    assert cfg.runs_dir == tmp_path.resolve() / "runs"
+    monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path / "envhome"))
+    assert FederationConfig().home_dir == (tmp_path / "envhome").resolve()
+
+
+def test_site_identity_from_deployment_and_simulation_node_configs(tmp_path):
+    cfg = FederationConfig(home=str(tmp_path))
+    data = tmp_path / "hospital-a"
+    data.mkdir()
+    site = SiteIdentity.from_node_config({"data-path": str(data)}, cfg)
+    assert site.name == "hospital-a" and site.data_path == data.resolve() and site.site_dir.is_absolute()
+    named = SiteIdentity.from_node_config({"data-path": str(data), "site-name": "h1", "site-dir": str(tmp_path / "s")}, cfg)
+    assert (named.name, named.site_dir) == ("h1", (tmp_path / "s").resolve())
+    sim = SiteIdentity.from_node_config({"partition-id": 2, "num-partitions": 3}, cfg)
+    assert (sim.name, sim.partition_id, sim.num_partitions) == ("site-2", 2, 3)
+    with pytest.raises(ConfigError, match="'data-path'"):
+        SiteIdentity.from_node_config({"data-path": str(tmp_path / "missing")}, cfg)
+    with pytest.raises(ConfigError, match="neither 'data-path'"):
+        SiteIdentity.from_node_config({}, cfg)
+
+
+CONFIGS = sorted((PYPROJECT.parent / "simulations" / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_experiment_configs_are_valid_overrides(path, tiny_base):
+    from common.payload import check_personal_prefixes
+
+    overrides = tomllib.loads(path.read_text())
+    assert overrides, f"{path.name} overrides nothing"
+    assert set(overrides) <= set(app_config()), f"{path.name}: keys not in [tool.flwr.app.config]"
+    cfg = FederationConfig.from_run_config({**app_config(), **overrides})
+    check_personal_prefixes(cfg.initial_model(tiny_base).adapter_names(), cfg.personal)
+    assert "flwr run ." in path.read_text()  # each file says how to run it
+
+
+def test_there_are_configs_for_adapters_strategies_and_site_counts():
+    stems = {p.stem for p in CONFIGS}
+    assert {"strategy-fedprox", "strategy-fedadam", "strategy-fedyogi", "strategy-fedmedian",
+            "strategy-fedtrimmedavg"} <= stems
+    assert len([s for s in stems if s.startswith("adapter-")]) >= 4
+    assert len([s for s in stems if s.startswith("sites-")]) >= 3
+
+
+def test_dataclass_defaults_are_the_pyproject_defaults():
+    # The demo is "flwr run ." with pyproject's values; code that builds a
+    # FederationConfig() directly (CLI, notebooks) must get the same run.
+    assert FederationConfig.from_run_config(app_config()) == FederationConfig()

@@ -1,0 +1,191 @@
+"""The ServerApp's round loop against in-process sites: records, resume, personal parts.
+
+A small stand-in for Flower's Grid delivers each message to the real
+ClientApp in this process (content deep-copied both ways, as serialisation
+would), so the server logic runs exactly as under `flwr run`, in seconds
+and deterministically. The real `flwr run` is tested in test_fed_flwr_run.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from client.client_app import app as client_app
+from common.data import synthesize
+from common.federation_config import FederationConfig
+from server.server_app import run_federation
+
+ROUND_KEYS = {"round", "dice", "dice_personal", "train_loss", "sites", "payload_bytes_up", "payload_bytes_down",
+              "failures", "train_seconds", "round_seconds", "time"}
+
+
+class InProcessGrid:
+    fedvlsm_simulation = True  # the server treats it like Flower's simulation grid
+
+    def __init__(self, cfg: FederationConfig, num_sites: int) -> None:
+        self.contexts = {
+            100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_sites},
+                             state=RecordDict(), run_config=cfg.to_run_config())
+            for k in range(num_sites)
+        }
+        self.replies: list[Message] = []  # everything the server received
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            delivered = Message(copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
+                                message_type=m.metadata.message_type)
+            reply = client_app(delivered, self.contexts[m.metadata.dst_node_id])
+            reply.content = copy.deepcopy(reply.content)
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed-data")
+    synthesize(root, sites=3, per_site=9, seed=0, image_size=64)
+    return root
+
+
+def make_cfg(data, home, **kw) -> FederationConfig:
+    values = {"base": "arch:tiny", "adapter": "shallow-vlc", "data": str(data), "home": str(home), "rounds": 2,
+              "compare": False, "lr": 0.01, **kw}
+    return FederationConfig(**values)
+
+
+def run(cfg: FederationConfig, sites: int = 3) -> tuple[dict, InProcessGrid]:
+    grid = InProcessGrid(cfg, sites)
+    return run_federation(grid, cfg), grid
+
+
+def final_adapter(home, name) -> dict[str, np.ndarray]:
+    return load_file(str(home / "runs" / name / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_run_directory_records_every_round(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, run_name="plain", strategy="fedprox", prox_mu=0.1)
+    summary, _ = run(cfg)
+    run_dir = tmp_path / "runs" / "plain"
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert ROUND_KEYS <= set(r)
+        assert sorted(r["sites"]) == ["site-0", "site-1", "site-2"]
+        for s in r["sites"].values():
+            assert s["num_examples"] > 0 and 0 <= s["val_dice"] <= 1 and s["wire_dtype"] == "float16"
+            assert s["payload_bytes_up"] == summary["trainable_parameters"] * 2
+            # down = train + evaluate message, each with the global adapter
+            assert s["payload_bytes_down"] == 2 * s["payload_bytes_up"]
+        assert r["payload_bytes_up"] == 3 * summary["trainable_parameters"] * 2
+        assert r["failures"] == []
+    assert json.loads((run_dir / "config.json").read_text())["strategy"] == "fedprox"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    for ck in ("checkpoints/round-0002", "final"):
+        assert (run_dir / ck / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((run_dir / "final" / "summary.json").read_text())["rounds"] == 2
+
+
+def test_personal_parts_never_reach_the_server(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, run_name="personal", personal=("adapters.vision",), rounds=1)
+    _, grid = run(cfg)
+    sent = [set(r.content["arrays"].keys()) for r in grid.replies if "arrays" in r.content]
+    assert sent and all(not any(n.startswith("adapters.vision") for n in names) for names in sent)
+    for where in ("checkpoints/round-0001", "final"):
+        names = load_file(str(tmp_path / "runs/personal" / where / "adapter/adapter_model.safetensors")).keys()
+        assert names and not any(n.startswith("adapters.vision") for n in names)
+    # ...while each site kept its own, on its own disk.
+    kept = list((tmp_path / "sites").rglob("runs/personal/personal/round-0001.safetensors"))
+    assert len(kept) == 3
+
+
+@pytest.mark.parametrize(
+    "strategy,interruption,extra",
+    [
+        ("fedadam", "crash", {"personal": ("adapters.vision",)}),
+        ("fedyogi", "extend", {"fraction_train": 0.67}),
+        ("fedavg", "crash", {}),
+    ],
+)
+def test_resume_reaches_the_same_final_adapter(data, tmp_path, strategy, interruption, extra):
+    kw = dict(strategy=strategy, server_lr=0.05, **extra)
+    straight = tmp_path / "straight"
+    run(make_cfg(data, straight, run_name="r", rounds=3, **kw))
+    resumed = tmp_path / "resumed"
+    if interruption == "extend":
+        # A run of 1 round, continued to 3.
+        run(make_cfg(data, resumed, run_name="r", rounds=1, **kw))
+    else:
+        # What a crash after round 1's checkpoint but before its record leaves
+        # behind: round-2 checkpoint present, round-2 record missing, no final/.
+        run(make_cfg(data, resumed, run_name="r", rounds=2, **kw))
+        rounds_file = resumed / "runs/r/rounds.jsonl"
+        rounds_file.write_text(rounds_file.read_text().splitlines(keepends=True)[0])
+        shutil.rmtree(resumed / "runs/r/final")
+        (resumed / "runs/r/checkpoints/.round-0003.tmp-x").mkdir()
+    summary, _ = run(make_cfg(data, resumed, run_name="r", rounds=3, resume=True, **kw))
+    assert summary["rounds"] == 3
+    a, b = final_adapter(straight, "r"), final_adapter(resumed, "r")
+    assert a.keys() == b.keys()
+    # Same seed, same site sampling, same reply order: bit-identical on this
+    # CPU; the tolerance stated for other machines/BLAS builds is 1e-6.
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"{strategy}/{interruption}: resumed vs straight max |diff| = {worst:.3g}")
+    assert worst <= 1e-6
+    straight_rounds = [json.loads(x) for x in (straight / "runs/r/rounds.jsonl").read_text().splitlines()]
+    resumed_rounds = [json.loads(x) for x in (resumed / "runs/r/rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in resumed_rounds] == [1, 2, 3]
+    assert sorted(p.name for p in (resumed / "runs/r/checkpoints").iterdir()) == [
+        "round-0001", "round-0002", "round-0003"]
+    # Restored moments (not restarted ones) give the same per-round validation Dice.
+    for x, y in zip(straight_rounds, resumed_rounds):
+        assert x["dice"] == pytest.approx(y["dice"], abs=1e-6)
+        assert sorted(x["sites"]) == sorted(y["sites"])
+
+
+def test_natural_sites_need_one_supernode_each_and_the_error_says_how(data, tmp_path):
+    from common.federation_config import ConfigError
+
+    cfg = make_cfg(data, tmp_path, run_name="two")
+    with pytest.raises(ConfigError, match='num-supernodes=3'):
+        run(cfg, sites=2)
+
+
+def test_comparison_table_has_every_column(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, run_name="cmp", rounds=1, compare=True, finetune_epochs=1)
+    summary, _ = run(cfg)
+    rows = summary["comparison"]["rows"]
+    assert [r["site"] for r in rows] == ["site-0", "site-1", "site-2"]
+    for r in rows:
+        for key in ("frozen_base", "local_only", "federated", "federated_personalised", "pooled"):
+            assert 0.0 <= r[key] <= 1.0, (key, r)
+    table = (tmp_path / "runs/cmp/final/comparison.md").read_text()
+    assert "fed. personalised" in table and "pooled (upper bound)" in table
+
+
+def test_outside_simulation_the_table_has_no_pooled_bound(data, tmp_path):
+    class DeploymentLikeGrid(InProcessGrid):
+        fedvlsm_simulation = False
+
+    cfg = make_cfg(data, tmp_path, run_name="deploy", rounds=1, compare=True, finetune_epochs=0)
+    summary = run_federation(DeploymentLikeGrid(cfg, 3), cfg)
+    rows = summary["comparison"]["rows"]
+    assert all(np.isnan(r["pooled"]) and 0 <= r["local_only"] <= 1 for r in rows)
+    assert "not a simulation" in summary["comparison"]["note"]
