@@ -163,3 +163,22 @@ def test_frozen_weights_unchanged_after_a_training_step(tiny_base):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown adapter variant"):
         AdapterSpec("dense-xyz")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_side_does_not_change_the_prompt_embedding(tiny_base, side):
+    """Right padding is dropped (causal attention never lets it reach end-of-text); left padding is kept."""
+    import copy
+
+    tok = copy.deepcopy(tiny_base.tokenizer)
+    tok.padding_side = side
+    prompts = ["lesion", "a small bright round polyp located in the left of the image"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    model = build_model(tiny_base, "none")
+    padded = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    alone = model.encode_text(**{k: v for k, v in tok(prompts[:1], return_tensors="pt").items()
+                                 if k in ("input_ids", "attention_mask")})
+    if side == "right":  # left padding shifts CLIP's absolute positions, for the stock model too
+        assert (padded[0] - alone[0]).abs().max().item() <= 1e-5
+    stock = tiny_base.model.clip.get_text_features(**batch).pooler_output
+    assert (padded - stock).abs().max().item() <= 1e-5
