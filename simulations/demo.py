@@ -96,7 +96,7 @@ def compare_and_report(
     """Ask every site for its final Dice figures, train the pooled bound, print and save the table.
 
     `pooled` needs every site's data in this process: simulation only. In a
-    deployment the column reads nan and the table says why.
+    deployment the column reads n/a and the table says why.
     """
     from server.server_app import say  # the server's progress channel
 
@@ -183,15 +183,19 @@ def format_table(rows: list[dict[str, Any]], personalised: bool) -> str:
         cols.append(("federated_personalised", "fed. personalised"))
     cols.append(("pooled", "pooled (upper bound)"))
 
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.3f}"  # n/a: not measurable here (pooled in deployment)
+        return str(v)
+
     def cell(row: dict[str, Any], key: str) -> str:
-        v = row[key]
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return fmt(row[key])
 
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(r, k) for k, _ in cols) + " |" for r in rows]
     if rows:
         mean = {k: float(np.mean([r[k] for r in rows])) for k, _ in cols[2:]}
         lines.append("| mean of sites | " + str(sum(r["test_images"] for r in rows)) + " | "
-                     + " | ".join(f"{mean[k]:.3f}" for k, _ in cols[2:]) + " |")
+                     + " | ".join(fmt(mean[k]) for k, _ in cols[2:]) + " |")
     return "\n".join(lines)
 
