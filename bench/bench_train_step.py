@@ -91,7 +91,7 @@ def main() -> None:
         results["variants"][variant] = row
         print(f"{variant:<12} trainable {row['trainable']:>11,}  {row['img_per_s']:8.1f} img/s  "
               f"{dt * 1000:8.1f} ms/step", flush=True)
-        del model, opt
+        model = opt = step = None  # free this variant before the next one is built
         if gpu:
             torch.cuda.empty_cache()
 
