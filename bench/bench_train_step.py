@@ -59,7 +59,7 @@ def main() -> None:
     px = torch.randn(batch, 3, size, size, device=device)
     tok = base.tokenizer(["a small bright round lesion located in the left of the image"] * batch,
                          padding="max_length", max_length=77, return_tensors="pt")
-    ids, am = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    ids, am = tok["input_ids"].to(device), tok["attention_mask"]  # mask stays on the CPU, as in training
     y = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     loss_fn = make_loss(cfg)
     results = {

@@ -94,7 +94,7 @@ def evaluate(
     for batch in loader:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                           batch["attention_mask"].to(device))
+                           batch["attention_mask"])
         logits = logits.float()
         mask = batch["mask"].to(device)
         if logits.shape[-2:] != mask.shape[-2:]:
@@ -137,5 +137,5 @@ def predict(
     model.eval().to(device)
     x = preprocess_image(image, model.image_size).to(device)
     tokens = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
-    logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"])
     return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()

@@ -122,9 +122,14 @@ class AdaptedCLIPSeg(nn.Module):
         # Under the causal mask, right padding can never reach the end-of-text
         # token (the only position anyone reads), so the padding mask is dropped
         # and attention keeps its fast fused causal kernel; a mask is kept only
-        # if some pad comes before a real token (left padding).
-        if attention_mask is not None and not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            attention_mask = None
+        # if some pad comes before a real token (left padding). The check reads
+        # the mask where it lies: callers pass it on the CPU (as the training
+        # loop does) so that no GPU sync stalls a host-bound step.
+        if attention_mask is not None:
+            if not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                attention_mask = None
+            else:
+                attention_mask = attention_mask.to(h.device)
         # positional: the 4th parameter was renamed (past_key_values -> cache) within transformers 5.x
         mask = create_causal_mask(tm.config, h, attention_mask, None)
         eot = self._eot_positions(input_ids, tm.config.eos_token_id).to(h.device)
@@ -150,7 +155,10 @@ class AdaptedCLIPSeg(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits of shape (B, 1, H, W) at the model's input resolution."""
+        """Logits of shape (B, 1, H, W) at the model's input resolution.
+
+        `attention_mask` may stay on the CPU (cheaper: see `encode_text`).
+        """
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"batch mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts"

@@ -112,7 +112,7 @@ def fit(
             mask = batch["mask"].to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                               batch["attention_mask"].to(device))
+                               batch["attention_mask"])
             logits = logits.float()
             if logits.shape[-2:] != mask.shape[-2:]:
                 logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
