@@ -19,9 +19,7 @@ So anything worth keeping must live somewhere that outlives the message:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_path
 from common.bases import Base, load_base
 from common.config import TrainConfig
 from common.data import SegDataset, load_items
@@ -133,16 +132,8 @@ class Site:
         """Atomically write this round's personal parts (never sent anywhere)."""
         if not state:
             return
-        folder = self.personal_dir(run_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-            os.replace(tmp, folder / f"round-{server_round:04d}.safetensors")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.personal_dir(run_name) / f"round-{server_round:04d}.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
     # ------------------------------------------------------------------ model
     def model(

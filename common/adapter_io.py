@@ -11,16 +11,13 @@ place, so a crash never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from common.adapters import AdapterSpec
+from common.atomic import atomic_dir
 from common.model import AdaptedCLIPSeg, AdapterStateError, check_fingerprint
 
 FORMAT_VERSION = 1
@@ -40,43 +37,15 @@ def adapter_config(model: AdaptedCLIPSeg, state: dict[str, torch.Tensor], extra:
     }
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON next to `path` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_adapter_state(
     state: dict[str, torch.Tensor], config: dict, out_dir: str | Path
 ) -> Path:
     """Atomically write an adapter folder from a state dict and its config."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            # Swap in two renames so a crash leaves either the old or the new folder.
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

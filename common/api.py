@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.adapter_io import load_adapter, read_adapter_config, read_adapter_spec, write_json_atomic
+from common.adapter_io import load_adapter, read_adapter_config, read_adapter_spec
+from common.atomic import write_json_atomic
 from common.adapters import AdapterSpec
 from common.bases import Base, load_base
 from common.config import TrainConfig, resolve_device

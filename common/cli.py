@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = {"data": str(args.data), "split": args.split, "adapter_dir": str(args.adapter_dir),
                **result.summary()}
     if args.out:
-        from common.adapter_io import write_json_atomic
+        from common.atomic import write_json_atomic
 
         write_json_atomic(Path(args.out), {**summary, "items": result.per_item})
     if args.json:

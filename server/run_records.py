@@ -18,9 +18,7 @@ round counts as complete when both its record and its checkpoint exist;
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from common.adapter_io import save_adapter_state, write_json_atomic
+from common.adapter_io import save_adapter_state
+from common.atomic import atomic_dir, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -108,7 +107,7 @@ class RunRecords:
 
     def _write_rounds(self, rounds: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rounds)
-        _write_text_atomic(self.run_dir / ROUNDS_FILE, text)
+        write_text_atomic(self.run_dir / ROUNDS_FILE, text)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(
@@ -120,23 +119,13 @@ class RunRecords:
         state: dict[str, Any],
     ) -> Path:
         """Write checkpoints/round-NNNN/ atomically (assembled aside, then renamed)."""
-        root = self.run_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / checkpoint_name(server_round)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-"))
-        try:
+        target = self.run_dir / CHECKPOINTS / checkpoint_name(server_round)
+        # replace=True: an existing folder is a leftover from a run that crashed after this point
+        with atomic_dir(target, replace=True) as tmp:
             self._write_adapter(tmp / ADAPTER_DIR, arrays, adapter_config)
             with open(tmp / STRATEGY_FILE, "wb") as fh:
                 np.savez(fh, **strategy_arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
             write_json_atomic(tmp / STATE_FILE, {"round": server_round, **state})
-            if target.exists():  # a leftover from a run that crashed after this point
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @staticmethod
@@ -195,19 +184,6 @@ class RunRecords:
     def save_final_file(self, name: str, text: str) -> Path:
         path = self.run_dir / FINAL / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path, text)
+        write_text_atomic(path, text)
         return path
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common.atomic import atomic_dir
 from common.bases import Base
 from common.data import SegDataset, synthesize
 from common.data.formats import Item
@@ -54,18 +53,10 @@ def prepare_data(cfg: FederationConfig) -> Path:
         return out
     # Synthesised aside and renamed into place: concurrent or interrupted
     # runs never see half a dataset.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    # replace=False: if another run finished first, its (identical) data is kept.
+    with atomic_dir(out, replace=False) as tmp:
         synthesize(tmp, sites=cfg.demo_sites, per_site=cfg.demo_images, seed=cfg.seed,
                    image_size=cfg.demo_image_size)
-        try:
-            tmp.rename(out)
-        except OSError:  # another run finished first; use its (identical) data
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

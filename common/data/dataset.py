@@ -27,9 +27,7 @@ so concurrent clients never see a partial file.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from common.atomic import atomic_path
 
 from .check import pair_problems
 from .formats import (
@@ -190,16 +190,9 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 
 
 def _save_npz(path: Path, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     image, mask, orig_mask = arrays
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, image=image, mask=mask, orig_mask=orig_mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, image=image, mask=mask, orig_mask=orig_mask)
 
 
 class _Collate:
