@@ -34,11 +34,15 @@ from common.config import TrainConfig
 from common.data import SegDataset, load_items
 from common.data.formats import Item
 from common.federation_config import (
+    NODE_DATA_PATH,
+    NODE_PARTITION_ID,
+    NODE_SITE_NAME,
     FederationConfig,
     SiteIdentity,
 )
 from common.model import AdaptedCLIPSeg
 from common.payload import split_personal
+from common.site_errors import SiteRefusal
 
 # The per-process cache. A module global on purpose: it is exactly the
 # thing that must outlive one ClientApp object (and nothing else lives here).
@@ -56,6 +60,17 @@ def base(spec: str) -> Base:
         _STATS["base-loads"] += 1
         _STATS["base-load-seconds"] += time.perf_counter() - start
     return _BASES[spec]
+
+
+def site_name_for(node_config: Mapping[str, Any]) -> str:
+    """The site's name from its node config alone (for replies when nothing else worked)."""
+    if node_config.get(NODE_SITE_NAME):
+        return str(node_config[NODE_SITE_NAME])
+    if NODE_PARTITION_ID in node_config:
+        return f"site-{int(node_config[NODE_PARTITION_ID])}"
+    if node_config.get(NODE_DATA_PATH):
+        return Path(str(node_config[NODE_DATA_PATH])).name
+    return "unnamed-site"
 
 
 def process_stats() -> dict[str, float]:
@@ -95,13 +110,53 @@ class Site:
 
         assert ident.partition_id is not None and ident.num_partitions is not None
         return site_items(
-            self.cfg.data_dir,
+            self.simulation_data_root(),
             self.cfg.partition,
             ident.partition_id,
             ident.num_partitions,
             seed=self.cfg.seed,
             alpha=self.cfg.partition_alpha,
         )
+
+    def simulation_data_root(self) -> Path:
+        """The folder a simulation partitions (the demo's sites are synthesised on first use)."""
+        from simulations.demo_data import prepare_data  # simulation only
+        from simulations.partition import site_folders
+
+        assert self.identity.num_partitions is not None
+        root = prepare_data(self.cfg, self.identity.num_partitions)
+        if self.cfg.partition == "natural":
+            folders = site_folders(root)
+            if len(folders) != self.identity.num_partitions:
+                raise SiteRefusal(
+                    f"simulation: the data has {len(folders)} site folder(s) for {self.identity.num_partitions} "
+                    f"SuperNode(s); use num-supernodes={len(folders)} or a partition other than 'natural'")
+        return root
+
+    def data_to_check(self) -> Path:
+        """The folder whose data this site trains on (its own folder, or the partitioned root)."""
+        ident = self.identity
+        if ident.data_path is not None:
+            return ident.data_path
+        root = self.simulation_data_root()
+        if self.cfg.partition == "natural":
+            from simulations.partition import site_folders
+
+            assert ident.partition_id is not None
+            return site_folders(root)[ident.partition_id]
+        return root
+
+    def ensure_data_ok(self) -> None:
+        """Refuse to serve on data that fails `fedvlsm data check` (cached by a fingerprint of the data).
+
+        The refusal's reason holds categories and counts only; the per-file
+        messages go to the site's own log with the refusal.
+        """
+        from common.data.check import site_data_check
+
+        result = site_data_check(self.data_to_check(), self.site_dir / "cache")
+        if not result.ok:
+            raise SiteRefusal(result.summary, "\n".join(result.details))
 
     def dataset(self, split: str, frozen: Base, train: bool, seed: int = 0) -> SegDataset:
         return SegDataset(

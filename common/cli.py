@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     add_data_commands(sub)
+    from simulations.simulate import add_simulate_command  # light: imports only argparse at module level
+
+    add_simulate_command(sub)
     return parser
 
 

@@ -15,6 +15,9 @@ which value is wrong and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +31,7 @@ from common.adapters.spec import VARIANTS, AdapterSpec
 from common.bases import Base
 from common.config import TrainConfig
 from common.model import AdaptedCLIPSeg, build_model
+from common.site_errors import SiteRefusal
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 PAYLOAD_DTYPES = ("fp32", "fp16")
@@ -73,6 +77,12 @@ class FederationConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 0  # 0: every site connected when the run starts
+    # Deployment: how long the server waits for `min-sites` SuperNodes before
+    # giving up (it logs "waiting for N sites, M connected" meanwhile).
+    site_wait_timeout: float = 600.0
+    # A round whose every site failed (or was excluded) is recorded as skipped
+    # and the run goes on; this many skipped rounds in a row end it (failed).
+    max_skipped_rounds: int = 3
     strategy: str = "fedavg"
     prox_mu: float = 0.01
     server_lr: float = 0.01
@@ -94,7 +104,7 @@ class FederationConfig:
     data: str = "demo"  # "demo": synthesize; else the folder the simulation partitions
     partition: str = "natural"
     partition_alpha: float = 0.5
-    demo_sites: int = 3
+    demo_sites: int = 0  # 0: one synthetic hospital per SuperNode
     demo_images: int = 60  # per synthetic site (all splits)
     demo_image_size: int = 96
     max_images: int = 0  # per site and split, 0 = all (quick experiments, tests)
@@ -121,10 +131,10 @@ class FederationConfig:
             raise bad("payload-dtype", f"must be one of {PAYLOAD_DTYPES}, got {self.payload_dtype!r}")
         if self.partition not in PARTITIONS:
             raise bad("partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
-        for key in ("rounds", "local_epochs", "batch_size", "demo_sites", "demo_images", "demo_image_size"):
+        for key in ("rounds", "local_epochs", "batch_size", "demo_images", "demo_image_size", "max_skipped_rounds"):
             if getattr(self, key) < 1:
                 raise bad(_key(key), f"must be >= 1, got {getattr(self, key)}")
-        for key in ("min_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
+        for key in ("min_sites", "demo_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
             if getattr(self, key) < 0:
                 raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")
         for key in ("fraction_train", "fraction_evaluate"):
@@ -141,6 +151,8 @@ class FederationConfig:
             raise bad("partition-alpha", f"must be > 0, got {self.partition_alpha}")
         if self.round_timeout <= 0:
             raise bad("round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        if self.site_wait_timeout <= 0:
+            raise bad("site-wait-timeout", f"must be > 0 seconds, got {self.site_wait_timeout}")
         if self.run_name and not _RUN_NAME.match(self.run_name):
             raise bad("run-name", f"{self.run_name!r}: use letters, digits, '.', '_' or '-' (max 100)")
         if self.resume and not self.run_name:
@@ -156,8 +168,7 @@ class FederationConfig:
         for raw_key, value in run_config.items():
             name = raw_key.replace("-", "_")
             if name not in names:
-                known = ", ".join(sorted(_key(n) for n in names))
-                raise ConfigError(f"run config '{raw_key}': unknown key; known keys: {known}")
+                raise ConfigError(unknown_key_message(raw_key, [_key(n) for n in names]))
             values[name] = _coerce(raw_key, value, names[name])
         return cls(**values)
 
@@ -172,6 +183,18 @@ class FederationConfig:
     def replace(self, **changes: Any) -> FederationConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_json(self) -> str:
+        """The run config as the server sends it to every site with every message."""
+        return json.dumps(self.to_run_config(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationConfig:
+        return cls.from_run_config(json.loads(text))
+
+    def fingerprint(self) -> str:
+        """Short hash of the whole config: equal on the server and every site of one run."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
     # --------------------------------------------------------------- derived
     @property
     def home_dir(self) -> Path:
@@ -181,19 +204,21 @@ class FederationConfig:
     def runs_dir(self) -> Path:
         return self.home_dir / "runs"
 
-    @property
-    def demo_data_dir(self) -> Path:
+    def demo_site_count(self, num_nodes: int) -> int:
+        """Synthetic hospitals in the demo: `demo-sites`, or one per SuperNode when 0."""
+        return self.demo_sites or num_nodes
+
+    def demo_data_dir(self, num_nodes: int) -> Path:
         # Keyed by everything that shapes the synthetic data, so runs with
         # other demo settings never read a mismatched folder.
         return self.home_dir / "data" / (
-            f"demo-s{self.demo_sites}-n{self.demo_images}-px{self.demo_image_size}-seed{self.seed}"
+            f"demo-s{self.demo_site_count(num_nodes)}-n{self.demo_images}-px{self.demo_image_size}-seed{self.seed}"
         )
 
-    @property
-    def data_dir(self) -> Path:
-        """The folder the simulation partitions (absolute)."""
+    def data_dir(self, num_nodes: int) -> Path:
+        """The folder a simulation of `num_nodes` SuperNodes partitions (absolute)."""
         if self.data == "demo":
-            return self.demo_data_dir
+            return self.demo_data_dir(num_nodes)
         return Path(self.data).expanduser().resolve()
 
     def adapter_spec(self) -> AdapterSpec:
@@ -236,6 +261,13 @@ class FederationConfig:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def unknown_key_message(raw_key: str, known: list[str]) -> str:
+    """'unknown key' with the closest known key, so a typo is fixed in one go."""
+    close = difflib.get_close_matches(raw_key.replace("_", "-"), known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"run config '{raw_key}': unknown key{hint} (known keys: {', '.join(sorted(known))})"
 
 
 def _coerce(raw_key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -285,20 +317,27 @@ class SiteIdentity:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteIdentity:
         if NODE_DATA_PATH in node_config:
+            name = str(node_config.get(NODE_SITE_NAME, "") or "")
             data_path = Path(str(node_config[NODE_DATA_PATH])).expanduser().resolve()
             if not data_path.is_dir():
-                raise ConfigError(f"node config '{NODE_DATA_PATH}': {data_path} is not a folder")
-            name = str(node_config.get(NODE_SITE_NAME, "") or data_path.name)
-            site_dir = node_config.get(NODE_SITE_DIR, "") or cfg.home_dir / "sites" / name
+                raise SiteRefusal(
+                    "site config: data-path is not a folder",
+                    f"node config '{NODE_DATA_PATH}': {data_path} is not a folder",
+                )
+            name = name or data_path.name
+            # A deployed site's own folders: `site-dir`, else its own
+            # FEDVLSM_HOME (the server's `home` names a folder on the server).
+            site_dir = node_config.get(NODE_SITE_DIR, "") or fedvlsm_home() / "sites" / name
             return cls(name, None, None, data_path, Path(str(site_dir)).expanduser().resolve())
         if NODE_PARTITION_ID in node_config:
             pid = int(node_config[NODE_PARTITION_ID])
             num = int(node_config.get(NODE_NUM_PARTITIONS, 0))
             name = f"site-{pid}"
-            site_dir = cfg.home_dir / "sites" / f"sim-{cfg.data_dir.name}-{cfg.partition}-{num}" / name
+            site_dir = cfg.home_dir / "sites" / f"sim-{cfg.data_dir(num).name}-{cfg.partition}-{num}" / name
             return cls(name, pid, num, None, site_dir)
-        raise ConfigError(
+        raise SiteRefusal(
+            "site config: no data-path",
             f"node config has neither '{NODE_DATA_PATH}' (deployment: flower-supernode "
             f"--node-config \"{NODE_DATA_PATH}=/path/to/site/data\") nor '{NODE_PARTITION_ID}' (simulation); "
-            f"got keys {sorted(node_config)}"
+            f"got keys {sorted(node_config)}",
         )

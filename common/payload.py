@@ -106,6 +106,9 @@ class Rec:
     CONFIG = "config"  # Flower strategies' default ConfigRecord key
     METRICS = "metrics"
     SITE = "site"  # ConfigRecord with the site's name (metrics hold numbers only)
+    # ConfigRecord {"error": short public reason} in a site's reply when it
+    # could not serve the message (see common/site_errors.py).
+    STATUS = "status"
 
 
 class Cfg:
@@ -114,6 +117,10 @@ class Cfg:
     ROUND = "server-round"  # set by Flower strategies
     PROX_MU = "proximal-mu"  # set by Flower's FedProx
     RUN_NAME = "run-name"
+    # The run's whole FederationConfig (JSON). Sites build their settings from
+    # it, never from their own launch's run_config: a resumed run's saved
+    # config governs every participant.
+    RUN_CONFIG = "fedvlsm-run-config"
 
 
 class Action:

@@ -37,6 +37,8 @@ FINAL = "final"
 ADAPTER_DIR = "adapter"
 STRATEGY_FILE = "strategy.npz"
 STATE_FILE = "state.json"
+STATUS_FILE = "status.json"
+RUN_STATUSES = ("running", "finished", "failed", "stopped")
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -72,6 +74,7 @@ class RunRecords:
             )
         records.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(records.run_dir / CONFIG_FILE, config)
+        records.set_status("running")
         return records
 
     @classmethod
@@ -79,6 +82,7 @@ class RunRecords:
         records = cls(Path(runs_dir) / run_name)
         if not (records.run_dir / CONFIG_FILE).is_file():
             raise RunRecordsError(f"cannot resume '{run_name}': {records.run_dir / CONFIG_FILE} does not exist")
+        records.set_status("running")
         return records
 
     def read_config(self) -> dict[str, Any]:
@@ -86,6 +90,20 @@ class RunRecords:
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / CONFIG_FILE, config)
+
+    # ---------------------------------------------------------------- status
+    def set_status(self, status: str, reason: str = "") -> None:
+        """running | finished | failed (with the reason) | stopped: so a dead run says so."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
+        from datetime import UTC, datetime
+
+        write_json_atomic(self.run_dir / STATUS_FILE, {
+            "status": status, "reason": reason, "time": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    def read_status(self) -> dict[str, Any]:
+        path = self.run_dir / STATUS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {"status": "unknown", "reason": ""}
 
     # ---------------------------------------------------------------- rounds
     def read_rounds(self) -> list[dict[str, Any]]:

@@ -2,18 +2,24 @@
 
 One round, top to bottom (``run_round``):
 1. the strategy picks the sites and builds the train messages around the
-   global adapter (fp32); we put the adapter on the wire in the payload
-   dtype (fp16 halves the bytes) and note the bytes per site;
-2. sites train and reply with their shared adapter tensors; we check each
-   reply holds exactly the shared tensor names (personal parts must never
-   arrive), count the bytes, and decode to fp32;
-3. the strategy aggregates (in fp32), then evaluation messages collect each
-   site's validation Dice of the new global (and personalised) adapter;
-4. run_records writes the round's checkpoint and record, atomically.
+   global adapter (fp32); every message also carries the run's whole config
+   (sites never use their own launch's settings), and we put the adapter on
+   the wire in the payload dtype (fp16 halves the bytes);
+2. sites train and reply with their shared adapter tensors, or with a short
+   public reason why they could not (no paths or exception texts ever come
+   back); we check each reply holds exactly the shared tensor names
+   (personal parts must never arrive), count the bytes, decode to fp32;
+3. the strategy aggregates the usable replies (in fp32), then evaluation
+   messages collect each site's validation Dice of the new global (and
+   personalised) adapter; a round no site could serve is recorded as skipped;
+4. run_records writes the round's checkpoint and record, atomically, and
+   the round's console line names every site that failed and why.
 
 Flower's ``Strategy.start`` is not used because a resumed run must restart
 at round k+1 with its strategy state, and every round must be checkpointed
 as soon as it ends; the loop below is the same sequence of strategy calls.
+This module holds no demo or simulation code: ``simulations/`` drives the
+same loop with its own hooks (server/hooks.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import random
 import time
 from datetime import UTC, datetime
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -37,6 +43,7 @@ from common.bases import load_base
 from common.federation_config import ConfigError, FederationConfig
 from common.payload import (
     Cfg,
+    PayloadError,
     Rec,
     check_personal_prefixes,
     from_wire,
@@ -44,13 +51,15 @@ from common.payload import (
     split_personal,
     to_wire,
 )
+from server.hooks import RunHooks
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 app = ServerApp()
 
 # Keys a resumed run takes from the new launch instead of its saved config.json.
-RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "compare")
+RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
+                      "max_skipped_rounds", "compare")
 
 
 @app.main()
@@ -59,20 +68,34 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg)
 
 
-def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
-    """The whole run: set-up, rounds (or the rest of them), final adapter, demo table."""
-    simulation = is_simulation(grid)
+def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = None) -> dict[str, Any]:
+    """The whole run: set-up, rounds (or the rest of them), final adapter; its status recorded."""
+    hooks = hooks or RunHooks()
     cfg.apply_threads()
-    records, cfg, start_round = open_run(cfg)
+    records, cfg, start_round, config_to_save = open_run(cfg)
     say(f"run directory: {records.run_dir}")
+    try:
+        summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
+    except (KeyboardInterrupt, SystemExit):
+        records.set_status("stopped", "the server process was interrupted")
+        raise
+    except Exception as err:
+        records.set_status("failed", f"{type(err).__name__}: {err}")
+        raise
+    records.set_status("finished")
+    return summary
+
+
+def _run(
+    grid: Grid,
+    cfg: FederationConfig,
+    hooks: RunHooks,
+    records: RunRecords,
+    start_round: int,
+    config_to_save: dict[str, Any] | None,
+) -> dict[str, Any]:
     say(f"run name: {cfg.run_name} | strategy {cfg.strategy} | adapter {cfg.adapter} | base {cfg.base} "
-        f"| rounds {start_round}..{cfg.rounds} | payload {cfg.payload_dtype}")
-    if simulation:
-        # Only a simulation's server may see (and here, synthesize) the data.
-        from simulations.demo import prepare_data
-
-        say(f"simulation data: {prepare_data(cfg)} (partition '{cfg.partition}')")
-
+        f"| rounds {start_round}..{cfg.rounds} | payload {cfg.payload_dtype} | config {cfg.fingerprint()}")
     t = time.perf_counter()
     frozen = load_base(cfg.base)
     say(f"base '{cfg.base}' loaded in {time.perf_counter() - t:.2f}s on the server")
@@ -85,11 +108,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     global_arrays = {k: v.float().numpy() for k, v in shared.items()}
     meta = adapter_config(model, shared, extra={"personal": list(cfg.personal), "shared_only": bool(personal)})
 
-    nodes = wait_for_sites(grid, cfg)
-    if simulation:
-        from simulations.demo import check_site_count
-
-        check_site_count(cfg, len(nodes))
+    nodes = wait_for_sites(grid, cfg, simulation=is_simulation(grid))
+    hooks.before_rounds(grid, cfg, nodes)
     strategy = build_strategy(cfg, len(nodes))
     if start_round > 1:
         checkpoint = records.load_checkpoint(start_round - 1)
@@ -97,57 +117,81 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         restore_strategy_state(strategy, checkpoint.strategy_arrays, checkpoint.state["strategy"])
         say(f"resumed after round {start_round - 1} from {records.run_dir / 'checkpoints'}")
 
+    names = SiteNames()
+    skipped_in_a_row = 0
     for server_round in range(start_round, cfg.rounds + 1):
-        global_arrays, record = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared))
+        global_arrays, record = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared), names)
         arrays, state = strategy_state(strategy)
+        if config_to_save is not None:
+            # A resumed run's config.json changes (its new round count) only
+            # once it has really continued: a failed resume attempt leaves it as it was.
+            records.write_config(config_to_save)
+            config_to_save = None
         records.save_checkpoint(server_round, global_arrays, meta, arrays, {"strategy": state})
         records.append_round(record)
-        personalised = f" (personalised {record['dice_personal']:.4f})" if cfg.personal else ""
-        say(f"round {server_round}/{cfg.rounds}: val Dice {record['dice']:.4f}{personalised} | "
-            f"up {record['payload_bytes_up']:,} B, down {record['payload_bytes_down']:,} B | "
-            f"{record['round_seconds']:.1f}s")
+        say(round_line(record, cfg))
+        skipped_in_a_row = skipped_in_a_row + 1 if record["status"] == "skipped" else 0
+        if skipped_in_a_row >= cfg.max_skipped_rounds:
+            raise RunFailed(f"{skipped_in_a_row} round(s) in a row had no usable site update "
+                            f"(max-skipped-rounds = {cfg.max_skipped_rounds}); last failures: "
+                            + "; ".join(f"{f['site']} ({f['reason']})" for f in record["failures"]))
 
     rounds = records.read_rounds()
+    done = [r for r in rounds if r.get("status", "ok") == "ok"]
     summary = {
         "run_name": cfg.run_name,
         "rounds": len(rounds),
-        "final_dice": rounds[-1]["dice"] if rounds else None,
-        "final_dice_personal": rounds[-1]["dice_personal"] if rounds else None,
+        "rounds_skipped": len(rounds) - len(done),
+        "final_dice": done[-1]["dice"] if done else None,
+        "final_dice_personal": done[-1]["dice_personal"] if done else None,
         "payload_bytes_up": sum(r["payload_bytes_up"] for r in rounds),
         "payload_bytes_down": sum(r["payload_bytes_down"] for r in rounds),
         "trainable_parameters": counts["trainable"],
+        "base_parameters": counts["total"],
         "personal_tensors_kept_at_sites": sorted(personal),
+        "config_fingerprint": cfg.fingerprint(),
     }
     final = records.save_final(global_arrays, meta, summary)
     say(f"final adapter: {final / 'adapter'}")
-    if cfg.compare:
-        from simulations.demo import compare_and_report
-
-        summary["comparison"] = compare_and_report(
-            grid, cfg, frozen, global_arrays, records, nodes, pooled=simulation
-        )
+    extra = hooks.after_final(grid, cfg, frozen, global_arrays, records, nodes)
+    if extra:
+        summary.update(extra)
     return summary
 
 
-def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int]:
-    """(records, config the run really uses, first round to run)."""
+class RunFailed(RuntimeError):
+    """The run cannot usefully go on (e.g. no site could train for several rounds)."""
+
+
+def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
+    """(records, config the run really uses, first round to run, config.json to write once a round completes)."""
     if cfg.resume:
         records = RunRecords.open_existing(cfg.runs_dir, cfg.run_name)
         saved = FederationConfig.from_run_config(records.read_config())
         # The saved config rules what shapes results; the round count (to
         # extend a run) and purely operational keys come from this launch.
-        cfg = saved.replace(resume=True, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE})
+        launch = cfg
+        cfg = saved.replace(resume=True, **{k: getattr(launch, k) for k in RESUME_OVERRIDABLE})
+        ignored = sorted(_k(k) for k, v in launch.to_run_config().items()
+                         if _k(k) not in RESUME_OVERRIDABLE + ("resume",) and saved.to_run_config().get(k) != v)
+        if ignored:
+            say("resume: the run's saved config governs every participant; this launch's values for "
+                + ", ".join(k.replace("_", "-") for k in ignored) + " are ignored")
         last = records.last_complete_round()
         records.rewind_to(last)
-        records.write_config(cfg.replace(resume=False).to_run_config())
         if last >= cfg.rounds:
             say(f"run '{cfg.run_name}' already has {last} complete round(s) (rounds = {cfg.rounds})")
-        return records, cfg, last + 1
+        new_config = cfg.replace(resume=False).to_run_config()
+        return records, cfg, last + 1, (new_config if new_config != records.read_config() else None)
     if not cfg.run_name:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
-    return records, cfg, 1
+    return records, cfg, 1, None
+
+
+def _k(key: str) -> str:
+    return key.replace("-", "_")
 
 
 def run_round(
@@ -157,41 +201,49 @@ def run_round(
     server_round: int,
     global_arrays: dict[str, np.ndarray],
     shared_names: set[str],
+    names: SiteNames | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One federated round; returns the new global adapter (fp32) and the round's record."""
+    names = names or SiteNames()
     start = time.perf_counter()
     # Flower samples sites with the global `random` module: seed it per round
     # so that a resumed run samples the same sites as an uninterrupted one.
     random.seed(f"{cfg.seed}:{server_round}")
-    config = ConfigRecord({Cfg.RUN_NAME: cfg.run_name})
+    config = message_config(cfg)
 
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, cfg.payload_dtype)
     replies = list(grid.send_and_receive(train_messages, timeout=cfg.round_timeout))
-    ok, failures = _split_replies(replies, server_round, "train")
+    ok, failures = split_replies(replies, "train", names)
+    ok, excluded = _check_train_replies(ok, shared_names, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
-    ok.sort(key=_site_name)
-    sites = {_site_name(r): _train_row(r, shared_names, down) for r in ok}
+    ok.sort(key=names.of)
+    sites = {names.of(r): _train_row(r, down) for r in ok}
     for reply in ok:
         wire = {k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()}
         reply.content[Rec.ARRAYS] = _record(from_wire(wire))
-    aggregated, _ = strategy.aggregate_train(server_round, ok)
-    if aggregated is None:
-        raise RuntimeError(f"round {server_round}: no site replied with a usable update ({failures})")
-    new_global = {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in aggregated.items()}
+    aggregated = strategy.aggregate_train(server_round, ok)[0] if ok else None
+    status = "ok" if aggregated is not None else "skipped"
+    new_global = (
+        {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in aggregated.items()}
+        if aggregated is not None else global_arrays
+    )
     train_seconds = time.perf_counter() - start
 
-    eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
-    eval_down = _put_on_wire(eval_messages, cfg.payload_dtype)
-    eval_replies, eval_failures = _split_replies(
-        list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)), server_round, "evaluate"
-    )
-    for reply in eval_replies:
-        row = sites.setdefault(_site_name(reply), {"node_id": reply.metadata.src_node_id})
-        m = reply.content[Rec.METRICS]
-        row.update(val_dice=m["dice"], val_dice_personal=m["dice-personal"], val_loss=m["loss"],
-                   val_examples=int(m["num-examples"]))
-        row["payload_bytes_down"] = row.get("payload_bytes_down", 0) + eval_down.get(reply.metadata.src_node_id, 0)
+    eval_replies: list[Message] = []
+    if status == "ok":
+        eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
+        eval_down = _put_on_wire(eval_messages, cfg.payload_dtype)
+        eval_replies, eval_failures = split_replies(
+            list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)), "evaluate", names
+        )
+        failures += eval_failures
+        for reply in eval_replies:
+            row = sites.setdefault(names.of(reply), {"node_id": reply.metadata.src_node_id})
+            m = reply.content[Rec.METRICS]
+            row.update(val_dice=m["dice"], val_dice_personal=m["dice-personal"], val_loss=m["loss"],
+                       val_examples=int(m["num-examples"]))
+            row["payload_bytes_down"] = row.get("payload_bytes_down", 0) + eval_down.get(reply.metadata.src_node_id, 0)
 
     n_val = sum(int(r.content[Rec.METRICS]["num-examples"]) for r in eval_replies)
 
@@ -202,18 +254,120 @@ def run_round(
 
     record = {
         "round": server_round,
+        "status": status,
         "dice": weighted("dice"),
         "dice_personal": weighted("dice-personal"),
         "train_loss": _weighted_train_loss(sites),
         "sites": dict(sorted(sites.items())),
         "payload_bytes_up": sum(s.get("payload_bytes_up", 0) for s in sites.values()),
         "payload_bytes_down": sum(s.get("payload_bytes_down", 0) for s in sites.values()),
-        "failures": failures + eval_failures,
+        "failures": failures,
+        "excluded": excluded,
         "train_seconds": train_seconds,
         "round_seconds": time.perf_counter() - start,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return new_global, record
+
+
+def message_config(cfg: FederationConfig, **extra: Any) -> ConfigRecord:
+    """What every message to a site carries besides arrays: the run's name and whole config."""
+    return ConfigRecord({Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_CONFIG: cfg.to_json(), **extra})
+
+
+def round_line(record: dict[str, Any], cfg: FederationConfig) -> str:
+    """The console line of a round: Dice, bytes, time, and every site that failed or was excluded."""
+    head = f"round {record['round']}/{cfg.rounds}"
+    if record["status"] == "skipped":
+        text = f"{head}: SKIPPED (no usable site update)"
+    else:
+        personalised = f" (personalised {record['dice_personal']:.4f})" if cfg.personal else ""
+        text = (f"{head}: val Dice {record['dice']:.4f}{personalised} | {len(record['sites'])} site(s) | "
+                f"up {record['payload_bytes_up']:,} B, down {record['payload_bytes_down']:,} B | "
+                f"{record['round_seconds']:.1f}s")
+    problems = [f"{f['site']} failed {f['phase']}: {f['reason']}" for f in record["failures"]]
+    problems += [f"{f['site']} excluded: {f['reason']}" for f in record["excluded"]]
+    return text + ("".join(f"\n    {p}" for p in problems))
+
+
+class SiteNames:
+    """Site names by node id, learnt from replies (a Flower-level error reply carries no name)."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[int, str] = {}
+
+    def of(self, reply: Message) -> str:
+        node = reply.metadata.src_node_id
+        if reply.has_content() and Rec.SITE in reply.content.config_records:
+            self._by_node[node] = str(reply.content.config_records[Rec.SITE]["name"])
+        return self._by_node.get(node, f"node-{node}")
+
+
+# Flower's own error codes (flwr.common.constant.ErrorCode), in words. Only the
+# code is kept: Flower's reason text can quote a site's exception.
+_FLOWER_ERRORS = {
+    0: "unknown error", 1: "the site could not load the ClientApp", 2: "the ClientApp raised an exception",
+    3: "message unavailable", 4: "reply unavailable (timed out?)", 5: "the site is not connected",
+    6: "a mod refused the message", 7: "invalid app bundle", 8: "the ClientApp crashed",
+}
+
+
+def split_replies(replies: list[Message], phase: str, names: SiteNames) -> tuple[list[Message], list[dict]]:
+    """(usable replies, failures as {site, phase, reason}); reasons are public by construction."""
+    ok, failures = [], []
+    for reply in replies:
+        site = names.of(reply)
+        if reply.has_error():
+            reason = f"flower: {_FLOWER_ERRORS.get(reply.error.code, f'error code {reply.error.code}')}"
+        elif Rec.STATUS in reply.content.config_records:
+            reason = _short(str(reply.content.config_records[Rec.STATUS].get("error", "unspecified")))
+        else:
+            ok.append(reply)
+            continue
+        log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
+        failures.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": phase, "reason": reason})
+    return ok, failures
+
+
+def _short(reason: str, limit: int = 200) -> str:
+    """A site's reason, one line, bounded (a reply is no place for an essay)."""
+    line = " ".join(reason.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _check_train_replies(
+    replies: list[Message], shared_names: set[str], names: SiteNames
+) -> tuple[list[Message], list[dict]]:
+    """Replies whose tensors are exactly the shared adapter, finite, of a wire dtype; the rest excluded."""
+    ok, excluded = [], []
+    for reply in replies:
+        reason = _train_reply_problem(reply, shared_names)
+        if reason is None:
+            ok.append(reply)
+            continue
+        site = names.of(reply)
+        log(WARNING, "[fedvlsm] %s: train reply excluded: %s", site, reason)
+        excluded.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": "train", "reason": reason})
+    return ok, excluded
+
+
+def _train_reply_problem(reply: Message, shared_names: set[str]) -> str | None:
+    if Rec.ARRAYS not in reply.content.array_records or Rec.METRICS not in reply.content.metric_records:
+        return "reply holds no adapter tensors or no metrics"
+    names = set(reply.content[Rec.ARRAYS].keys())
+    if names != shared_names:
+        return (f"tensors are not the shared adapter: {len(names - shared_names)} unexpected, "
+                f"{len(shared_names - names)} missing (personal parts must never be sent)")
+    try:
+        wire = from_wire({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+    except PayloadError as err:
+        return str(err)
+    if not all(np.isfinite(a).all() for a in wire.values()):
+        return "update holds NaN/Inf"
+    n = reply.content[Rec.METRICS].get("num-examples", 0)
+    if not isinstance(n, (int, float)) or n <= 0:
+        return "num-examples missing, zero or negative"
+    return None
 
 
 # ----------------------------------------------------------------- helpers
@@ -224,14 +378,31 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "fedvlsm_simulation", False))
 
 
-def wait_for_sites(grid: Grid, cfg: FederationConfig, timeout: float = 600.0) -> list[int]:
-    """Node ids once `min-sites` are connected (0: whoever is there once one is)."""
+def wait_for_sites(grid: Grid, cfg: FederationConfig, simulation: bool, poll: float = 1.0,
+                   report_every: float = 30.0) -> list[int]:
+    """Node ids once `min-sites` are connected (0: whoever is there once one is).
+
+    A simulation's nodes are all there from the start: too few fails at once.
+    In deployment the server says who it is waiting for, periodically, and
+    gives up after `site-wait-timeout` seconds.
+    """
     need = max(1, cfg.min_sites)
-    deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < need:
-        if time.monotonic() > deadline:
-            raise ConfigError(f"run config 'min-sites': {len(nodes)} of {need} site(s) connected after {timeout:.0f}s")
-        time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    if simulation and len(nodes) < need:
+        raise ConfigError(f"run config 'min-sites' = {cfg.min_sites} but the simulation has {len(nodes)} "
+                          "SuperNode(s); lower 'min-sites' or run more SuperNodes")
+    start = time.monotonic()
+    last_report = start - report_every
+    while len(nodes) < need:
+        now = time.monotonic()
+        if now - start > cfg.site_wait_timeout:
+            raise ConfigError(f"run config 'min-sites': {len(nodes)} of {need} site(s) connected after "
+                              f"{cfg.site_wait_timeout:.0f}s ('site-wait-timeout'); giving up")
+        if now - last_report >= report_every:
+            say(f"waiting for {need} sites, {len(nodes)} connected")
+            last_report = now
+        time.sleep(poll)
+        nodes = sorted(grid.get_node_ids())
     say(f"{len(nodes)} site(s) connected")
     return nodes
 
@@ -257,32 +428,10 @@ def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
     return sent
 
 
-def _split_replies(replies: list[Message], server_round: int, phase: str) -> tuple[list[Message], list[str]]:
-    ok, failures = [], []
-    for reply in replies:
-        if reply.has_error():
-            reason = f"node {reply.metadata.src_node_id}: {reply.error.reason}"
-            log(INFO, "round %s %s failed at %s", server_round, phase, reason)
-            failures.append(f"{phase}: {reason}")
-        else:
-            ok.append(reply)
-    return ok, failures
-
-
-def _site_name(reply: Message) -> str:
-    site = reply.content.config_records.get(Rec.SITE)
-    return str(site["name"]) if site else f"node-{reply.metadata.src_node_id}"
-
-
-def _train_row(reply: Message, shared_names: set[str], down: dict[int, int]) -> dict[str, Any]:
-    """Per-site record of a train reply, after checking what crossed the network."""
+def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
+    """Per-site record of an accepted train reply."""
     arrays = reply.content[Rec.ARRAYS]
     names = set(arrays.keys())
-    if names != shared_names:
-        raise RuntimeError(
-            f"site {_site_name(reply)} sent tensors that are not the shared adapter: "
-            f"unexpected {sorted(names - shared_names)[:5]}, missing {sorted(shared_names - names)[:5]}"
-        )
     wire = {k: a.numpy() for k, a in arrays.items()}
     m = reply.content[Rec.METRICS]
     return {

@@ -1,6 +1,6 @@
-"""The demo federation: synthetic hospitals, then the per-site comparison table.
+"""The demo federation's hooks: synthetic hospitals, then the per-site comparison table.
 
-``flwr run .`` with the pyproject defaults runs it: three synthetic sites
+``fedvlsm simulate`` runs the server's round loop with ``DemoHooks``: synthetic sites
 (ultrasound-, endoscopy- and dermoscopy-like, see common/data/synth.py), the
 demo base, a few rounds of FedAvg, and at the end one row per site:
 
@@ -30,47 +30,43 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common.atomic import atomic_dir
 from common.bases import Base
-from common.data import SegDataset, synthesize
+from common.data import SegDataset
 from common.data.formats import Item
 from common.evaluate import evaluate
 from common.federation_config import ConfigError, FederationConfig
 from common.payload import Action, Cfg, Rec, to_wire
 from common.train import fit
+from server.hooks import RunHooks
 from server.run_records import RunRecords
+from server.server_app import SiteNames, is_simulation, say, split_replies
+from simulations.demo_data import prepare_data
 from simulations.partition import partition, site_folders
 
 
-def prepare_data(cfg: FederationConfig) -> Path:
-    """The folder the simulation partitions; the demo's synthetic sites are made once."""
-    if cfg.data != "demo":
-        if not cfg.data_dir.is_dir():
-            raise ConfigError(f"run config 'data': {cfg.data_dir} is not a folder")
-        return cfg.data_dir
-    out = cfg.demo_data_dir
-    if (out / "sites.json").is_file():
-        return out
-    # Synthesised aside and renamed into place: concurrent or interrupted
-    # runs never see half a dataset.
-    # replace=False: if another run finished first, its (identical) data is kept.
-    with atomic_dir(out, replace=False) as tmp:
-        synthesize(tmp, sites=cfg.demo_sites, per_site=cfg.demo_images, seed=cfg.seed,
-                   image_size=cfg.demo_image_size)
-    return out
+class DemoHooks(RunHooks):
+    """What a simulation adds around the server's round loop (the server imports none of it)."""
+
+    def before_rounds(self, grid: Grid, cfg: FederationConfig, nodes: list[int]) -> None:
+        say(f"simulation data: {prepare_data(cfg, len(nodes))} (partition '{cfg.partition}')")
+        check_site_count(cfg, len(nodes))
+
+    def after_final(self, grid, cfg, frozen, global_arrays, records, nodes) -> dict[str, Any] | None:
+        if not cfg.compare:
+            return None
+        return {"comparison": compare_and_report(grid, cfg, frozen, global_arrays, records, nodes,
+                                                 pooled=is_simulation(grid))}
 
 
 def check_site_count(cfg: FederationConfig, connected: int) -> None:
     """Natural sites need one simulated SuperNode per site folder: fail fast, say how."""
     if cfg.partition != "natural":
         return
-    folders = site_folders(cfg.data_dir)
+    folders = site_folders(cfg.data_dir(connected))
     if len(folders) != connected:
         raise ConfigError(
-            f"the data at {cfg.data_dir} has {len(folders)} site(s) but the simulation has {connected} "
-            f"SuperNode(s). Run: flwr run . --federation-config \"num-supernodes={len(folders)}\" "
-            f"(or set it once for the local SuperLink: flwr federation simulation-config @none/default "
-            f"--num-supernodes {len(folders)}), "
+            f"the data at {cfg.data_dir(connected)} has {len(folders)} site(s) but the simulation has {connected} "
+            f"SuperNode(s): run `fedvlsm simulate --num-sites {len(folders)}`, "
             "or use partition = 'iid' / 'quantity-skew' / 'dirichlet' to split the data over any number of sites"
         )
 
@@ -89,10 +85,8 @@ def compare_and_report(
     `pooled` needs every site's data in this process: simulation only. In a
     deployment the column reads n/a and the table says why.
     """
-    from server.server_app import say  # the server's progress channel
-
     epochs = cfg.rounds * cfg.local_epochs
-    config = {Cfg.RUN_NAME: cfg.run_name, Cfg.ROUND: cfg.rounds}
+    config = {Cfg.RUN_NAME: cfg.run_name, Cfg.ROUND: cfg.rounds, Cfg.RUN_CONFIG: cfg.to_json()}
     wire = to_wire(global_arrays, cfg.payload_dtype)
     say(f"comparison: final test Dice at every site, local-only adapters ({epochs} epoch(s) each)"
         + (", pooled bound" if pooled else " (no pooled bound outside simulation)"))
@@ -135,21 +129,15 @@ def _ask(grid: Grid, nodes: list[int], message_type: str, config: dict, wire: di
     if wire is not None:
         content[Rec.ARRAYS] = ArrayRecord({k: Array(v) for k, v in wire.items()})
     messages = [Message(RecordDict(content), dst_node_id=n, message_type=message_type) for n in nodes]
-    out: dict[str, dict] = {}
-    errors = []
-    for reply in grid.send_and_receive(messages):
-        if reply.has_error():
-            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            continue
-        out[str(reply.content[Rec.SITE]["name"])] = dict(reply.content[Rec.METRICS])
-    if errors:
-        raise RuntimeError(f"{message_type} failed: " + "; ".join(errors))
-    return out
+    ok, failures = split_replies(list(grid.send_and_receive(messages)), message_type, SiteNames())
+    if failures:
+        raise RuntimeError(f"{message_type} failed: " + "; ".join(f"{f['site']}: {f['reason']}" for f in failures))
+    return {str(reply.content[Rec.SITE]["name"]): dict(reply.content[Rec.METRICS]) for reply in ok}
 
 
 def pooled_upper_bound(cfg: FederationConfig, frozen: Base, num_sites: int, epochs: int) -> dict[str, float]:
     """Adapters trained on the union of all sites' training data; test Dice per site."""
-    parts = partition(cfg.data_dir, cfg.partition, num_sites, seed=cfg.seed, alpha=cfg.partition_alpha)
+    parts = partition(cfg.data_dir(num_sites), cfg.partition, num_sites, seed=cfg.seed, alpha=cfg.partition_alpha)
 
     def cap(items: list[Item]) -> list[Item]:
         return items[: cfg.max_images] if cfg.max_images else items

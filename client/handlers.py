@@ -1,0 +1,300 @@
+"""A site's message handlers: unpack, call common/, reply. Registered by client_app.py.
+
+- ``train``: global (shared) adapter in, local epochs (+ FedProx term when
+  the server sends ``proximal-mu``), shared adapter tensors out; personal
+  parts are saved at the site and never put in the reply.
+- ``evaluate``: validation Dice of the global adapter and of the site's
+  personalised one.
+- ``evaluate.final``: test Dice of the frozen base, the global and the
+  personalised adapter (optionally after a final local fine-tuning).
+- ``train.local-only``: a site-only adapter trained with the same epoch
+  budget; replies with its test Dice (metrics only, no tensors).
+
+Every reply carries the process's base-load count/seconds and start-up
+timings, so the cost of Flower's fresh-ClientApp-per-message model is
+measured, not guessed.
+
+Settings come from the run config the server sends with every message
+(``Cfg.RUN_CONFIG``), never from this process's launch: a resumed run's
+saved config governs every site. Nothing a handler raises leaves the site as
+text: ``served`` turns any failure into a reply with a short public reason
+(categories and counts, see common/site_errors.py) and writes the details
+(paths, traceback) to the site's own log.
+"""
+
+from __future__ import annotations
+
+import time
+
+_IMPORT_START = time.perf_counter()
+
+import functools
+import traceback
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from logging import WARNING
+from pathlib import Path
+
+import psutil
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+
+from client import site as sites
+from common.adapters import AdapterSpec
+from common.bases import Base
+from common.evaluate import evaluate as evaluate_model
+from common.federation_config import FederationConfig, SiteIdentity, fedvlsm_home
+from common.model import build_model
+from common.payload import (
+    Cfg,
+    Rec,
+    from_wire,
+    payload_bytes,
+    split_personal,
+    to_torch,
+    to_wire,
+)
+from common.site_errors import SiteRefusal, public_reason
+from common.train import fit
+
+# Seconds this process spent importing the handlers' dependencies (torch,
+# transformers, monai, flwr...): paid once per Ray actor in simulation and
+# once per message in deployment, where each message gets a new process.
+IMPORT_SECONDS = time.perf_counter() - _IMPORT_START
+
+Handler = Callable[[Message, Context], Message]
+
+
+def run_config_of(msg: Message) -> FederationConfig:
+    """The run's settings, as the server sent them with this message."""
+    conf = msg.content[Rec.CONFIG] if Rec.CONFIG in msg.content else ConfigRecord()
+    if Cfg.RUN_CONFIG not in conf:
+        raise SiteRefusal("protocol: the message carries no run config (server and site run different "
+                          "fedvlsm versions?)")
+    return FederationConfig.from_json(str(conf[Cfg.RUN_CONFIG]))
+
+
+def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site, Base, int, str]:
+    cfg = run_config_of(msg)
+    cfg.apply_threads()
+    site = sites.Site(cfg, context.node_config)
+    site.ensure_data_ok()
+    try:
+        frozen = sites.base(cfg.base)
+    except Exception as err:  # the base spec may be a path on this machine: keep it home
+        raise SiteRefusal(f"base: cannot load the run's base here ({type(err).__name__})",
+                          f"loading base {cfg.base!r}: {err}") from err
+    conf = msg.content[Rec.CONFIG]
+    return cfg, site, frozen, int(conf.get(Cfg.ROUND, 0)), str(conf.get(Cfg.RUN_NAME, "adhoc"))
+
+
+def site_log_path(msg: Message, context: Context) -> Path:
+    """This site's own log (never sent anywhere): `<site folder>/logs/site.log`."""
+    cfg = None
+    try:
+        cfg = run_config_of(msg)
+        return SiteIdentity.from_node_config(context.node_config, cfg).site_dir / "logs" / "site.log"
+    except Exception:  # noqa: BLE001 - identity itself failed; still log somewhere local
+        home = cfg.home_dir if cfg is not None else fedvlsm_home()
+        return home / "sites" / sites.site_name_for(context.node_config) / "logs" / "site.log"
+
+
+def _log_locally(msg: Message, context: Context, text: str) -> Path:
+    path = site_log_path(msg, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text.rstrip()}\n")
+    return path
+
+
+def served(phase: str) -> Callable[[Handler], Handler]:
+    """Wrap a handler so that any failure becomes a safe reply (short reason, no paths or texts)."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as err:  # noqa: BLE001 - every failure must become a safe reply
+                reason = public_reason(phase, err)
+                detail = err.detail if isinstance(err, SiteRefusal) else traceback.format_exc()
+                where = _log_locally(msg, context, f"[{phase}] {reason}\n{detail}")
+                log(WARNING, "[fedvlsm site] %s failed: %s (details: %s)", phase, reason, where)
+                return error_reply(msg, context, reason)
+
+        return run
+
+    return wrap
+
+
+def error_reply(msg: Message, context: Context, reason: str) -> Message:
+    """A reply that says the site could not serve `msg`, and why, in words safe to send."""
+    name = sites.site_name_for(context.node_config)
+    return Message(RecordDict({Rec.STATUS: ConfigRecord({"error": reason}), Rec.SITE: ConfigRecord({"name": name})}),
+                   reply_to=msg)
+
+
+def _received(msg: Message) -> tuple[dict, int]:
+    """The global adapter sent with `msg` as fp32 torch tensors, and its payload bytes."""
+    if Rec.ARRAYS not in msg.content:
+        return {}, 0
+    wire = {k: a.numpy() for k, a in msg.content[Rec.ARRAYS].items()}
+    return to_torch(from_wire(wire)), payload_bytes(wire)
+
+
+def _local_seed(cfg: FederationConfig, server_round: int, site_name: str) -> int:
+    # Depends only on (run seed, round, site): a resumed run trains exactly
+    # like an uninterrupted one, and sites do not share shuffles.
+    return (cfg.seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site_name.encode())) % 2**31
+
+
+def _runtime_metrics(handler_start: float) -> dict[str, float]:
+    stats = sites.process_stats()
+    return {
+        "base-loads": float(stats["base-loads"]),
+        "base-load-seconds": float(stats["base-load-seconds"]),
+        "process-messages": float(stats["process-messages"]),
+        "import-seconds": float(IMPORT_SECONDS),
+        # From process creation to this handler: the full start-up a message
+        # pays when its process is new (deployment), ~age of the actor otherwise.
+        "process-age-seconds": float(handler_start - psutil.Process().create_time()),
+    }
+
+
+def _reply(msg: Message, site: sites.Site, metrics: dict[str, float], arrays: dict | None = None) -> Message:
+    content = RecordDict(
+        {
+            Rec.METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+            Rec.SITE: ConfigRecord({"name": site.name}),
+        }
+    )
+    if arrays is not None:
+        content[Rec.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def _bump_rounds_trained(context: Context) -> int:
+    """Per-run history the SuperNode keeps for this site across messages."""
+    record = context.state.config_records.get("site-history", ConfigRecord({"rounds-trained": 0}))
+    record["rounds-trained"] = int(record["rounds-trained"]) + 1
+    context.state["site-history"] = record
+    return int(record["rounds-trained"])
+
+
+@served("train")
+def train(msg: Message, context: Context) -> Message:
+    start = time.time()
+    cfg, site, frozen, server_round, run_name = _setup(msg, context)
+    shared_in, bytes_down = _received(msg)
+    model = site.model(frozen, shared_in, site.load_personal(run_name, server_round))
+    mu = float(msg.content[Rec.CONFIG].get(Cfg.PROX_MU, 0.0))
+    seed = _local_seed(cfg, server_round, site.name)
+    train_ds = site.dataset("train", frozen, train=True, seed=seed)
+    result = fit(
+        model,
+        train_ds,
+        None,  # validation is the evaluate round's job, on the global adapter
+        frozen.tokenizer,
+        cfg.train_config(cfg.local_epochs, seed, prox_mu=mu),
+        prox_reference=shared_in if mu > 0 else None,
+    )
+    shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
+    site.save_personal(run_name, server_round, personal_out)
+    wire = to_wire(shared_out, cfg.payload_dtype)
+    metrics = {
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "train-seconds": result.seconds,
+        "steps": result.steps,
+        "payload-bytes-down": bytes_down,
+        "payload-bytes-up": payload_bytes(wire),
+        "site-rounds-trained": _bump_rounds_trained(context),
+        "handler-seconds": time.time() - start,
+        **_runtime_metrics(start),
+    }
+    return _reply(msg, site, metrics, wire)
+
+
+@served("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    start = time.time()
+    cfg, site, frozen, server_round, run_name = _setup(msg, context)
+    shared_in, bytes_down = _received(msg)
+    val_ds = site.dataset("val", frozen, train=False)
+    train_cfg = cfg.train_config(1, cfg.seed)
+    global_result = evaluate_model(site.model(frozen, shared_in), val_ds, frozen.tokenizer, train_cfg)
+    personal = site.load_personal(run_name, server_round + 1)
+    personal_result = (
+        evaluate_model(site.model(frozen, shared_in, personal), val_ds, frozen.tokenizer, train_cfg)
+        if personal
+        else global_result
+    )
+    metrics = {
+        "num-examples": global_result.n,
+        "dice": global_result.dice,
+        "dice-personal": personal_result.dice,
+        "loss": global_result.loss,
+        "payload-bytes-down": bytes_down,
+        "handler-seconds": time.time() - start,
+        **_runtime_metrics(start),
+    }
+    return _reply(msg, site, metrics)
+
+
+@served("final evaluation")
+def evaluate_final(msg: Message, context: Context) -> Message:
+    start = time.time()
+    cfg, site, frozen, server_round, run_name = _setup(msg, context)
+    shared_in, _ = _received(msg)
+    test_ds = site.dataset("test", frozen, train=False)
+    train_cfg = cfg.train_config(1, cfg.seed)
+
+    def dice(model) -> float:
+        return evaluate_model(model, test_ds, frozen.tokenizer, train_cfg).dice
+
+    base_model = build_model(frozen, AdapterSpec(variant="none"))
+    personal_model = site.model(frozen, shared_in, site.load_personal(run_name, server_round + 1))
+    metrics = {
+        "num-examples": len(test_ds),
+        "dice-base": dice(base_model),
+        "dice-global": dice(site.model(frozen, shared_in)),
+        "dice-personal": dice(personal_model),
+    }
+    if cfg.finetune_epochs:
+        seed = _local_seed(cfg, server_round + 1, site.name)
+        fit(personal_model, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
+            cfg.train_config(cfg.finetune_epochs, seed))
+        metrics["dice-finetuned"] = dice(personal_model)
+    metrics["handler-seconds"] = time.time() - start
+    return _reply(msg, site, {**metrics, **_runtime_metrics(start)})
+
+
+@served("local-only training")
+def train_local_only(msg: Message, context: Context) -> Message:
+    start = time.time()
+    cfg, site, frozen, _, _ = _setup(msg, context)
+    epochs = int(msg.content[Rec.CONFIG]["epochs"])
+    seed = _local_seed(cfg, 0, site.name)
+    model = site.model(frozen)
+    result = fit(model, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
+                 cfg.train_config(epochs, seed))
+    test = evaluate_model(model, site.dataset("test", frozen, train=False), frozen.tokenizer,
+                          cfg.train_config(1, seed))
+    metrics = {
+        "num-examples": result.num_examples,
+        "dice-local": test.dice,
+        "train-seconds": result.seconds,
+        "handler-seconds": time.time() - start,
+        **_runtime_metrics(start),
+    }
+    return _reply(msg, site, metrics)
+
