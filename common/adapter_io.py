@@ -6,6 +6,14 @@ dims, and the name/shape/dtype of every tensor, so that loading can refuse
 an adapter that does not belong to the model and say what differs.
 Writes are atomic: a folder is written beside the target and renamed into
 place, so a crash never leaves a half-written adapter.
+
+Damaged files are refused with one line naming the file (``AdapterFileError``,
+a ``ValueError``): an empty or truncated ``adapter_model.safetensors`` (a
+copy cut short, a full disk elsewhere), and NaN/Inf values, which a
+diverged training can produce and which would make every prediction an
+all-black mask without any error. Non-finite tensors are never written
+either, so ``server/run_records.py`` (through ``save_adapter_state``) cannot
+checkpoint them.
 """
 
 from __future__ import annotations
@@ -19,6 +27,46 @@ from safetensors.torch import load_file, save_file
 from common.adapters import AdapterSpec
 from common.atomic import atomic_dir
 from common.model import AdaptedCLIPSeg, AdapterStateError, check_fingerprint
+
+
+class AdapterFileError(AdapterStateError):
+    """An adapter file that cannot be used as stored: empty, truncated or damaged, or with NaN/Inf values."""
+
+
+def nonfinite_summary(state: dict[str, torch.Tensor], limit: int = 3) -> str | None:
+    """Which tensors hold NaN/Inf (at most `limit` named), or None when all values are finite."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                bad.append(f"{name} ({nan} NaN, {int((~finite).sum()) - nan} Inf of {t.numel()})")
+    if not bad:
+        return None
+    more = f" and {len(bad) - limit} more tensor(s)" if len(bad) > limit else ""
+    return ", ".join(bad[:limit]) + more
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.safetensors``; ``AdapterFileError`` (one line) if damaged or non-finite."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter weights missing")
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterFileError(f"{path}: empty file (0 bytes); the adapter was never completely written - save or copy it again")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad headers
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        raise AdapterFileError(
+            f"{path}: not a readable safetensors file ({size} bytes; truncated or damaged: {why}) - save or copy it again"
+        ) from None
+    bad = nonfinite_summary(state)
+    if bad:
+        raise AdapterFileError(f"{path}: adapter holds non-finite values: {bad}; it would predict garbage (a diverged training?)")
+    return state
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,6 +90,9 @@ def save_adapter_state(
 ) -> Path:
     """Atomically write an adapter folder from a state dict and its config."""
     out = Path(out_dir)
+    bad = nonfinite_summary(state)
+    if bad:  # refused before anything is written: the previous adapter (if any) stays in place
+        raise AdapterFileError(f"{out}: refusing to save an adapter with non-finite values: {bad}")
     with atomic_dir(out) as tmp:
         tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -61,8 +112,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} beside {WEIGHTS_NAME})")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterStateError(f"{path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path}: not valid JSON ({err}); damaged or not an adapter config") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("format_version", "base", "base_fingerprint", "adapter", "tensors"):
         if key not in cfg:
             raise AdapterStateError(f"{path}: missing key '{key}'")
@@ -91,10 +144,7 @@ def load_adapter(model: AdaptedCLIPSeg, adapter_dir: str | Path) -> dict:
         ]
         raise AdapterStateError(f"{where}: adapter spec differs from the model's ({'; '.join(diffs)})")
     check_fingerprint(model, cfg["base_fingerprint"], cfg["base"], where)
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: adapter weights missing")
-    state = load_file(str(weights))
+    state = read_adapter_weights(adapter_dir / WEIGHTS_NAME)
     params = dict(model.named_parameters())
     problems = []
     for name, t in state.items():

@@ -16,70 +16,96 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from common.adapters.spec import VARIANTS
+from common.adapters.spec import INITS, VARIANTS  # plain Python: no torch at parser-build time
+from common.data.cli import HELP_FORMAT  # every option's default shown (tests/test_cli.py checks help lines)
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="demo",
-                   help="hub id, local folder, arch:clipseg-rd64-refined, arch:tiny or demo (default: demo)")
+                   help="hub id, local folder, arch:clipseg-rd64-refined, arch:tiny or demo")
     p.add_argument("--adapter", default="dense-vl", choices=VARIANTS, help="adapter variant or baseline")
-    p.add_argument("--init", default="paper", choices=["paper", "identity"], help="adapter initialisation")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (adapter lora)")
+    p.add_argument("--init", default="paper", choices=INITS,
+                   help="adapter initialisation: paper block, or identity (starts exactly at the base)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (adapter lora only)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 shallow, 1e-3 dense")
+    p.add_argument("--epochs", type=int, default=20, help="maximum number of training epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="images per training step")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; None = 3e-4 shallow, 1e-3 dense")
     p.add_argument("--patience", type=int, default=20, help="early stop after this many epochs without a better val Dice")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights init, shuffling, prompt draws)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--eval-prompt-index", type=int, default=9, help="fixed prompt p_k used for evaluation")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast on CUDA GPUs (auto: bf16 where supported, else fp16; never on CPU/mps)")
+    p.add_argument("--eval-prompt-index", type=int, default=9,
+                   help="fixed prompt p_k used for evaluation (nearest lower non-empty one if absent)")
     p.add_argument("--cache-dir", default=None, help="keep preprocessed images here for later runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from common.data.cli import add_data_commands
-
-    parser = argparse.ArgumentParser(prog="fedvlsm", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("params", help="trainable/total parameter counts and adapter payload size")
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """params / train / eval / predict: one site's adapters, on the Python API in common.api."""
+    p = sub.add_parser("params", help="trainable/total parameter counts and adapter payload size",
+                       description="Trainable/total parameter counts and adapter payload size.",
+                       formatter_class=HELP_FORMAT)
     _spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("train", help="train adapters at one site")
+    p = sub.add_parser("train", help="train adapters at one site",
+                       description="Train adapters on one site's train split, early-stopped on its val split.",
+                       formatter_class=HELP_FORMAT)
     p.add_argument("data", help="dataset folder (folder format or medvlsm anns/)")
     _spec_args(p)
     _train_args(p)
     p.add_argument("--out", required=True, help="output folder for the best adapter and the training log")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate an adapter folder on a dataset split")
-    p.add_argument("data")
-    p.add_argument("--adapter-dir", required=True)
+    p = sub.add_parser("eval", help="evaluate an adapter folder on a dataset split",
+                       description="Dice, IoU and HD95 of an adapter folder on one split, at original resolution.",
+                       formatter_class=HELP_FORMAT)
+    p.add_argument("data", help="dataset folder (folder format or medvlsm anns/)")
+    p.add_argument("--adapter-dir", required=True, help="folder with adapter_model.safetensors and adapter_config.json")
     p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
-    p.add_argument("--split", default="test")
-    p.add_argument("--eval-prompt-index", type=int, default=9)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="test", help="dataset split to evaluate")
+    p.add_argument("--eval-prompt-index", type=int, default=9,
+                   help="fixed prompt p_k used for evaluation (nearest lower non-empty one if absent)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, help="also write the metrics (with per-item rows) to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="segment one image with a text prompt")
-    p.add_argument("--adapter-dir", required=True)
+    p = sub.add_parser("predict", help="segment one image with a text prompt",
+                       description="Segment one image with a text prompt; writes mask.png and overlay.png.",
+                       formatter_class=HELP_FORMAT)
+    p.add_argument("--adapter-dir", required=True, help="folder with adapter_model.safetensors and adapter_config.json")
     p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, BMP, TIFF, 2D NIfTI or DICOM)")
+    p.add_argument("--prompt", required=True, help="text prompt, e.g. \"round lesion\"")
     p.add_argument("--out", required=True, help="output folder: mask.png and overlay.png")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_predict)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `fedvlsm` parser. Builds without importing torch/transformers/MONAI.
+
+    Each command group is registered by one small function taking the
+    subparsers object (`add_model_commands` here, `add_data_commands` in
+    common/data/cli.py). Adding a group (e.g. `simulate`, `dashboard`) is a
+    2-line change: import its `add_..._commands(sub)` below and call it. Its
+    module must keep heavy imports (torch, flwr, ...) inside the command
+    functions (`func`), never at module level, so that `fedvlsm --help`
+    stays fast (tests/test_cli.py checks that no heavy module is imported).
+    """
+    from common.data.cli import add_data_commands
+
+    parser = argparse.ArgumentParser(prog="fedvlsm", description=__doc__, formatter_class=HELP_FORMAT,
+                                     epilog="`fedvlsm COMMAND --help` lists a command's options and their defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_model_commands(sub)
     add_data_commands(sub)
     from simulations.simulate import add_simulate_command  # light: imports only argparse at module level
 
@@ -167,16 +193,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from common.adapter_io import AdapterStateError
-    from common.bases import BaseLoadError
-    from common.data.formats import DataError
-
     args = build_parser().parse_args(argv)
+    # Known failures (bad data, a damaged or mismatched adapter, a base that
+    # cannot load) are one "error:" line and exit 2, never a traceback:
+    # DataError, AdapterStateError and AdapterFileError are ValueErrors.
     try:
         return int(args.func(args) or 0)
-    except (DataError, AdapterStateError, BaseLoadError, FileNotFoundError, ValueError) as err:
-        print(f"fedvlsm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(args, err)
+    except RuntimeError as err:
+        from common.bases import BaseLoadError
+
+        if isinstance(err, BaseLoadError):
+            return _fail(args, err)
+        raise
+
+
+def _fail(args: argparse.Namespace, err: BaseException) -> int:
+    print(f"fedvlsm {args.command}: error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -99,3 +99,84 @@ def test_round_trip_baselines(tiny_base, tmp_path, variant):
     fresh = build_model(tiny_base, variant)
     load_adapter(fresh, tmp_path / variant)
     assert all(torch.equal(fresh.adapter_state()[n], t) for n, t in model.adapter_state().items())
+
+
+# ---- damaged files: one line naming the file, never a raw traceback or a silent all-black model ----
+
+from common.adapter_io import AdapterFileError, save_adapter_state  # noqa: E402
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_damaged_weights_file_is_one_line_naming_it(tiny_base, tmp_path, damage):
+    save_adapter(_trained(tiny_base), tmp_path / "a")
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
+    with pytest.raises(AdapterFileError) as err:
+        load_adapter(_trained(tiny_base), tmp_path / "a")
+    message = str(err.value)
+    assert str(weights) in message and "\n" not in message
+    assert ("empty file" if damage == "empty" else "not a readable safetensors file") in message
+    assert isinstance(err.value, ValueError) and isinstance(err.value, AdapterStateError)
+
+
+def test_damaged_config_is_one_line_naming_it(tiny_base, tmp_path):
+    save_adapter(_trained(tiny_base), tmp_path / "a")
+    (tmp_path / "a" / CONFIG_NAME).write_text('{"format_version": 1, "ba')
+    with pytest.raises(AdapterFileError, match=str(tmp_path / "a" / CONFIG_NAME)):
+        load_adapter(_trained(tiny_base), tmp_path / "a")
+
+
+def test_nan_or_inf_adapter_is_refused_at_load(tiny_base, tmp_path):
+    save_adapter(_trained(tiny_base), tmp_path / "a")
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    save_file(state, str(weights))
+    with pytest.raises(AdapterFileError, match=f"non-finite values: {name} \\(1 NaN, 1 Inf"):
+        load_adapter(_trained(tiny_base), tmp_path / "a")
+
+
+def test_nan_adapter_is_never_written(tiny_base, tmp_path):
+    good = _trained(tiny_base, seed=1)
+    save_adapter(good, tmp_path / "a")
+    before = (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
+    broken = _trained(tiny_base, seed=2)
+    with torch.no_grad():
+        next(iter(broken.trainable_parameters()))[...] = float("nan")
+    with pytest.raises(AdapterFileError, match="refusing to save"):
+        save_adapter(broken, tmp_path / "a")
+    assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() == before  # the previous adapter is kept
+    with pytest.raises(AdapterFileError, match="refusing to save"):
+        save_adapter(broken, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # the server's checkpoints go through save_adapter_state: same guard
+    state = {"x": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(AdapterFileError, match="x \\(0 NaN, 1 Inf of 2\\)"):
+        save_adapter_state(state, {}, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_eval_and_predict_on_a_damaged_adapter_exit_with_one_line(tiny_base, tmp_path, synth_sites):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("fedvlsm") is None:
+        pytest.skip("the fedvlsm console script is not installed")
+    save_adapter(build_model(tiny_base, "shallow-v"), tmp_path / "a")
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    image = sorted((synth_sites[0] / "images").iterdir())[0]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for argv in (["eval", str(synth_sites[0]), "--adapter-dir", str(tmp_path / "a")],
+                 ["predict", "--adapter-dir", str(tmp_path / "a"), "--image", str(image), "--prompt", "lesion",
+                  "--out", str(tmp_path / "p")]):
+        proc = subprocess.run(["fedvlsm", *argv], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 2, proc.stderr
+        lines = [li for li in proc.stderr.splitlines() if li.strip()]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"fedvlsm {argv[0]}: error: {weights}") and "truncated" in lines[0]

@@ -1,13 +1,17 @@
 """The `fedvlsm` command line end to end on a tiny random base and synthetic data."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from common.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_params_json_full_architecture(capsys):
@@ -67,3 +71,67 @@ def test_console_script_entry_point():
     assert proc.returncode == 0
     for cmd in ("params", "train", "eval", "predict", "data"):
         assert cmd in proc.stdout
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+def test_every_command_and_option_has_help_with_default():
+    import argparse
+
+    from common.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    commands = dict(_subparsers(parser))
+    for name in ("params", "train", "eval", "predict", "data", "data synth", "data check"):
+        assert name in commands
+    for name in ("params", "train", "eval", "predict", "data"):
+        line = next(li for li in top.splitlines() if li.strip().startswith(name + " "))
+        assert len(line.split()) > 2, f"no help line for {name} in fedvlsm --help"
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"fedvlsm {name}: {action.option_strings or action.dest} has no help"
+            if action.option_strings and not action.required:
+                shown = "%(default)" in action.help or "(default" in sub._get_formatter()._get_help_string(action)
+                assert shown, f"fedvlsm {name} {action.option_strings[0]}: default not shown"
+
+
+def test_help_does_not_import_heavy_modules():
+    # `fedvlsm --help` must answer at once: the parser is built without
+    # torch, transformers or MONAI (each command imports what it needs).
+    code = ("import sys, common, common.cli, common.data; common.cli.build_parser(); "
+            "print([m for m in ('torch', 'transformers', 'monai') if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    for argv in (["--help"], ["train", "--help"], ["data", "check", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys, common.cli; sys.argv[1:] = %r\n"
+             "try:\n    common.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print([m for m in ('torch', 'transformers', 'monai') if m in sys.modules])" % (argv,)],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert proc.stdout.strip().splitlines()[-1] == "[]", (argv, proc.stdout[-300:], proc.stderr[-300:])
+
+
+def test_lazy_public_names_still_import():
+    import common
+    from common import AdapterSpec, evaluate, fit, load_base, save_adapter
+    import common.evaluate  # noqa: F401 - importing the submodule must not replace the function
+
+    from common import evaluate as again
+
+    assert callable(load_base) and callable(fit) and callable(save_adapter)
+    assert again is evaluate and not isinstance(again, type(common))
+    assert AdapterSpec("dense-vl").variant == "dense-vl"
+    assert set(common.__all__) <= set(dir(common))

@@ -1,8 +1,16 @@
-"""VLSM-Adapters and baselines behind one interface (see registry.py)."""
+"""VLSM-Adapters and baselines behind one interface (see registry.py).
 
-from common.adapters.base import AdapterSet
-from common.adapters.block import Adapter
-from common.adapters.registry import build_adapter_set
-from common.adapters.spec import VARIANTS, AdapterSpec
+Exports resolve lazily (common/_lazy.py): `AdapterSpec` and `VARIANTS` are
+needed by the CLI's parser, which must not import torch.
+"""
 
-__all__ = ["Adapter", "AdapterSet", "AdapterSpec", "VARIANTS", "build_adapter_set"]
+from common._lazy import lazy_exports
+
+_EXPORTS = {
+    "AdapterSet": "common.adapters.base",
+    "Adapter": "common.adapters.block",
+    "build_adapter_set": "common.adapters.registry",
+    "VARIANTS": "common.adapters.spec", "AdapterSpec": "common.adapters.spec",
+}
+__all__ = sorted(_EXPORTS)
+lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INITS = ("paper", "identity")
+from common.adapters.spec import INITS  # defined with the spec so the CLI can list it without torch
 
 
 class Adapter(nn.Module):

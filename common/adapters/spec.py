@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.adapters.block import INITS
+INITS = ("paper", "identity")  # adapter initialisations (block.Adapter implements them)
 
 FAMILIES = {
     # variant: (family, scopes)

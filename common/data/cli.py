@@ -13,28 +13,39 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from .check import check_dataset
+from .check import check_dataset, errors, find_sites
 from .synth import synthesize
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its --help; descriptions keep their own line breaks."""
+
+
+HELP_FORMAT = HelpFormatter
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data synth`` and ``data check`` under a ``data`` command; return the ``data`` parser."""
-    data = subparsers.add_parser("data", help="synthesize or check datasets")
+    data = subparsers.add_parser("data", help="synthesize or check datasets",
+                                 description="Synthesize or check datasets (see `fedvlsm data CMD --help`).",
+                                 formatter_class=HELP_FORMAT)
     data.set_defaults(func=_usage(data))
     commands = data.add_subparsers(dest="data_command", metavar="{synth,check}")
 
-    synth = commands.add_parser("synth", help="write a synthetic multi-site dataset (medvlsm format)")
+    synth = commands.add_parser("synth", help="write a synthetic multi-site dataset (medvlsm format)",
+                                description="Write a synthetic multi-site dataset (medvlsm format).",
+                                formatter_class=HELP_FORMAT)
     synth.add_argument("out", help="output folder; one site-<k>/ subfolder per site")
-    synth.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    synth.add_argument("--per-site", type=int, default=60, help="images per site (default 60)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--image-size", type=int, default=128, help="base native image side in pixels (default 128)")
+    synth.add_argument("--sites", type=int, default=3, help="number of sites")
+    synth.add_argument("--per-site", type=int, default=60, help="images per site")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--image-size", type=int, default=128, help="base native image side in pixels")
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset in OUT")
     synth.set_defaults(func=run_synth)
 
-    check = commands.add_parser("check", help="report every problem of a dataset; non-zero exit if any")
-    check.add_argument("path", help="dataset folder (folder format or medvlsm anns/ format)")
-    check.add_argument("--splits", nargs="+", default=None, help="splits to check (default: train val test and any declared)")
+    check = commands.add_parser("check", help="report every problem of a dataset; non-zero exit if any",
+                                description=CHECK_DESCRIPTION, formatter_class=HELP_FORMAT)
+    check.add_argument("path", help="dataset folder (folder format or medvlsm anns/ format), or a multi-site root")
+    check.add_argument("--splits", nargs="+", default=None, help="splits to check; None = train val test and any the dataset declares")
     check.set_defaults(func=run_check)
     return data
 
@@ -60,15 +71,43 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECK_DESCRIPTION = """Report every problem of a dataset at once; exit 1 if any (warnings alone exit 0).
+
+PATH is one site's dataset, or a multi-site root (`fedvlsm data synth` output
+with sites.json, or any folder of dataset folders): then each site is checked
+and reported in turn, and the exit is 1 if any site has a problem.
+Warnings (unused-images: files in images/ that no split uses) are printed but
+do not fail the check, and training goes on with them."""
+
+
 def run_check(args: argparse.Namespace) -> int:
-    problems = check_dataset(args.path, splits=args.splits)
+    sites = find_sites(args.path)
+    if not sites:
+        return _report(str(args.path), check_dataset(args.path, splits=args.splits))
+    failed = []
+    for site in sites:
+        print(f"== site {site.name} ({site})")
+        if _report(str(site), check_dataset(site, splits=args.splits)):
+            failed.append(site.name)
+    if failed:
+        print(f"{args.path}: {len(failed)} of {len(sites)} site(s) have problems: {', '.join(failed)}")
+        return 1
+    print(f"{args.path}: all {len(sites)} site(s) OK")
+    return 0
+
+
+def _report(where: str, problems: list) -> int:
+    """Print one line per problem and a summary line; 1 if any is an error."""
     for problem in problems:
         print(problem)
     if not problems:
-        print(f"{args.path}: OK, no problems found")
+        print(f"{where}: OK, no problems found")
         return 0
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(p.kind for p in problems).items()))
-    print(f"{args.path}: {len(problems)} problem(s): {kinds}")
+    if not errors(problems):
+        print(f"{where}: OK, {len(problems)} warning(s): {kinds}")
+        return 0
+    print(f"{where}: {len(problems)} problem(s): {kinds}")
     return 1
 
 

@@ -88,16 +88,34 @@ class Item:
     prompts: list[Prompt] = field(default_factory=list)
 
 
+# Kinds that are reported but do not make a dataset unusable (training and
+# ``ensure_valid`` go on): images nobody asked for are worth knowing about,
+# but a valid dataset with spare files must still train.
+WARNING_KINDS = frozenset({"unused-images"})
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a dataset: the file it is in, a short kind, and why."""
+    """One thing wrong with a dataset: the file it is in, a short kind, and why.
+
+    ``split`` is the split it was found in (None: not tied to one); ``count``
+    is how many files one problem stands for (``unused-images`` reports many
+    files at once).
+    """
 
     path: Path
     kind: str
     message: str
+    split: str | None = None
+    count: int = 1
+
+    @property
+    def is_warning(self) -> bool:
+        return self.kind in WARNING_KINDS
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"  # the message names the file
+        tag = " (warning)" if self.is_warning else ""
+        return f"{self.kind}{tag}: {self.message}"  # the message names the file
 
 
 # --------------------------------------------------------------------------
