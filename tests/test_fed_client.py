@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import client_app
+from client import handlers as client_app
 from client import site as sites
 from common.bases import load_base
 from common.data import synthesize
@@ -42,7 +42,7 @@ def train_message(cfg: FederationConfig, server_round: int = 1, mu: float | None
     model = cfg.initial_model(load_base(cfg.base))
     shared, _ = split_personal(model.adapter_state(), cfg.personal)
     shared = {k: v + shift for k, v in shared.items()}
-    config = {"server-round": server_round, "run-name": cfg.run_name}
+    config = {"server-round": server_round, "run-name": cfg.run_name, "fedvlsm-run-config": cfg.to_json()}
     if mu is not None:
         config["proximal-mu"] = mu
     wire = to_wire(shared, cfg.payload_dtype)
@@ -121,7 +121,7 @@ def test_evaluate_and_final_report_global_and_personalised_dice(data, tmp_path):
     ctx = context(cfg)
     trained = client_app.train(msg, ctx)
     content = RecordDict({"arrays": ArrayRecord({k: Array(a.numpy()) for k, a in trained.content["arrays"].items()}),
-                          "config": ConfigRecord({"server-round": 1, "run-name": "unit"})})
+                          "config": ConfigRecord({"server-round": 1, "run-name": "unit", "fedvlsm-run-config": cfg.to_json()})})
     ev = client_app.evaluate(Message(content, dst_node_id=10, message_type="evaluate"), ctx).content["metrics"]
     assert 0 <= ev["dice"] <= 1 and 0 <= ev["dice-personal"] <= 1 and ev["num-examples"] >= 1
     final = client_app.evaluate_final(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.federation_config import ConfigError, FederationConfig, SiteIdentity
+from common.site_errors import SiteRefusal
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -22,7 +23,7 @@ def test_pyproject_defaults_parse_and_cover_every_field():
     # Every config field is a pyproject key (so --run-config can override it) and back.
     assert set(cfg.to_run_config()) == set(raw)
     assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
-    assert cfg.base == "demo" and cfg.data == "demo" and cfg.demo_sites == 3
+    assert cfg.base == "demo" and cfg.data == "demo" and cfg.demo_sites == 0  # one synthetic hospital per SuperNode
 
 
 @pytest.mark.parametrize(
@@ -64,10 +65,24 @@ def test_site_identity_from_deployment_and_simulation_node_configs(tmp_path):
     assert (named.name, named.site_dir) == ("h1", (tmp_path / "s").resolve())
     sim = SiteIdentity.from_node_config({"partition-id": 2, "num-partitions": 3}, cfg)
     assert (sim.name, sim.partition_id, sim.num_partitions) == ("site-2", 2, 3)
-    with pytest.raises(ConfigError, match="'data-path'"):
-        SiteIdentity.from_node_config({"data-path": str(tmp_path / "missing")}, cfg)
-    with pytest.raises(ConfigError, match="neither 'data-path'"):
+    # A deployed site's folders are its own (its FEDVLSM_HOME), not the server's `home`.
+    assert not str(site.site_dir).startswith(str(tmp_path))
+    # Refusals: a short reason safe to send (no path), the path only in the local detail.
+    missing = tmp_path / "missing-patient-1234"
+    with pytest.raises(SiteRefusal) as err:
+        SiteIdentity.from_node_config({"data-path": str(missing)}, cfg)
+    assert err.value.reason == "site config: data-path is not a folder"
+    assert str(missing) in err.value.detail and "patient" not in err.value.reason
+    with pytest.raises(SiteRefusal, match="no data-path") as err:
         SiteIdentity.from_node_config({}, cfg)
+    assert "neither 'data-path'" in err.value.detail
+
+
+@pytest.mark.parametrize("typo,closest", [("adaptr", "adapter"), ("local_epoch", "local-epochs"),
+                                          ("round", "rounds"), ("min-site", "min-sites")])
+def test_an_unknown_key_names_the_closest_known_one(typo, closest):
+    with pytest.raises(ConfigError, match=f"'{typo}': unknown key; did you mean '{closest}'"):
+        FederationConfig.from_run_config({typo: 1})
 
 
 CONFIGS = sorted((PYPROJECT.parent / "simulations" / "configs").glob("*.toml"))

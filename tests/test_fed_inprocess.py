@@ -8,49 +8,22 @@ and deterministically. The real `flwr run` is tested in test_fed_flwr_run.py.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from client.client_app import app as client_app
 from common.data import synthesize
 from common.federation_config import FederationConfig
 from server.server_app import run_federation
+from simulations.demo import DemoHooks
+from fed_harness import InProcessGrid
 
-ROUND_KEYS = {"round", "dice", "dice_personal", "train_loss", "sites", "payload_bytes_up", "payload_bytes_down",
+ROUND_KEYS = {"round", "status", "excluded", "dice", "dice_personal", "train_loss", "sites", "payload_bytes_up", "payload_bytes_down",
               "failures", "train_seconds", "round_seconds", "time"}
-
-
-class InProcessGrid:
-    fedvlsm_simulation = True  # the server treats it like Flower's simulation grid
-
-    def __init__(self, cfg: FederationConfig, num_sites: int) -> None:
-        self.contexts = {
-            100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_sites},
-                             state=RecordDict(), run_config=cfg.to_run_config())
-            for k in range(num_sites)
-        }
-        self.replies: list[Message] = []  # everything the server received
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            delivered = Message(copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
-                                message_type=m.metadata.message_type)
-            reply = client_app(delivered, self.contexts[m.metadata.dst_node_id])
-            reply.content = copy.deepcopy(reply.content)
-            self.replies.append(reply)
-            out.append(reply)
-        return out
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +46,7 @@ def make_cfg(data, home, **kw) -> FederationConfig:
 
 def run(cfg: FederationConfig, sites: int = 3) -> tuple[dict, InProcessGrid]:
     grid = InProcessGrid(cfg, sites)
-    return run_federation(grid, cfg), grid
+    return run_federation(grid, cfg, DemoHooks()), grid
 
 
 def final_adapter(home, name) -> dict[str, np.ndarray]:
@@ -164,7 +137,7 @@ def test_natural_sites_need_one_supernode_each_and_the_error_says_how(data, tmp_
     from common.federation_config import ConfigError
 
     cfg = make_cfg(data, tmp_path, run_name="two")
-    with pytest.raises(ConfigError, match='num-supernodes=3'):
+    with pytest.raises(ConfigError, match='--num-sites 3'):
         run(cfg, sites=2)
 
 
@@ -185,7 +158,7 @@ def test_outside_simulation_the_table_has_no_pooled_bound(data, tmp_path):
         fedvlsm_simulation = False
 
     cfg = make_cfg(data, tmp_path, run_name="deploy", rounds=1, compare=True, finetune_epochs=0)
-    summary = run_federation(DeploymentLikeGrid(cfg, 3), cfg)
+    summary = run_federation(DeploymentLikeGrid(cfg, 3), cfg, DemoHooks())
     rows = summary["comparison"]["rows"]
     assert all(np.isnan(r["pooled"]) and 0 <= r["local_only"] <= 1 for r in rows)
     assert "not a simulation" in summary["comparison"]["note"]
