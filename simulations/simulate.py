@@ -103,6 +103,32 @@ def resolve_num_sites(cfg: Any, requested: int) -> int:
     raise ConfigError(f"partition '{cfg.partition}' splits the data over any number of sites: pass --num-sites N")
 
 
+def resume_config(launch: Any, overrides: dict[str, Any]) -> Any:
+    """A resumed run's config: its saved config.json, plus only the keys given on this command line.
+
+    Keys that shape results cannot change in a resumed run; giving one with
+    another value is refused (naming it), and pyproject defaults never
+    creep in: `rounds` stays as saved unless given (then the run is extended).
+    """
+    from common.federation_config import ConfigError, FederationConfig
+    from server.server_app import RESUME_OVERRIDABLE
+
+    path = launch.runs_dir / launch.run_name / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"run config 'resume': no run '{launch.run_name}' to resume ({path} does not exist)")
+    import json
+
+    saved = FederationConfig.from_run_config(json.loads(path.read_text()))
+    given = FederationConfig.from_run_config({**saved.to_run_config(), **overrides}).to_run_config()
+    for key, value in given.items():
+        if key.replace("-", "_") in RESUME_OVERRIDABLE + ("resume",):
+            continue
+        if saved.to_run_config()[key] != value:
+            raise ConfigError(f"run config '{key}': a resumed run keeps its saved value "
+                              f"({saved.to_run_config()[key]!r}, not {value!r}); start a new run to change it")
+    return FederationConfig.from_run_config(given)
+
+
 def quiet_logs() -> None:
     """Trim noise that hides the run's own lines, without hiding real errors."""
     # Ray's FutureWarning about overriding accelerator env vars on zero GPUs.
@@ -131,10 +157,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         overrides = parse_run_config(args.run_config)
         cfg = FederationConfig.from_run_config({**project_defaults(), **overrides})
+        if cfg.resume:
+            cfg = resume_config(cfg, overrides)
         if not cfg.run_name:
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
         num_sites = resolve_num_sites(cfg, args.num_sites)
+        if cfg.min_sites > num_sites:
+            raise ConfigError(f"run config 'min-sites' = {cfg.min_sites} but the simulation has {num_sites} "
+                              "site(s); lower 'min-sites' or pass --num-sites")
     except (ConfigError, ValueError) as err:
         print(f"fedvlsm simulate: {err}", file=sys.stderr)
         return 2
