@@ -11,6 +11,14 @@ Specs:
 
 The returned model is in eval mode with every parameter frozen; adapter
 variants decide what (if anything) becomes trainable on their own copy.
+
+Every base must really listen to its prompts (``check_prompts``, one tiny
+text forward at load): a folder saved without its tokenizer used to load a
+2-token stand-in that turns every prompt into the same ids, and a text
+config whose ``eos_token_id`` is not the tokenizer's end-of-text made the
+text tower pool the wrong position, so every prompt gave the same
+embedding. Both trained "fine" with exit 0; both are now a ``BaseLoadError``
+naming the folder and the fix.
 """
 
 from __future__ import annotations
@@ -42,6 +50,19 @@ DEFAULT_IMAGE_SIZE = 352
 
 class BaseLoadError(RuntimeError):
     """A base spec that cannot be turned into a model, with the reason."""
+
+
+class BasePromptError(BaseLoadError):
+    """A base that loads but cannot tell prompts apart (tokenizer or end-of-text pooling broken)."""
+
+
+# Files from which AutoTokenizer builds a real tokenizer (fast, or CLIP's BPE).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# Probe prompts for check_prompts: common words every sensible vocabulary
+# has; the shared first word makes pooling at a wrong (early) position give
+# identical embeddings, so that mistake cannot slip through.
+PROBE_PROMPTS = ("a round lesion", "a dark square blob in the upper left corner")
+MIN_VOCAB = 16
 
 
 @dataclass
@@ -175,17 +196,91 @@ def demo_base_dir() -> Path:
 
 
 def load_base(spec: str = "demo") -> Base:
-    """Resolve a base spec (see module docstring) to a frozen model + tokenizer."""
+    """Resolve a base spec (see module docstring) to a frozen model + tokenizer, checked by `check_prompts`."""
     if spec.startswith("arch:"):
-        return _build_arch(spec.removeprefix("arch:"))
-    if spec == "demo":
-        return _load_pretrained(str(demo_base_dir()), "demo")
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise BaseLoadError(f"base folder '{path}' has no config.json (expected a saved CLIPSeg model)")
-        return _load_pretrained(str(path), str(path.resolve()))
-    return _load_pretrained(spec, spec)
+        base = _build_arch(spec.removeprefix("arch:"))
+    elif spec == "demo":
+        base = _load_pretrained(str(demo_base_dir()), "demo")
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise BaseLoadError(f"base folder '{path}' has no config.json (expected a saved CLIPSeg model)")
+            if not any((path / name).is_file() for name in TOKENIZER_FILES):
+                raise BasePromptError(
+                    f"base folder '{path}' has no tokenizer ({' or '.join(TOKENIZER_FILES)} missing): every prompt "
+                    "would become the same ids. Save the tokenizer the model was trained with beside it: "
+                    f"tokenizer.save_pretrained('{path}')"
+                )
+            base = _load_pretrained(str(path), str(path.resolve()))
+        else:
+            base = _load_pretrained(spec, spec)
+    check_prompts(base, where=f"base '{spec}'")
+    return base
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict[str, torch.Tensor]:
+    return tokenizer([prompt], truncation=True, max_length=77, return_tensors="pt")
+
+
+@torch.no_grad()
+def check_prompts(base: Base, where: str | None = None) -> None:
+    """Refuse a base whose conditional embedding cannot depend on the prompt.
+
+    Three cheap checks (two prompts, one tiny text forward each):
+    the tokenizer is not degenerate (a real vocabulary, ids the model's
+    embedding table has, different words -> different ids); the position the
+    text tower pools (its config's ``eos_token_id``, see
+    ``AdaptedCLIPSeg._eot_positions``) is the last real token of each prompt,
+    i.e. the tokenizer's end-of-text; and two different prompts give
+    different embeddings. Raises ``BasePromptError`` naming the base and the fix.
+    """
+    where = where or f"base '{base.base_id}'"
+    tok, text_cfg = base.tokenizer, base.model.config.text_config
+    fix_tok = "save the tokenizer the model was trained with beside it (tokenizer.save_pretrained(FOLDER))"
+    if len(tok) < MIN_VOCAB:
+        raise BasePromptError(f"{where}: its tokenizer has only {len(tok)} tokens, so prompts cannot be told apart; {fix_tok}")
+    encoded = [_tokenize(tok, p) for p in PROBE_PROMPTS]
+    special = set(tok.all_special_ids)
+    words = {int(i) for e in encoded for i in e["input_ids"][0] if int(i) not in special}
+    if len(words) < 2:
+        raise BasePromptError(
+            f"{where}: its tokenizer maps the words of {PROBE_PROMPTS!r} to {len(words)} distinct id(s) "
+            f"(everything unknown?), so prompts cannot be told apart; {fix_tok}"
+        )
+    top = max(int(e["input_ids"].max()) for e in encoded)
+    if top >= text_cfg.vocab_size:
+        raise BasePromptError(
+            f"{where}: its tokenizer produces id {top} but the text model has only {text_cfg.vocab_size} token "
+            f"embeddings: tokenizer and model do not belong together; {fix_tok}"
+        )
+    from common.model import AdaptedCLIPSeg  # the pooling rule our forward uses (model imports this module)
+
+    eos = text_cfg.eos_token_id
+    for prompt, e in zip(PROBE_PROMPTS, encoded):
+        ids = e["input_ids"]
+        pooled = int(AdaptedCLIPSeg._eot_positions(ids, eos)[0])
+        last = int(e["attention_mask"][0].nonzero().max())
+        if pooled != last:
+            tok_eos = tok.eos_token_id
+            raise BasePromptError(
+                f"{where}: the text tower pools token position {pooled} but the prompt {prompt!r} ends at "
+                f"position {last}: the text config's eos_token_id={eos} is not the tokenizer's end-of-text "
+                f"({tok.eos_token!r}, id {tok_eos}), so every prompt would give the same embedding. Fix: set "
+                f"\"text_config\": {{\"eos_token_id\": {tok_eos}}} in the base's config.json, or use the "
+                "tokenizer the model was trained with"
+            )
+    model = base.model
+    embeddings = []
+    for e in encoded:
+        out = model.clip.text_model(input_ids=e["input_ids"], attention_mask=e["attention_mask"])
+        embeddings.append(model.clip.text_projection(out.pooler_output)[0].float())
+    if torch.allclose(embeddings[0], embeddings[1], rtol=1e-4, atol=1e-6):
+        raise BasePromptError(
+            f"{where}: the prompts {PROBE_PROMPTS[0]!r} and {PROBE_PROMPTS[1]!r} give the same conditional "
+            "embedding, so the model cannot follow prompts (text tower weights missing or zero?); "
+            "check the checkpoint and its tokenizer"
+        )
 
 
 def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:

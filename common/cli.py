@@ -164,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from common.api import evaluate_adapter_dir
     from common.config import TrainConfig
+    from common.evaluate import json_safe
 
     cfg = TrainConfig(batch_size=args.batch_size, device=args.device, eval_prompt_index=args.eval_prompt_index)
     result = evaluate_adapter_dir(args.data, args.adapter_dir, split=args.split, cfg=cfg, base=args.base)
@@ -172,9 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         from common.atomic import write_json_atomic
 
-        write_json_atomic(Path(args.out), {**summary, "items": result.per_item})
+        write_json_atomic(Path(args.out), json_safe({**summary, "items": result.per_item}))
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(json_safe(summary)))  # an undefined HD95 is null, never the invalid token NaN
     else:
         print(f"{'split':<8}{'n':>5}{'Dice':>9}{'IoU':>9}{'HD95':>9}{'loss':>9}")
         print(f"{args.split:<8}{result.n:>5}{result.dice:>9.4f}{result.iou:>9.4f}{result.hd95:>9.2f}{result.loss:>9.4f}")

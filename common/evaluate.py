@@ -3,9 +3,22 @@
 Logits come out at the model's input resolution; each item's probability
 map is resized back to its original size before thresholding at 0.5, so the
 figures are comparable with the paper's and with other models.
-Empty ground truth with an empty prediction counts as a perfect Dice/IoU;
-HD95 is undefined when either mask is empty and such items are left out of
-its mean (their count is reported).
+
+Empty masks (the convention, per item; tests/test_metrics_empty.py):
+
+    prediction   target      Dice  IoU   HD95
+    empty        empty       1.0   1.0   NaN (undefined)
+    empty        non-empty   0.0   0.0   NaN (undefined)
+    non-empty    empty       0.0   0.0   NaN (undefined)
+    non-empty    non-empty   MONAI's values
+
+Dice and IoU are therefore always defined and every item counts in their
+means (correctly predicting "nothing here" is a success, missing or
+hallucinating a whole object a failure). HD95 is a distance between two
+boundaries and is undefined when either is missing: such items are left
+out of the HD95 mean and counted in ``EvalResult.hd95_undefined``; when no
+item has one, the mean HD95 is NaN. JSON outputs (``fedvlsm eval --json``
+/ ``--out``) write an undefined HD95 as ``null``.
 """
 
 from __future__ import annotations
@@ -34,17 +47,22 @@ def make_loss(cfg: TrainConfig) -> DiceCELoss:
 
 
 def item_metrics(prob: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Dice, IoU, HD95 of one (H, W) probability map against an (H, W) binary mask."""
+    """Dice, IoU, HD95 of one (H, W) probability map against an (H, W) binary mask.
+
+    Empty masks follow the module docstring's table; those cases are decided
+    here, not left to MONAI's ``ignore_empty`` semantics (which may change).
+    """
     pred = (prob > 0.5).float()[None, None]
     gt = (target > 0).float()[None, None]
+    pred_empty, gt_empty = not bool(pred.any()), not bool(gt.any())
+    if pred_empty or gt_empty:
+        agree = 1.0 if pred_empty and gt_empty else 0.0
+        return {"dice": agree, "iou": agree, "hd95": math.nan}
     dice = compute_dice(pred, gt, include_background=True, ignore_empty=False).item()
     iou = compute_iou(pred, gt, include_background=True, ignore_empty=False).item()
-    if pred.sum() == 0 or gt.sum() == 0:
-        hd95 = math.nan
-    else:
-        with warnings.catch_warnings():  # MONAI deprecation noise from inside its own helper
-            warnings.simplefilter("ignore", FutureWarning)
-            hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95).item()
+    with warnings.catch_warnings():  # MONAI deprecation noise from inside its own helper
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95).item()
     return {"dice": dice, "iou": iou, "hd95": hd95}
 
 
@@ -65,6 +83,7 @@ class EvalResult:
     per_item: list[dict[str, Any]]
 
     def summary(self) -> dict[str, float]:
+        """The means (HD95 may be NaN: see the module docstring; ``json_safe`` makes that null)."""
         return {
             "dice": self.dice, "iou": self.iou, "hd95": self.hd95, "loss": self.loss,
             "n": self.n, "hd95_undefined": self.hd95_undefined,
@@ -105,6 +124,11 @@ def evaluate(
             prob = to_original(logits[i].cpu(), tuple(orig.shape))
             per_item.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], **item_metrics(prob, orig)})
     model.train(was_training)
+    return aggregate(per_item, losses, weights)
+
+
+def aggregate(per_item: list[dict[str, Any]], losses: list[float], weights: list[int]) -> EvalResult:
+    """Means over items: Dice and IoU over all; HD95 over items where it is defined (module docstring)."""
     hd = [r["hd95"] for r in per_item if not math.isnan(r["hd95"])]
     return EvalResult(
         dice=float(np.mean([r["dice"] for r in per_item])),
@@ -115,6 +139,17 @@ def evaluate(
         hd95_undefined=len(per_item) - len(hd),
         per_item=per_item,
     )
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Inf floats as None: JSON has no NaN (``json.dumps`` would write invalid JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def preprocess_image(image: np.ndarray, image_size: int) -> torch.Tensor:
