@@ -149,6 +149,15 @@ def quiet_logs() -> None:
 
     for handler in FLOWER_LOGGER.handlers:
         handler.addFilter(_Drop())
+    # Ray's worker processes (the ClientApp actors) start after this and
+    # inherit the environment: no colour codes in their forwarded lines, and
+    # only their errors (each actor says "Manually terminating ClientAppActor"
+    # at shutdown, a WARNING). A site's failures still reach the console: the
+    # server's round line names each failed site with its reason. This
+    # process's own logger was configured at import and is not affected.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

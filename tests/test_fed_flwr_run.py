@@ -72,39 +72,40 @@ def flwr_env(tmp_path):
 
 
 @pytest.mark.slow
-def test_flwr_run_simulation_writes_the_run_directory(flwr_env):
+def test_flwr_run_with_flowers_default_two_supernodes_runs_the_demo(flwr_env):
+    """`flwr run . --stream` as README shows it: Flower's default of 2 SuperNodes, 2 synthetic hospitals."""
     env, tmp = flwr_env
     home = tmp / "fedvlsm-home"
     run_config = (f"base='arch:tiny' rounds=2 demo-images=9 demo-image-size=64 run-name='e2e' "
                   f"home='{home}' lr=0.01")
     start = time.perf_counter()
     proc = subprocess.run(
-        [FLWR, "run", str(REPO), "--stream", "--federation-config", "num-supernodes=3",
-         "--run-config", run_config],
+        [FLWR, "run", str(REPO), "--stream", "--run-config", run_config],
         env=env, cwd=tmp, capture_output=True, text=True, timeout=420, check=False,
     )
     took = time.perf_counter() - start
     out = proc.stdout + proc.stderr
     run_dir = home / "runs" / "e2e"
-    assert proc.returncode == 0, out[-4000:]
-    assert (run_dir / "final" / "comparison.md").is_file(), out[-4000:]
-    print(f"flwr run (3 sites, 2 rounds, arch:tiny, with comparison) took {took:.1f}s")
+    # `flwr run --stream` exits 0 even when the ServerApp fails: judge by the records.
+    assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file(), out[-4000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished", out[-4000:]
+    print(f"flwr run (2 sites, 2 rounds, arch:tiny) took {took:.1f}s")
 
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
-        assert {"dice", "sites", "payload_bytes_up", "payload_bytes_down", "round_seconds"} <= set(r)
-        assert sorted(r["sites"]) == ["site-0", "site-1", "site-2"]
+        assert r["status"] == "ok" and r["failures"] == [] and r["excluded"] == []
+        assert sorted(r["sites"]) == ["site-0", "site-1"]
         assert r["payload_bytes_up"] > 0 and 0 <= r["dice"] <= 1
+    # The sites synthesised one hospital per SuperNode.
+    assert (home / "data" / "demo-s2-n9-px64-seed0" / "sites.json").is_file()
     # The frozen base was loaded once per process, never once per message.
     last = rounds[-1]["sites"]
     assert all(s["base_loads"] <= 1 for s in last.values()), last
     assert all(s["process_messages"] > 1 for s in last.values())
     for name in ("config.json", "checkpoints/round-0001/strategy.npz", "checkpoints/round-0002/adapter",
-                 "final/adapter/adapter_model.safetensors", "final/summary.json"):
+                 "final/summary.json"):
         assert (run_dir / name).exists(), name
-    table = (run_dir / "final" / "comparison.md").read_text()
-    assert "frozen base" in table and "local only" in table and "pooled" in table and "site-2" in table
     assert str(run_dir) in out  # the absolute run directory is printed
 
 

@@ -1,0 +1,129 @@
+"""`fedvlsm simulate` as a user runs it: the README's commands, verbatim, in subprocesses.
+
+- exit codes: 0 finished, 2 a refused configuration (one line, no traceback);
+- a run started from a preset TOML, killed mid-run (SIGKILL of the whole
+  process tree: a real crash), continued with the README's resume command,
+  ends with the same final adapter as an uninterrupted run;
+- nothing is left running afterwards (no SuperLink, no Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+FEDVLSM = shutil.which("fedvlsm") or str(Path(sys.executable).parent / "fedvlsm")
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """Every line of README.md's shell blocks that starts with `prefix`."""
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [line.strip() for line in block.splitlines() if line.strip().startswith(prefix)]
+    return lines
+
+
+def env_for(home: Path) -> dict[str, str]:
+    return {**os.environ, "FEDVLSM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run(cmd: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    argv = shlex.split(cmd)
+    assert argv[0] == "fedvlsm"
+    return subprocess.run([FEDVLSM, *argv[1:]], cwd=REPO, env=env_for(home), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def ray_processes_of(home: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = p.info["environ"] or {}
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if env.get("FEDVLSM_HOME") == str(home):
+            out.append(p)
+    return out
+
+
+START = "fedvlsm simulate --run-config simulations/configs/quick.toml --run-config \"run-name='quick'\""
+RESUME = "fedvlsm simulate --run-config \"run-name='quick' resume=true\""
+
+
+def test_readme_documents_the_commands_tested_here():
+    commands = readme_commands("fedvlsm simulate")
+    assert START in commands and RESUME in commands, commands
+
+
+def test_a_configuration_error_is_one_line_and_exit_2(tmp_path):
+    out = run("fedvlsm simulate --run-config \"adaptr='dense-vl'\"", tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        out.stderr.strip()] and "did you mean 'adapter'" in out.stderr and "Traceback" not in out.stderr
+    out = run("fedvlsm simulate --run-config \"resume=true run-name='nothing-here'\"", tmp_path)
+    assert out.returncode == 2 and "no run 'nothing-here' to resume" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    out = run(START, straight)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "\x1b[" not in out.stderr  # no ANSI colours into a pipe
+    assert "Manually terminating" not in out.stderr
+
+    # The same command, killed (SIGKILL, whole process tree) as soon as round 1 is recorded.
+    argv = shlex.split(START)
+    proc = subprocess.Popen([FEDVLSM, *argv[1:]], cwd=REPO, env=env_for(crashed),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rounds_file = crashed / "runs" / "quick" / "rounds.jsonl"
+    deadline = time.monotonic() + 240
+    while not (rounds_file.is_file() and rounds_file.read_text().strip()):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    assert not (crashed / "runs" / "quick" / "final").exists(), "killed too late: the run had finished"
+    config_before = json.loads((crashed / "runs" / "quick" / "config.json").read_text())
+
+    out = run(RESUME, crashed)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    saved = json.loads((crashed / "runs" / "quick" / "config.json").read_text())
+    # The saved config governed the resume (no pyproject defaults crept in).
+    assert saved == config_before
+    assert (saved["base"], saved["adapter"], saved["local-epochs"], saved["lr"]) == ("arch:tiny", "dense-vl", 1, 0.01)
+    a = load_file(str(straight / "runs/quick/final/adapter/adapter_model.safetensors"))
+    b = load_file(str(crashed / "runs/quick/final/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"resumed vs uninterrupted: max |diff| = {worst:.3g}")
+    assert worst <= 1e-6
+    rounds = [json.loads(x) for x in (crashed / "runs/quick/rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert json.loads((crashed / "runs/quick/status.json").read_text())["status"] == "finished"
+    # Nothing left running from either run.
+    time.sleep(1.0)
+    left = ray_processes_of(straight) + ray_processes_of(crashed)
+    assert not left, [p.info["cmdline"] for p in left]
