@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -37,6 +38,24 @@ from starlette.templating import Jinja2Templates
 from server.run_store import DB_FILE, RunStoreError, ensure_store
 
 HERE = Path(__file__).parent
+
+
+def assets_dir() -> Path:
+    """The folder holding templates/ and static/.
+
+    Under `flwr run` the ServerApp imports this package from the installed FAB,
+    which keeps only *.py, *.toml, *.md, *.json (flwr's include list): the
+    templates and scripts are then taken from the installed project, the next
+    `sys.path` entry that has them (as common.bases does for the demo weights).
+    """
+    if (HERE / "templates" / "run.html").is_file() and (HERE / "static" / "run.js").is_file():
+        return HERE
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "server" / "dashboard"
+        if (candidate / "templates" / "run.html").is_file() and (candidate / "static" / "run.js").is_file():
+            return candidate
+    raise FileNotFoundError(f"the dashboard's templates and scripts are missing from {HERE} and from sys.path; "
+                            "install the project (pip install -e .)")
 TOKEN_COOKIE = "fedvlsm_dashboard_token"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 ROUND_RE = re.compile(r"^round-\d{4,}$")
@@ -131,7 +150,8 @@ class TokenMiddleware(BaseHTTPMiddleware):
 def create_app(runs_dir: Path, token: str | None = None) -> Starlette:
     """The dashboard for every run under `runs_dir`; `token`: required on every route when set."""
     runs_dir = Path(runs_dir).expanduser().resolve()
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    assets = assets_dir()
+    templates = Jinja2Templates(directory=str(assets / "templates"))
 
     def page(request: Request, template: str, status: int = 200, **context) -> Response:
         return templates.TemplateResponse(request, template, {"runs_dir": str(runs_dir), **context},
@@ -213,7 +233,7 @@ def create_app(runs_dir: Path, token: str | None = None) -> Starlette:
             Route("/runs/{name}/download/{what}.zip", download),
             Route("/api/runs", api_runs),
             Route("/api/runs/{name}", api_run),
-            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+            Mount("/static", StaticFiles(directory=str(assets / "static")), name="static"),
         ],
         middleware=middleware,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error, Exception: server_error},
