@@ -23,8 +23,8 @@ def simulate(data: Path, home: Path, run_name: str, rounds: int = 2, **kw) -> Pa
     from test_fed_inprocess import InProcessGrid, make_cfg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    base = load_base("arch:tiny")
-    base_parameters = sum(p.numel() for p in base.model.parameters()) if hasattr(base, "model") else None
+    cfg = make_cfg(data, home, run_name=run_name, rounds=rounds, **kw)
+    base_parameters = sum(p.numel() for p in load_base(cfg.base).model.parameters())
     original = RunRecords.create.__func__
 
     def create(cls, runs_dir, name, config, meta=None):
@@ -32,7 +32,6 @@ def simulate(data: Path, home: Path, run_name: str, rounds: int = 2, **kw) -> Pa
             meta = {"base_parameters": base_parameters}
         return original(cls, runs_dir, name, config, meta)
 
-    cfg = make_cfg(data, home, run_name=run_name, rounds=rounds, **kw)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RunRecords, "create", classmethod(create))
         server_app.run_federation(InProcessGrid(cfg, 3), cfg)

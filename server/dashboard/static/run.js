@@ -9,6 +9,13 @@ let lastKey = null;
 Chart.defaults.animation = false;
 Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
 Chart.defaults.maintainAspectRatio = false;
+Chart.defaults.plugins.legend.labels.usePointStyle = true;  // dashed lines make poor legend boxes
+
+// Log-scale ticks: label 1, 2 and 5 times a power of ten only (the others crowd the axis).
+function logTick(value) {
+  const m = value / Math.pow(10, Math.floor(Math.log10(value)));
+  return [1, 2, 5].some((k) => Math.abs(m - k) < 1e-6) ? fmt.human(value) : "";
+}
 
 function line(label, data, color, extra) {
   return Object.assign({ label, data, borderColor: color, backgroundColor: color, spanGaps: true,
@@ -61,7 +68,7 @@ function renderFigures(data) {
   document.getElementById("fig-bytes-down").title = fmt.human(down);
   const full = run.full_model_bytes === null ? null : sum("full_model_bytes_up") + sum("full_model_bytes_down");
   document.getElementById("fig-full-model").textContent =
-    full === null ? "n/a" : fmt.bytes(full) + (up + down ? " (" + (full / (up + down)).toFixed(1) + "x)" : "");
+    full === null ? "n/a" : fmt.bytes(full) + (up + down ? " (" + (full / (up + down)).toFixed(1) + "x this run)" : "");
   const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
   const eps = last && last.epsilon_server !== null ? last.epsilon_server : (last ? last.epsilon_max : null);
   const budget = run.config["dp-epsilon-budget"];
@@ -114,7 +121,8 @@ function renderCharts(data) {
     payload.push(line("full-model FedAvg (up + down)", rounds.map((r) => r.full_model_bytes_up + r.full_model_bytes_down),
       PALETTE[1], { type: "line", borderDash: [6, 3] }));
   }
-  const bytesAxis = { type: hasFull ? "logarithmic" : "linear", ticks: { callback: (v) => fmt.human(v) } };
+  const bytesAxis = hasFull ? { type: "logarithmic", ticks: { callback: logTick } }
+                            : { type: "linear", ticks: { callback: (v) => fmt.human(v) } };
   draw("chart-payload", { type: "bar", data: { labels, datasets: payload },
     options: { scales: axes("bytes per round", bytesAxis) } });
   document.getElementById("payload-note").textContent = hasFull
