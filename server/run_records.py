@@ -86,8 +86,9 @@ class RunRecords:
                 "continue it with --run-config \"resume=true run-name=...\" or pick another 'run-name'"
             )
         records.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(records.run_dir / CONFIG_FILE, config)
+        # The store first: a dashboard never sees config.json without it (and imports nothing).
         records.store.register_run(run_name, config, meta)
+        write_json_atomic(records.run_dir / CONFIG_FILE, config)
         return records
 
     @classmethod

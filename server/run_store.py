@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -444,13 +445,15 @@ def _jsonl_stamp(run_dir: Path) -> str:
     return "|".join(parts)
 
 
-def import_from_jsonl(run_dir: Path) -> RunStore:
+def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
     """Build `run.sqlite` of a run folder written before the store existed (config.json + rounds.jsonl).
 
     Status: `finished` when `final/summary.json` exists, else `unknown` (such a
     folder cannot tell a failed, stopped or still running run apart). The
     import remembers the files' size and mtime; `ensure_store` imports again
     when they change, so a run written by an older server stays current.
+    Without `replace`, a store that appeared meanwhile (a server registering
+    the run) is kept: the import never overwrites it.
     """
     run_dir = Path(run_dir)
     config_path, rounds_path = run_dir / "config.json", run_dir / "rounds.jsonl"
@@ -486,9 +489,15 @@ def import_from_jsonl(run_dir: Path) -> RunStore:
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             con.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to rename
         store = RunStore.in_run_dir(run_dir)
-        tmp.path.replace(store.path)
-        for suffix in ("-wal", "-shm"):
-            Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+        if replace:
+            tmp.path.replace(store.path)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+        else:
+            try:
+                os.link(tmp.path, store.path)  # atomic, and never over an existing store
+            except FileExistsError:
+                pass
     finally:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{tmp.path}{suffix}").unlink(missing_ok=True)
@@ -500,10 +509,10 @@ def ensure_store(run_dir: Path) -> RunStore:
     run_dir = Path(run_dir)
     store = RunStore.in_run_dir(run_dir)
     if not store.exists():
-        return import_from_jsonl(run_dir)
+        return import_from_jsonl(run_dir, replace=False)
     with store._connect(write=False) as con:
         store._check_version(con)
         row = con.execute("SELECT source, source_stamp FROM run WHERE id = 1").fetchone()
     if row is not None and row["source"] == "rounds.jsonl" and row["source_stamp"] != _jsonl_stamp(run_dir):
-        return import_from_jsonl(run_dir)
+        return import_from_jsonl(run_dir, replace=True)
     return store

@@ -157,3 +157,12 @@ def test_readers_read_while_the_writer_holds_a_transaction(tmp_path):
     assert seen == [1]  # WAL: the last committed snapshot, no waiting, no error
     writer.execute("ROLLBACK")
     writer.close()
+
+
+def test_first_import_never_overwrites_a_store_that_appeared_meanwhile(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    make(tmp_path)  # the server registers the run (store written before config.json)
+    import_from_jsonl(run)  # a dashboard that saw config.json alone a moment earlier
+    assert RunStore.in_run_dir(run).read()["run"]["source"] == "server"
