@@ -6,6 +6,7 @@
     fedvlsm predict --adapter-dir DIR --image IMG --prompt "..." --out OUT
     fedvlsm data synth OUT --sites K --per-site N --seed S
     fedvlsm data check PATH
+    fedvlsm dashboard [--runs DIR] [--host 127.0.0.1] [--port 8050] [--token T]
 """
 
 from __future__ import annotations
@@ -110,7 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.simulate import add_simulate_command  # light: imports only argparse at module level
 
     add_simulate_command(sub)
+    add_dashboard_command(sub)
     return parser
+
+
+def add_dashboard_command(sub) -> None:
+    """`fedvlsm dashboard`: serve the runs' dashboard (server/dashboard); imports happen when it runs."""
+    p = sub.add_parser("dashboard", help="watch federated runs live in a browser (read-only, offline)")
+    p.add_argument("--runs", default=None, help="runs folder (default: $FEDVLSM_HOME/runs, else ~/.fedvlsm/runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument("--token", default=None,
+                   help="access token required on every route (default: $FEDVLSM_DASHBOARD_TOKEN, else none)")
+
+    def cmd_dashboard(args: argparse.Namespace) -> int:
+        from common.federation_config import fedvlsm_home
+        from server.dashboard import DashboardError, serve
+
+        runs = Path(args.runs).expanduser() if args.runs else fedvlsm_home() / "runs"
+        try:
+            serve(runs, host=args.host, port=args.port, token=args.token)
+        except DashboardError as err:
+            print(f"fedvlsm dashboard: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    p.set_defaults(func=cmd_dashboard)
 
 
 def _spec(args: argparse.Namespace):

@@ -113,6 +113,7 @@ class FederationConfig:
     run_name: str = ""
     resume: bool = False
     compare: bool = True  # end with the per-site comparison table (simulation only)
+    dashboard_port: int = 0  # >0: the ServerApp serves the dashboard on 127.0.0.1:<port> for its run
 
     # ------------------------------------------------------------------ build
     def __post_init__(self) -> None:
@@ -134,6 +135,8 @@ class FederationConfig:
         for key in ("rounds", "local_epochs", "batch_size", "demo_images", "demo_image_size", "max_skipped_rounds"):
             if getattr(self, key) < 1:
                 raise bad(_key(key), f"must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise bad("dashboard-port", f"must be a TCP port (1-65535) or 0 (off), got {self.dashboard_port}")
         for key in ("min_sites", "demo_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
             if getattr(self, key) < 0:
                 raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")

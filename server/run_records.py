@@ -4,6 +4,7 @@ Layout of ``<runs-dir>/<run-name>/``::
 
     config.json                 the FederationConfig the run uses (run-config keys)
     rounds.jsonl                one JSON object per completed round (keys: docs/federation.md)
+    run.sqlite                  the run store (server/run_store.py, docs/run-store.md): what the dashboard reads
     checkpoints/round-NNNN/     adapter/ (adapter format) + strategy.npz + state.json
     final/                      adapter/ + summary.json (+ comparison.{json,md} in the demo)
 
@@ -13,6 +14,12 @@ renamed to ``round-NNNN`` only when complete, so a crash leaves either the
 old state or the new one, never half of a checkpoint or of a record. A
 round counts as complete when both its record and its checkpoint exist;
 ``resume`` restarts after the last complete round and drops anything later.
+
+The run store: ``append_round`` writes the round to ``run.sqlite`` first (one
+transaction), then to ``rounds.jsonl``. A crash between the two leaves the
+round in the store but not in ``rounds.jsonl``: the round is not complete,
+and resume rewinds the store to the last complete round as well. Writing a
+round that is already in the store replaces it (idempotent).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from safetensors.torch import load_file
 
 from common.adapter_io import save_adapter_state
 from common.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from server.run_store import RunStore, ensure_store
 
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -61,11 +69,18 @@ def checkpoint_name(server_round: int) -> str:
 class RunRecords:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir).resolve()
+        self.store = RunStore.in_run_dir(self.run_dir)
 
     # ----------------------------------------------------------- open/create
     @classmethod
-    def create(cls, runs_dir: Path, run_name: str, config: dict[str, Any]) -> RunRecords:
-        """A new run directory; refuses one that already holds rounds (use resume)."""
+    def create(cls, runs_dir: Path, run_name: str, config: dict[str, Any],
+               meta: dict[str, Any] | None = None) -> RunRecords:
+        """A new run directory; refuses one that already holds rounds (use resume).
+
+        The run is registered in the run store with status `running`. `meta`:
+        figures about the run that are not config keys, e.g. `trainable_parameters`
+        and `base_parameters` (the latter gives the full-model FedAvg comparison).
+        """
         records = cls(Path(runs_dir) / run_name)
         if records.read_rounds():
             raise RunRecordsError(
@@ -73,31 +88,51 @@ class RunRecords:
                 "continue it with --run-config \"resume=true run-name=...\" or pick another 'run-name'"
             )
         records.run_dir.mkdir(parents=True, exist_ok=True)
+        # The store first: a dashboard never sees config.json without it (and imports nothing).
+        records.store.register_run(run_name, config, meta)
         write_json_atomic(records.run_dir / CONFIG_FILE, config)
         records.set_status("running")
         return records
 
     @classmethod
     def open_existing(cls, runs_dir: Path, run_name: str) -> RunRecords:
+        """An existing run (to resume); a run folder from before the run store gets one, imported."""
         records = cls(Path(runs_dir) / run_name)
         if not (records.run_dir / CONFIG_FILE).is_file():
             raise RunRecordsError(f"cannot resume '{run_name}': {records.run_dir / CONFIG_FILE} does not exist")
+        ensure_store(records.run_dir).claim()
         records.set_status("running")
         return records
+
+    def _store(self) -> RunStore:
+        """The run store; a run folder from before it existed gets one, imported from rounds.jsonl."""
+        if not self.store.exists():
+            ensure_store(self.run_dir).claim()
+        return self.store
+
+    def set_meta(self, meta: dict[str, Any]) -> None:
+        """Run figures that are not config keys (e.g. `trainable_parameters`, `base_parameters`)."""
+        self._store().set_meta(meta)
 
     def read_config(self) -> dict[str, Any]:
         return json.loads((self.run_dir / CONFIG_FILE).read_text())
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / CONFIG_FILE, config)
+        self._store().set_config(config)
 
     # ---------------------------------------------------------------- status
     def set_status(self, status: str, reason: str = "") -> None:
-        """running | finished | failed (with the reason) | stopped: so a dead run says so."""
+        """running | finished | failed (with the reason) | stopped: so a dead run says so.
+
+        Kept in the run store (what the dashboard shows) and in status.json
+        (what `fedvlsm simulate` and scripts read without SQLite).
+        """
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
         from datetime import UTC, datetime
 
+        self._store().set_status(status, reason)
         write_json_atomic(self.run_dir / STATUS_FILE, {
             "status": status, "reason": reason, "time": datetime.now(UTC).isoformat(timespec="seconds")})
 
@@ -117,9 +152,14 @@ class RunRecords:
         return out
 
     def append_round(self, record: dict[str, Any]) -> None:
-        """Add one round's record; the whole file is rewritten and renamed into place."""
+        """Add one round's record: to the run store (one transaction), then to rounds.jsonl.
+
+        rounds.jsonl is rewritten and renamed into place; appending a round
+        again replaces it in both (and drops later ones from rounds.jsonl).
+        """
         if "round" not in record:
             raise ValueError("a round record needs a 'round' key")
+        self._store().write_round(record)
         rounds = [r for r in self.read_rounds() if r["round"] < record["round"]] + [record]
         self._write_rounds(rounds)
 
@@ -181,7 +221,11 @@ class RunRecords:
         )
 
     def rewind_to(self, server_round: int) -> None:
-        """Forget everything after `server_round` (records, checkpoints, final, temp leftovers)."""
+        """Forget everything after `server_round` (store, records, checkpoints, final, temp leftovers).
+
+        The store's status becomes `running` again: rewinding is how a run resumes.
+        """
+        self._store().rewind_to(server_round)
         self._write_rounds([r for r in self.read_rounds() if r["round"] <= server_round])
         root = self.run_dir / CHECKPOINTS
         if root.is_dir():

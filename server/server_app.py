@@ -59,7 +59,7 @@ app = ServerApp()
 
 # Keys a resumed run takes from the new launch instead of its saved config.json.
 RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
-                      "max_skipped_rounds", "compare")
+                      "max_skipped_rounds", "compare", "dashboard_port")
 
 
 @app.main()
@@ -74,6 +74,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
     cfg.apply_threads()
     records, cfg, start_round, config_to_save = open_run(cfg)
     say(f"run directory: {records.run_dir}")
+    if cfg.dashboard_port:
+        start_dashboard(cfg)
     try:
         summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
     except (KeyboardInterrupt, SystemExit):
@@ -105,6 +107,8 @@ def _run(
     counts = model.parameter_counts()
     say(f"adapter tensors: {len(shared)} shared, {len(personal)} personal; trainable parameters "
         f"{counts['trainable']:,} of {counts['total']:,}")
+    records.set_meta({"trainable_parameters": counts["trainable"],
+                      "base_parameters": sum(p.numel() for p in frozen.model.parameters())})
     global_arrays = {k: v.float().numpy() for k, v in shared.items()}
     meta = adapter_config(model, shared, extra={"personal": list(cfg.personal), "shared_only": bool(personal)})
 
@@ -188,6 +192,18 @@ def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, 
         cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
     return records, cfg, 1, None
+
+
+def start_dashboard(cfg: FederationConfig) -> None:
+    """`dashboard-port`: serve the dashboard for this server's runs folder; a taken port is not fatal."""
+    from server.dashboard import DashboardError, start_in_background
+
+    try:
+        url = start_in_background(cfg.runs_dir, port=cfg.dashboard_port)
+    except DashboardError as err:
+        log(WARNING, "[fedvlsm] dashboard not started: %s", err)
+        return
+    say(f"dashboard: {url}/runs/{cfg.run_name}")
 
 
 def _k(key: str) -> str:

@@ -1,0 +1,216 @@
+// A run's page: /api/runs/<name> every 2 s; everything is redrawn when the run changed.
+"use strict";
+const RUN = document.body.dataset.run;
+const API = "/api/runs/" + encodeURIComponent(RUN);
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
+const charts = {};
+let lastKey = null;
+
+Chart.defaults.animation = false;
+Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
+Chart.defaults.maintainAspectRatio = false;
+Chart.defaults.plugins.legend.labels.usePointStyle = true;  // dashed lines make poor legend boxes
+
+// Log-scale ticks: label 1, 2 and 5 times a power of ten only (the others crowd the axis).
+function logTick(value) {
+  const m = value / Math.pow(10, Math.floor(Math.log10(value)));
+  return [1, 2, 5].some((k) => Math.abs(m - k) < 1e-6) ? fmt.human(value) : "";
+}
+
+function line(label, data, color, extra) {
+  return Object.assign({ label, data, borderColor: color, backgroundColor: color, spanGaps: true,
+                         tension: 0, pointRadius: 3, borderWidth: 2 }, extra || {});
+}
+
+function draw(id, config) {
+  if (charts[id]) charts[id].destroy();
+  const canvas = document.getElementById(id);
+  canvas.parentElement.classList.remove("off");
+  charts[id] = new Chart(canvas, config);
+  canvas.dataset.datasets = config.data.datasets.length;
+}
+
+function hideChart(id, note) {
+  if (charts[id]) { charts[id].destroy(); delete charts[id]; }
+  const canvas = document.getElementById(id);
+  canvas.parentElement.classList.add("off");
+  canvas.dataset.datasets = 0;
+  return note;
+}
+
+function axes(yTitle, extra) {
+  return { x: { title: { display: true, text: "round" } }, y: Object.assign({ title: { display: true, text: yTitle } }, extra || {}) };
+}
+
+function cumulative(values) {
+  let s = 0;
+  return values.map((v) => (v === null ? null : (s += v)));
+}
+
+function siteNames(rounds) {
+  const names = new Set();
+  rounds.forEach((r) => r.sites.forEach((s) => names.add(s.site)));
+  return [...names].sort();
+}
+
+function renderFigures(data) {
+  const { run, rounds } = data;
+  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  const configured = run.config.rounds;
+  document.getElementById("fig-rounds").textContent = rounds.length + (configured ? " / " + configured : "");
+  document.getElementById("fig-dice").textContent = last ? fmt.dice(last.dice) : "n/a";
+  document.getElementById("fig-dice-personal").textContent = last ? fmt.dice(last.dice_personal) : "n/a";
+  const sum = (k) => rounds.reduce((a, r) => a + (r[k] || 0), 0);
+  const up = sum("payload_bytes_up"), down = sum("payload_bytes_down");
+  document.getElementById("fig-bytes-up").textContent = fmt.bytes(up);
+  document.getElementById("fig-bytes-up").title = fmt.human(up);
+  document.getElementById("fig-bytes-down").textContent = fmt.bytes(down);
+  document.getElementById("fig-bytes-down").title = fmt.human(down);
+  const full = run.full_model_bytes === null ? null : sum("full_model_bytes_up") + sum("full_model_bytes_down");
+  document.getElementById("fig-full-model").textContent =
+    full === null ? "n/a" : fmt.bytes(full) + (up + down ? " (" + (full / (up + down)).toFixed(1) + "x this run)" : "");
+  const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
+  const eps = last && last.epsilon_server !== null ? last.epsilon_server : (last ? last.epsilon_max : null);
+  const budget = run.config["dp-epsilon-budget"];
+  document.getElementById("fig-epsilon").textContent = eps !== null && eps !== undefined
+    ? fmt.num(eps, 2) + (budget ? " of " + budget : "") : (dp ? "DP " + dp + ", no figure yet" : "off");
+  const status = document.getElementById("run-status");
+  status.replaceWith(Object.assign(badge(run.status), { id: "run-status" }));
+  const reason = document.getElementById("status-reason");
+  reason.hidden = !(run.reason || run.status === "failed" || run.status === "stopped");
+  reason.className = "banner " + (run.status === "failed" ? "error" : "warn");
+  reason.textContent = run.status + (run.reason ? ": " + run.reason : "");
+  document.getElementById("times").textContent = "started " + fmt.time(run.started_at) + " UTC" +
+    (run.ended_at ? " | ended " + fmt.time(run.ended_at) + " UTC" : "") + " | last update " + fmt.time(run.updated_at) +
+    " UTC" + (run.source === "rounds.jsonl" ? " | imported from rounds.jsonl" : "");
+}
+
+function renderCharts(data) {
+  const { run, rounds } = data;
+  const labels = rounds.map((r) => r.round);
+  const col = (k) => rounds.map((r) => r[k]);
+  document.getElementById("no-rounds").hidden = rounds.length > 0;
+  document.getElementById("charts").hidden = rounds.length === 0;
+  if (!rounds.length) return;
+
+  draw("chart-dice", { type: "line", data: { labels, datasets: [
+    line("global", col("dice"), PALETTE[0]),
+    line("personalised", col("dice_personal"), PALETTE[1], { borderDash: [6, 3] }),
+  ] }, options: { scales: axes("Dice", { min: 0, max: 1 }) } });
+
+  draw("chart-loss", { type: "line", data: { labels, datasets: [
+    line("train loss (last epoch)", col("train_loss"), PALETTE[4]),
+    line("validation loss", col("val_loss"), PALETTE[5]),
+  ] }, options: { scales: axes("loss") } });
+
+  const names = siteNames(rounds);
+  const siteValue = (name, key) => rounds.map((r) => {
+    const s = r.sites.find((x) => x.site === name);
+    return s ? s[key] : null;
+  });
+  draw("chart-sites", { type: "line", data: { labels, datasets: names.map((n, i) =>
+    line(n, siteValue(n, "val_dice"), PALETTE[i % PALETTE.length])) },
+    options: { scales: axes("validation Dice", { min: 0, max: 1 }) } });
+
+  const hasFull = run.full_model_bytes !== null;
+  const payload = [
+    { type: "bar", label: "up (sites to server)", data: col("payload_bytes_up"), backgroundColor: PALETTE[0] },
+    { type: "bar", label: "down (server to sites)", data: col("payload_bytes_down"), backgroundColor: PALETTE[2] },
+  ];
+  if (hasFull) {
+    payload.push(line("full-model FedAvg (up + down)", rounds.map((r) => r.full_model_bytes_up + r.full_model_bytes_down),
+      PALETTE[1], { type: "line", borderDash: [6, 3] }));
+  }
+  const bytesAxis = hasFull ? { type: "logarithmic", ticks: { callback: logTick } }
+                            : { type: "linear", ticks: { callback: (v) => fmt.human(v) } };
+  draw("chart-payload", { type: "bar", data: { labels, datasets: payload },
+    options: { scales: axes("bytes per round", bytesAxis) } });
+  document.getElementById("payload-note").textContent = hasFull
+    ? "Full-model FedAvg: the base's " + Number(run.full_model_parameters).toLocaleString("en-US") +
+      " parameters per message at this run's wire dtype (" + fmt.bytes(run.full_model_bytes) + "), same messages. Log scale."
+    : "Full-model FedAvg comparison: n/a (the run did not record its base's parameter count).";
+
+  const ours = cumulative(rounds.map((r) => (r.payload_bytes_up || 0) + (r.payload_bytes_down || 0)));
+  const cum = [line("this run (up + down)", ours, PALETTE[0])];
+  if (hasFull) cum.push(line("full-model FedAvg", cumulative(rounds.map((r) => r.full_model_bytes_up + r.full_model_bytes_down)),
+    PALETTE[1], { borderDash: [6, 3] }));
+  draw("chart-cumulative", { type: "line", data: { labels, datasets: cum },
+    options: { scales: axes("cumulative bytes", bytesAxis) } });
+
+  const anyEps = rounds.some((r) => r.epsilon_server !== null || r.epsilon_max !== null || r.sites.some((s) => s.epsilon !== null));
+  const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
+  const epsNote = document.getElementById("epsilon-note");
+  if (!anyEps) {
+    epsNote.textContent = hideChart("chart-epsilon", dp
+      ? "Privacy mode '" + dp + "': no epsilon recorded yet."
+      : "Privacy mode off: no differential privacy, so no epsilon to show.");
+  } else {
+    const sets = names.map((n, i) => line(n, siteValue(n, "epsilon"), PALETTE[i % PALETTE.length]));
+    if (rounds.some((r) => r.epsilon_server !== null)) sets.push(line("server", col("epsilon_server"), "#111827", { borderWidth: 3 }));
+    const budget = run.config["dp-epsilon-budget"];
+    if (budget) sets.push(line("budget", labels.map(() => Number(budget)), "#6b7280", { borderDash: [2, 4], pointRadius: 0 }));
+    draw("chart-epsilon", { type: "line", data: { labels, datasets: sets }, options: { scales: axes("epsilon", { min: 0 }) } });
+    const last = rounds[rounds.length - 1];
+    epsNote.textContent = "delta " + (last.delta === null ? "n/a" : last.delta) + (dp ? " | mode " + dp : "") +
+      (budget ? " | budget " + budget : "");
+  }
+}
+
+function eventChips(r) {
+  const chips = [];
+  r.failed.forEach((e) => chips.push(el("div", { class: "event failed" }, "failed: " + e.site + (e.phase ? " (" + e.phase + ")" : "") + ": " + e.reason)));
+  r.excluded.forEach((e) => chips.push(el("div", { class: "event excluded" }, "excluded: " + e.site + (e.phase ? " (" + e.phase + ")" : "") + ": " + e.reason)));
+  return chips.length ? chips : ["-"];
+}
+
+function renderTables(data) {
+  const { run, rounds } = data;
+  document.querySelector("#timeline tbody").replaceChildren(...rounds.slice().reverse().map((r) => el("tr", { dataset: { round: r.round } },
+    el("td", { class: "num" }, r.round),
+    el("td", {}, badge(r.status)),
+    el("td", {}, fmt.time(r.time)),
+    el("td", { class: "num" }, fmt.secs(r.round_seconds)),
+    el("td", { class: "num" }, fmt.secs(r.train_seconds)),
+    el("td", { class: "num dice" }, fmt.dice(r.dice)),
+    el("td", { class: "num dice-personal" }, fmt.dice(r.dice_personal)),
+    el("td", { class: "num bytes-up", title: fmt.human(r.payload_bytes_up) }, fmt.bytes(r.payload_bytes_up)),
+    el("td", { class: "num bytes-down", title: fmt.human(r.payload_bytes_down) }, fmt.bytes(r.payload_bytes_down)),
+    el("td", {}, r.sites.map((s) => el("span", { class: "chip" + (s.trained ? " trained" : " evalonly"),
+      title: s.trained ? "trained and evaluated" : "evaluated only (not sampled for training)" }, s.site))),
+    el("td", {}, eventChips(r)),
+  )));
+  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  document.querySelector("#sites tbody").replaceChildren(...(last ? last.sites : []).map((s) => el("tr", { dataset: { site: s.site } },
+    el("td", {}, s.site),
+    el("td", { class: "num" }, s.num_examples === null ? "-" : s.num_examples),
+    el("td", { class: "num" }, fmt.num(s.train_loss, 4)),
+    el("td", { class: "num" }, s.val_examples === null ? "-" : s.val_examples),
+    el("td", { class: "num" }, fmt.dice(s.val_dice)),
+    el("td", { class: "num" }, fmt.dice(s.val_dice_personal)),
+    el("td", { class: "num" }, fmt.num(s.val_loss, 4)),
+    el("td", { class: "num" }, fmt.bytes(s.payload_bytes_up)),
+    el("td", { class: "num" }, fmt.bytes(s.payload_bytes_down)),
+    el("td", { class: "num" }, s.epsilon === null ? "-" : fmt.num(s.epsilon, 3)),
+  )));
+  document.querySelector("#config tbody").replaceChildren(...Object.keys(run.config).sort().map((k) =>
+    el("tr", {}, el("th", {}, k), el("td", {}, JSON.stringify(run.config[k])))));
+  const list = document.getElementById("downloads");
+  list.replaceChildren(...(data.downloads.length ? data.downloads.map((d) => el("li", {},
+    el("a", { href: "/runs/" + encodeURIComponent(RUN) + "/download/" + d.name + ".zip" }, d.label))) : [el("li", {}, "nothing yet")]));
+}
+
+async function refresh() {
+  const { ok, body } = await getJSON(API);
+  if (!ok) { showError(body.error || "cannot read this run"); return; }
+  hideError();
+  const key = JSON.stringify([body.run.status, body.run.reason, body.run.updated_at, body.rounds.length, body.downloads.length]);
+  if (key === lastKey) return;
+  lastKey = key;
+  renderFigures(body);
+  renderCharts(body);
+  renderTables(body);
+  document.body.dataset.rendered = body.rounds.length;
+}
+
+refresh();
+setInterval(refresh, POLL_MS);

@@ -1,0 +1,528 @@
+"""The run store: one SQLite database per run, `<runs-dir>/<run-name>/run.sqlite`.
+
+What the dashboard reads. The ServerApp (through ``RunRecords``) is the one
+writer; any number of readers may read while it writes (WAL journal). The
+schema is versioned (table ``schema_version``) and documented in
+docs/run-store.md. A run folder without a database (written before the store
+existed) is imported from its ``rounds.jsonl`` on first view
+(``import_from_jsonl``).
+
+Every round's full record is kept as JSON (``rounds.record_json``,
+``site_rounds.row_json``) so that no key is lost; the known keys are also
+extracted into columns for the API and the charts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DB_FILE = "run.sqlite"
+SCHEMA_VERSION = 1
+STATUSES = ("running", "finished", "failed", "stopped", "unknown")
+
+# Bytes per tensor element on the wire, by run-config `payload-dtype`.
+WIRE_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    config_json TEXT NOT NULL,
+    meta_json TEXT NOT NULL DEFAULT '{}',
+    full_model_parameters INTEGER,
+    full_model_bytes INTEGER,
+    started_at TEXT,
+    updated_at TEXT,
+    ended_at TEXT,
+    source TEXT NOT NULL DEFAULT 'server',
+    source_stamp TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    dice REAL,
+    dice_personal REAL,
+    train_loss REAL,
+    val_loss REAL,
+    payload_bytes_up INTEGER,
+    payload_bytes_down INTEGER,
+    train_seconds REAL,
+    round_seconds REAL,
+    time TEXT,
+    epsilon_max REAL,
+    epsilon_server REAL,
+    delta REAL,
+    record_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS site_rounds (
+    round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE,
+    site TEXT NOT NULL,
+    node_id INTEGER,
+    trained INTEGER NOT NULL,
+    evaluated INTEGER NOT NULL,
+    num_examples INTEGER,
+    train_loss REAL,
+    train_seconds REAL,
+    payload_bytes_up INTEGER,
+    payload_bytes_down INTEGER,
+    val_dice REAL,
+    val_dice_personal REAL,
+    val_loss REAL,
+    val_examples INTEGER,
+    epsilon REAL,
+    delta REAL,
+    dp_steps INTEGER,
+    dp_sample_rate REAL,
+    dp_noise_multiplier REAL,
+    row_json TEXT NOT NULL,
+    PRIMARY KEY (round, site)
+);
+CREATE TABLE IF NOT EXISTS site_events (
+    round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('failed', 'excluded')),
+    site TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS site_events_round ON site_events(round);
+"""
+
+ROUND_COLUMNS = ("round", "status", "dice", "dice_personal", "train_loss", "val_loss", "payload_bytes_up",
+                 "payload_bytes_down", "train_seconds", "round_seconds", "time", "epsilon_max",
+                 "epsilon_server", "delta")
+SITE_COLUMNS = ("site", "node_id", "trained", "evaluated", "num_examples", "train_loss", "train_seconds",
+                "payload_bytes_up", "payload_bytes_down", "val_dice", "val_dice_personal", "val_loss",
+                "val_examples", "epsilon", "delta", "dp_steps", "dp_sample_rate", "dp_noise_multiplier")
+
+
+class RunStoreError(RuntimeError):
+    """A run store that is missing, corrupt, or from a newer schema; the message says which."""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _num(value: Any) -> float | None:
+    """A float for SQLite, or None for missing/NaN/inf (SQLite and JSON have no NaN)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _int(value: Any) -> int | None:
+    x = _num(value)
+    return int(x) if x is not None else None
+
+
+def _json(value: Any) -> str:
+    # allow_nan=False would reject NaN Dice of a round without evaluation: write them as null.
+    return json.dumps(_finite(value), sort_keys=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def parse_events(items: Any) -> list[dict[str, str]]:
+    """Failures or exclusions as `{site, phase, reason}` dicts.
+
+    Accepts the dict form and the older string form ``"<phase>: node <id>: <reason>"``.
+    """
+    out = []
+    for item in items or []:
+        if isinstance(item, dict):
+            out.append({"site": str(item.get("site", "") or item.get("node", "") or "?"),
+                        "phase": str(item.get("phase", "") or ""), "reason": str(item.get("reason", "") or "")})
+            continue
+        text = str(item)
+        phase, _, rest = text.partition(": ")
+        if not rest:
+            out.append({"site": "?", "phase": "", "reason": text})
+            continue
+        site, sep, reason = rest.partition(": ")
+        if not sep:
+            site, reason = "?", rest
+        out.append({"site": site.strip(), "phase": phase.strip(), "reason": reason.strip()})
+    return out
+
+
+def full_model_from_meta(config: dict[str, Any], meta: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(parameters, bytes) of one full-model FedAvg message, or (None, None) when not known.
+
+    Full-model FedAvg sends the whole base model (`base_parameters`) in each
+    message; we count it at the run's wire dtype (`payload-dtype`), so the
+    comparison shows what the adapters save, not what fp16 saves. An explicit
+    `full_model_bytes` in `meta` wins.
+    """
+    meta = meta or {}
+    params = _int(meta.get("full_model_parameters")) or _int(meta.get("base_parameters"))
+    explicit = _int(meta.get("full_model_bytes"))
+    if explicit is not None:
+        return params, explicit
+    if params is None:
+        return None, None
+    element = WIRE_ELEMENT_BYTES.get(str(config.get("payload-dtype", "fp32")), 4)
+    return params, params * element
+
+
+def _site_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, row in sorted((record.get("sites") or {}).items()):
+        row = row or {}
+        rows.append({
+            "site": str(name),
+            "node_id": _int(row.get("node_id")),
+            "trained": int("num_examples" in row),
+            "evaluated": int("val_dice" in row or "val_examples" in row),
+            "num_examples": _int(row.get("num_examples")),
+            "train_loss": _num(row.get("train_loss")),
+            "train_seconds": _num(row.get("train_seconds")),
+            "payload_bytes_up": _int(row.get("payload_bytes_up")),
+            "payload_bytes_down": _int(row.get("payload_bytes_down")),
+            "val_dice": _num(row.get("val_dice")),
+            "val_dice_personal": _num(row.get("val_dice_personal")),
+            "val_loss": _num(row.get("val_loss")),
+            "val_examples": _int(row.get("val_examples")),
+            "epsilon": _num(row.get("epsilon")),
+            "delta": _num(row.get("delta")),
+            "dp_steps": _int(row.get("dp_steps")),
+            "dp_sample_rate": _num(row.get("dp_sample_rate")),
+            "dp_noise_multiplier": _num(row.get("dp_noise_multiplier")),
+            "row_json": _json(row),
+        })
+    return rows
+
+
+def _val_loss(rows: list[dict[str, Any]]) -> float | None:
+    """Validation loss of the global adapter, mean over sites weighted by validation images."""
+    pairs = [(r["val_loss"], r["val_examples"]) for r in rows if r["val_loss"] is not None and r["val_examples"]]
+    n = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / n if n else None
+
+
+class RunStore:
+    """One run's database. Connections are opened per operation (no handle held between rounds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def in_run_dir(cls, run_dir: Path) -> RunStore:
+        return cls(Path(run_dir) / DB_FILE)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    # ------------------------------------------------------------ connection
+    @contextmanager
+    def _connect(self, write: bool) -> Iterator[sqlite3.Connection]:
+        if not write and not self.exists():
+            raise RunStoreError(f"{self.path}: no run store (run.sqlite) in this run folder")
+        mode = "rwc" if write else "rw"  # a reader never creates the file
+        try:
+            con = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, timeout=10.0,
+                                  isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as err:
+            raise RunStoreError(f"{self.path}: cannot open the run store: {err}") from err
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout = 10000")
+            con.execute("PRAGMA foreign_keys = ON")
+            if write:
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute("PRAGMA synchronous = FULL")
+            else:
+                con.execute("PRAGMA query_only = ON")
+            yield con
+        except sqlite3.DatabaseError as err:
+            raise RunStoreError(f"{self.path}: the run store is unreadable ({err}); "
+                                "it may be corrupt or not a fedvlsm run store") from err
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect(write=True) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _check_version(self, con: sqlite3.Connection) -> None:
+        try:
+            row = con.execute("SELECT version FROM schema_version").fetchone()
+        except sqlite3.OperationalError as err:
+            raise RunStoreError(f"{self.path}: not a fedvlsm run store ({err})") from err
+        if row is None:
+            raise RunStoreError(f"{self.path}: run store has no schema version")
+        if row[0] > SCHEMA_VERSION:
+            raise RunStoreError(f"{self.path}: run store schema v{row[0]} was written by a newer fedvlsm; "
+                                f"this one reads up to v{SCHEMA_VERSION}")
+
+    # --------------------------------------------------------------- writing
+    def register_run(self, name: str, config: dict[str, Any], meta: dict[str, Any] | None = None, *,
+                     status: str = "running", started_at: str | None = None, source: str = "server",
+                     source_stamp: str | None = None) -> None:
+        """(Re)start the run's row and forget any rounds (a new run under this name)."""
+        _check_status(status)
+        params, full_bytes = full_model_from_meta(config, meta)
+        with self._transaction() as con:
+            # statement by statement: executescript() would commit the open transaction
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            version = con.execute("SELECT version FROM schema_version").fetchone()
+            if version is None:
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version[0] > SCHEMA_VERSION:
+                raise RunStoreError(f"{self.path}: run store schema v{version[0]} is newer than this fedvlsm "
+                                    f"(v{SCHEMA_VERSION})")
+            con.execute("DELETE FROM rounds")
+            con.execute("DELETE FROM run")
+            stamp = started_at or now()
+            con.execute(
+                "INSERT INTO run (id, name, status, reason, config_json, meta_json, full_model_parameters, "
+                "full_model_bytes, started_at, updated_at, ended_at, source, source_stamp) "
+                "VALUES (1, ?, ?, '', ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (name, status, _json(config), _json(meta or {}), params, full_bytes, stamp, now(), source,
+                 source_stamp),
+            )
+
+    def write_round(self, record: dict[str, Any]) -> None:
+        """One round in one transaction; writing the same round again replaces it (idempotent)."""
+        if "round" not in record:
+            raise ValueError("a round record needs a 'round' key")
+        number = int(record["round"])
+        sites = _site_rows(record)
+        with self._transaction() as con:
+            self._check_version(con)
+            con.execute("DELETE FROM rounds WHERE round = ?", (number,))  # cascades to sites and events
+            con.execute(
+                f"INSERT INTO rounds ({', '.join(ROUND_COLUMNS)}, record_json) "
+                f"VALUES ({', '.join('?' * (len(ROUND_COLUMNS) + 1))})",
+                (number, str(record.get("status") or "ok"), _num(record.get("dice")),
+                 _num(record.get("dice_personal")), _num(record.get("train_loss")), _val_loss(sites),
+                 _int(record.get("payload_bytes_up")), _int(record.get("payload_bytes_down")),
+                 _num(record.get("train_seconds")), _num(record.get("round_seconds")), record.get("time"),
+                 _num(record.get("epsilon_max")), _num(record.get("epsilon_server")), _num(record.get("delta")),
+                 _json(record)),
+            )
+            for row in sites:
+                con.execute(
+                    f"INSERT INTO site_rounds (round, {', '.join(SITE_COLUMNS)}, row_json) "
+                    f"VALUES ({', '.join('?' * (len(SITE_COLUMNS) + 2))})",
+                    (number, *(row[c] for c in SITE_COLUMNS), row["row_json"]),
+                )
+            for kind, key in (("failed", "failures"), ("excluded", "excluded")):
+                for event in parse_events(record.get(key)):
+                    con.execute("INSERT INTO site_events (round, kind, site, phase, reason) VALUES (?, ?, ?, ?, ?)",
+                                (number, kind, event["site"], event["phase"], event["reason"]))
+            con.execute("UPDATE run SET updated_at = ?", (now(),))
+
+    def rewind_to(self, server_round: int) -> None:
+        """Forget every round after `server_round`; the run is running again (resume)."""
+        with self._transaction() as con:
+            self._check_version(con)
+            con.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
+            con.execute("UPDATE run SET status = 'running', reason = '', ended_at = NULL, updated_at = ?", (now(),))
+
+    def set_status(self, status: str, reason: str = "") -> None:
+        _check_status(status)
+        with self._transaction() as con:
+            self._check_version(con)
+            stamp = now()
+            ended = None if status == "running" else stamp
+            con.execute("UPDATE run SET status = ?, reason = ?, ended_at = ?, updated_at = ?",
+                        (status, reason, ended, stamp))
+
+    def claim(self) -> None:
+        """From now on the server writes this store (an imported one is no longer re-imported)."""
+        with self._transaction() as con:
+            self._check_version(con)
+            con.execute("UPDATE run SET source = 'server', source_stamp = NULL")
+
+    def set_meta(self, meta: dict[str, Any]) -> None:
+        """Figures known once the server has built the model (parameter counts: full-model comparison)."""
+        with self._transaction() as con:
+            self._check_version(con)
+            row = con.execute("SELECT config_json FROM run").fetchone()
+            config = json.loads(row[0]) if row and row[0] else {}
+            params, full_bytes = full_model_from_meta(config, meta)
+            con.execute("UPDATE run SET meta_json = ?, full_model_parameters = ?, full_model_bytes = ?, "
+                        "updated_at = ?", (_json(meta), params, full_bytes, now()))
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        with self._transaction() as con:
+            self._check_version(con)
+            con.execute("UPDATE run SET config_json = ?, updated_at = ?", (_json(config), now()))
+
+    # --------------------------------------------------------------- reading
+    def read(self) -> dict[str, Any]:
+        """The whole run: {run: {...}, rounds: [{..., sites: [...], failed: [...], excluded: [...]}]}."""
+        with self._connect(write=False) as con:
+            con.execute("BEGIN")  # one snapshot for all the selects below
+            self._check_version(con)
+            run = con.execute("SELECT * FROM run WHERE id = 1").fetchone()
+            if run is None:
+                raise RunStoreError(f"{self.path}: the run store holds no run")
+            rounds = [dict(r) for r in con.execute(
+                f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds ORDER BY round")]
+            by_round = {r["round"]: r for r in rounds}
+            for r in rounds:
+                r.update(sites=[], failed=[], excluded=[])
+            for row in con.execute(f"SELECT round, {', '.join(SITE_COLUMNS)} FROM site_rounds ORDER BY round, site"):
+                row = dict(row)
+                number = row.pop("round")
+                row["trained"], row["evaluated"] = bool(row["trained"]), bool(row["evaluated"])
+                by_round[number]["sites"].append(row)
+            for ev in con.execute("SELECT round, kind, site, phase, reason FROM site_events ORDER BY rowid"):
+                by_round[ev["round"]][ev["kind"]].append({"site": ev["site"], "phase": ev["phase"],
+                                                          "reason": ev["reason"]})
+            con.execute("COMMIT")
+        info = dict(run)
+        info.pop("id")
+        info["config"] = json.loads(info.pop("config_json"))
+        info["meta"] = json.loads(info.pop("meta_json"))
+        for r in rounds:
+            full = info["full_model_bytes"]
+            ups = sum(1 for s in r["sites"] if s["trained"])
+            downs = sum(int(s["trained"]) + int(s["evaluated"]) for s in r["sites"])
+            r["full_model_bytes_up"] = ups * full if full is not None else None
+            r["full_model_bytes_down"] = downs * full if full is not None else None
+        return {"run": info, "rounds": rounds}
+
+    def summary(self) -> dict[str, Any]:
+        """The runs-list row: name, status, reason, rounds done, last (personalised) Dice, start/end times."""
+        with self._connect(write=False) as con:
+            con.execute("BEGIN")
+            self._check_version(con)
+            run = con.execute("SELECT name, status, reason, started_at, updated_at, ended_at FROM run "
+                              "WHERE id = 1").fetchone()
+            if run is None:
+                raise RunStoreError(f"{self.path}: the run store holds no run")
+            done = con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            last = con.execute("SELECT round, dice, dice_personal FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+            con.execute("COMMIT")
+        return {**dict(run), "rounds_done": done, "last_round": last["round"] if last else None,
+                "last_dice": last["dice"] if last else None,
+                "last_dice_personal": last["dice_personal"] if last else None}
+
+    def read_records(self) -> list[dict[str, Any]]:
+        """The rounds' full records as written (NaN written as null)."""
+        with self._connect(write=False) as con:
+            self._check_version(con)
+            return [json.loads(r[0]) for r in con.execute("SELECT record_json FROM rounds ORDER BY round")]
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"run status must be one of {STATUSES}, got {status!r}")
+
+
+# --------------------------------------------------------------- import
+def _jsonl_stamp(run_dir: Path) -> str:
+    """Changes whenever rounds.jsonl, config.json or final/summary.json change."""
+    parts = []
+    for name in ("config.json", "rounds.jsonl", "final/summary.json"):
+        p = run_dir / name
+        parts.append(f"{name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" if p.is_file() else f"{name}:-")
+    return "|".join(parts)
+
+
+def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
+    """Build `run.sqlite` of a run folder written before the store existed (config.json + rounds.jsonl).
+
+    Status: `finished` when `final/summary.json` exists, else `unknown` (such a
+    folder cannot tell a failed, stopped or still running run apart). The
+    import remembers the files' size and mtime; `ensure_store` imports again
+    when they change, so a run written by an older server stays current.
+    Without `replace`, a store that appeared meanwhile (a server registering
+    the run) is kept: the import never overwrites it.
+    """
+    run_dir = Path(run_dir)
+    config_path, rounds_path = run_dir / "config.json", run_dir / "rounds.jsonl"
+    if not config_path.is_file() and not rounds_path.is_file():
+        raise RunStoreError(f"{run_dir}: not a run folder (no config.json, no rounds.jsonl)")
+    stamp = _jsonl_stamp(run_dir)
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        records = [json.loads(line) for line in rounds_path.read_text().splitlines()
+                   if line.strip()] if rounds_path.is_file() else []
+        summary_path = run_dir / "final" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunStoreError(f"{run_dir}: cannot import the run's records: {err}") from err
+    meta = {}
+    if summary and summary.get("trainable_parameters"):
+        meta["trainable_parameters"] = summary["trainable_parameters"]
+    started = datetime.fromtimestamp((config_path if config_path.is_file() else rounds_path).stat().st_mtime,
+                                     UTC).isoformat(timespec="seconds")
+    # Build aside, then rename: a reader never sees a half-imported store.
+    tmp = RunStore(run_dir / f".{DB_FILE}.import-{time.monotonic_ns()}")
+    try:
+        tmp.register_run(run_dir.name, config, meta, status="running", started_at=started, source="rounds.jsonl",
+                         source_stamp=stamp)
+        for record in records:
+            tmp.write_round(record)
+        if summary is not None:
+            tmp.set_status("finished")
+        else:
+            tmp.set_status("unknown", "imported from rounds.jsonl without final/: "
+                                      "the run may have failed, been stopped, or still be running")
+        with tmp._connect(write=True) as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            con.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to rename
+        store = RunStore.in_run_dir(run_dir)
+        if replace:
+            tmp.path.replace(store.path)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+        else:
+            try:
+                os.link(tmp.path, store.path)  # atomic, and never over an existing store
+            except FileExistsError:
+                pass
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp.path}{suffix}").unlink(missing_ok=True)
+    return store
+
+
+def ensure_store(run_dir: Path) -> RunStore:
+    """The run's store, importing it from rounds.jsonl when missing or when an imported copy is stale."""
+    run_dir = Path(run_dir)
+    store = RunStore.in_run_dir(run_dir)
+    if not store.exists():
+        return import_from_jsonl(run_dir, replace=False)
+    with store._connect(write=False) as con:
+        store._check_version(con)
+        row = con.execute("SELECT source, source_stamp FROM run WHERE id = 1").fetchone()
+    if row is not None and row["source"] == "rounds.jsonl" and row["source_stamp"] != _jsonl_stamp(run_dir):
+        return import_from_jsonl(run_dir, replace=True)
+    return store

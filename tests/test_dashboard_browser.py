@@ -1,0 +1,141 @@
+"""The dashboard in a real browser: headless Chromium (Debian's chromium + chromium-driver) via Selenium.
+
+Loads the page of a finished run written by a real (short) federation, checks
+that the charts rendered and that the Dice and byte figures shown equal the
+run store's, then adds a round to the store and waits for the open page to
+show it without a reload. Where CI is set, a missing Chromium fails the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+
+import pytest
+
+from common.data import synthesize
+from dashboard_support import simulate
+from server.dashboard import start_in_background
+from server.run_records import RunRecords
+from server.run_store import RunStore
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _need_browser():
+    missing = [p for p in (CHROMIUM, DRIVER) if not shutil.which(p)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        message = f"browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver; pip install selenium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    _need_browser()
+    data = tmp_path_factory.mktemp("browser-data")
+    synthesize(data, sites=3, per_site=9, seed=0, image_size=64)
+    home = tmp_path_factory.mktemp("browser-home")
+    run_dir = simulate(data, home, "browser", rounds=2)
+    url = start_in_background(home / "runs", "127.0.0.1", 0, token="browser-token")
+    return url, run_dir
+
+
+def wait_for(driver, script, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for: {script}")
+
+
+def text(driver, css):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, css).text.strip()
+
+
+def test_run_page_shows_the_store_and_updates_live(browser, served):
+    url, run_dir = served
+    browser.get(f"{url}runs/browser?token=browser-token")
+    wait_for(browser, "return document.body.dataset.rendered === '2'")
+    store = RunStore.in_run_dir(run_dir).read()
+    rounds = store["rounds"]
+
+    # Charts: Chart.js objects with the store's data, and ink on the canvases.
+    for chart_id, n_sets in (("chart-dice", 2), ("chart-loss", 2), ("chart-sites", 3), ("chart-payload", 3),
+                             ("chart-cumulative", 2)):
+        datasets = browser.execute_script(
+            "const c = Chart.getChart(arguments[0]); return c ? c.data.datasets.map(d => d.data) : null;", chart_id)
+        assert datasets is not None and len(datasets) == n_sets, chart_id
+        assert all(len(d) == 2 for d in datasets), chart_id
+        inked = browser.execute_script("""
+            const c = document.getElementById(arguments[0]); const px = c.getContext('2d')
+              .getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i] > 0) n++; return n;""", chart_id)
+        assert inked > 1000, (chart_id, inked)
+    dice = browser.execute_script("return Chart.getChart('chart-dice').data.datasets[0].data")
+    assert dice == [r["dice"] for r in rounds]
+    assert "off" in browser.execute_script("return document.getElementById('chart-epsilon').parentElement.className")
+
+    # Figures on the page equal the store's.
+    assert text(browser, "#fig-dice") == f"{rounds[-1]['dice']:.4f}"
+    assert text(browser, "#fig-dice-personal") == f"{rounds[-1]['dice_personal']:.4f}"
+    assert text(browser, "#fig-bytes-up") == f"{sum(r['payload_bytes_up'] for r in rounds):,} B"
+    assert text(browser, "#fig-bytes-down") == f"{sum(r['payload_bytes_down'] for r in rounds):,} B"
+    full = sum(r["full_model_bytes_up"] + r["full_model_bytes_down"] for r in rounds)
+    assert text(browser, "#fig-full-model").startswith(f"{full:,} B")
+    assert text(browser, "#fig-rounds") == "2 / 2" and text(browser, "#run-status") == "finished"
+    for r in rounds:
+        row = f"#timeline tr[data-round='{r['round']}']"
+        assert text(browser, row + " td.dice") == f"{r['dice']:.4f}"
+        assert text(browser, row + " td.bytes-up") == f"{r['payload_bytes_up']:,} B"
+        assert text(browser, row + " td.bytes-down") == f"{r['payload_bytes_down']:,} B"
+
+    # A round added to the store shows up on the open page, no reload.
+    records = RunRecords(run_dir)
+    third = copy.deepcopy(records.read_rounds()[-1])
+    third.update(round=3, dice=0.4321, dice_personal=0.5432,
+                 failures=[{"site": "site-2", "phase": "train", "reason": "out of memory"}])
+    browser.execute_script("window.notReloaded = true")
+    records.append_round(third)
+    wait_for(browser, "return document.body.dataset.rendered === '3'", timeout=15)
+    assert browser.execute_script("return window.notReloaded === true")
+    assert text(browser, "#fig-dice") == "0.4321"
+    assert text(browser, "#timeline tr[data-round='3'] td.dice") == "0.4321"
+    assert "site-2 (train): out of memory" in text(browser, "#timeline tr[data-round='3']")
+    assert len(browser.execute_script("return Chart.getChart('chart-dice').data.datasets[0].data")) == 3
+
+
+def test_runs_list_and_error_page(browser, served):
+    url, _ = served
+    browser.get(f"{url}?token=browser-token")
+    wait_for(browser, "return document.querySelector(\"#runs tr[data-run='browser']\") !== null")
+    assert text(browser, "#runs tr[data-run='browser'] td.dice")  # a Dice figure, not empty
+    browser.get(f"{url}runs/missing")
+    assert "no run named 'missing'" in text(browser, "#page-error")
