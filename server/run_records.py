@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from common.adapter_io import save_adapter_state
+from common.adapter_io import read_adapter_weights, save_adapter_state
 from common.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from server.run_store import RunStore, ensure_store
 
@@ -210,7 +209,8 @@ class RunRecords:
         path = self.run_dir / CHECKPOINTS / checkpoint_name(server_round)
         if not (path / STATE_FILE).is_file():
             raise RunRecordsError(f"{path}: no complete checkpoint ({STATE_FILE} missing)")
-        weights = load_file(str(path / ADAPTER_DIR / WEIGHTS_FILE))
+        # One-line errors naming the file for a damaged or non-finite checkpoint.
+        weights = read_adapter_weights(path / ADAPTER_DIR / WEIGHTS_FILE)
         with np.load(path / STRATEGY_FILE) as data:
             strategy_arrays = {k: data[k] for k in data.files}
         return Checkpoint(

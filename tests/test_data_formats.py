@@ -54,7 +54,9 @@ def test_folder_json_prompts_with_hash_split(tmp_path: Path) -> None:
 
 def test_hash_split_is_stable_and_roughly_80_10_10() -> None:
     # Fixed values: the split must not change across machines or Python hash seeds.
-    assert hash_split("case00.png") == hash_split("case00.png")
+    # (pinned once from this implementation: a change of hash or cut points fails here)
+    pinned = "trvatrtrtrtrtrtrtrtrtrtrtrtrtrtrtrtrtrtrvatrtrvatrtrtrtetrtr"
+    assert "".join(hash_split(f"img_{i}.jpg")[:2] for i in range(30)) == pinned
     counts = {"train": 0, "val": 0, "test": 0}
     for i in range(2000):
         counts[hash_split(f"img_{i}.jpg")] += 1
