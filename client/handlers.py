@@ -59,9 +59,10 @@ from common.payload import (
     Rec,
     from_wire,
     payload_bytes,
+    encode_update,
     split_personal,
     to_torch,
-    to_wire,
+    update_of,
 )
 from common.site_errors import SiteRefusal, public_reason
 from common.train import fit
@@ -209,7 +210,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
     site.save_personal(run_name, server_round, personal_out)
-    wire = to_wire(shared_out, cfg.payload_dtype)
+    # The update (local - received global) in fp32, then encoded: int8's
+    # stochastic rounding is seeded like the training, so a resumed run
+    # sends bit-identical updates.
+    wire = encode_update(update_of(shared_out, shared_in), cfg.payload_dtype, seed=seed)
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,

@@ -150,27 +150,37 @@ def _spec(args: argparse.Namespace):
 def cmd_params(args: argparse.Namespace) -> int:
     from common.bases import load_base
     from common.model import build_model
+    from common.payload import expected_update_bytes
 
     base = load_base(args.base)
     model = build_model(base, _spec(args))
     counts = model.parameter_counts()
+    tensors = len(model.adapter_names())
+    base_params = sum(p.numel() for p in base.model.parameters())
     info = {
         "base": base.base_id,
         "adapter": args.adapter,
         **counts,
         "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
-        "payload_bytes_fp32": 4 * counts["trainable"],
-        "payload_bytes_fp16": 2 * counts["trainable"],
-        "tensors": len(model.adapter_names()),
+        # What one site uploads per round (its update), by payload-dtype.
+        "payload_bytes_fp32": expected_update_bytes(counts["trainable"], tensors, "fp32"),
+        "payload_bytes_fp16": expected_update_bytes(counts["trainable"], tensors, "fp16"),
+        "payload_bytes_int8": expected_update_bytes(counts["trainable"], tensors, "int8"),
+        # ...and what full-model FedAvg would upload: every base weight in fp32.
+        "full_model_fedavg_bytes_fp32": 4 * base_params,
+        "tensors": tensors,
     }
+    info["int8_reduction_vs_full_model_fp32"] = info["full_model_fedavg_bytes_fp32"] / info["payload_bytes_int8"]
     if args.json:
         print(json.dumps(info))
     else:
         print(f"base {info['base']}, adapter {info['adapter']}")
         print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} "
               f"|| trainable%: {info['trainable_percent']:.4f}")
-        print(f"payload: {info['payload_bytes_fp32']:,} bytes fp32, {info['payload_bytes_fp16']:,} bytes fp16 "
-              f"({info['tensors']} tensors)")
+        print(f"payload per site and round: {info['payload_bytes_fp32']:,} bytes fp32, "
+              f"{info['payload_bytes_fp16']:,} fp16, {info['payload_bytes_int8']:,} int8 ({info['tensors']} tensors); "
+              f"full-model FedAvg in fp32: {info['full_model_fedavg_bytes_fp32']:,} "
+              f"({info['int8_reduction_vs_full_model_fp32']:.0f}x the int8 update)")
     return 0
 
 

@@ -34,7 +34,7 @@ from common.model import AdaptedCLIPSeg, build_model
 from common.site_errors import SiteRefusal
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
-PAYLOAD_DTYPES = ("fp32", "fp16")
+PAYLOAD_DTYPES = ("fp32", "fp16", "int8")  # int8: uploads only (updates); weights go down in fp16
 PARTITIONS = ("natural", "iid", "quantity-skew", "dirichlet")
 ADAPTER_INITS = ("paper", "identity")
 # A run name becomes a folder name on every machine involved: keep it boring.

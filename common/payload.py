@@ -3,9 +3,20 @@
 The one place that decides what a site sends and receives:
 - only adapter tensors (the model's trainable state), minus the parts a
   personalised run keeps at the site (``split_personal``);
-- in the wire dtype (fp32 or fp16); aggregation always works in fp32
-  (``from_wire``), so fp16 only halves the bytes on the wire and never
-  accumulates rounding across sites or rounds;
+- down (server -> site): the global adapter's weights, in fp32 or fp16
+  (``to_wire``; fp16 also when uploads are int8, see ``downlink_dtype``);
+- up (site -> server): the *update*, local adapter minus the global one the
+  site received (``encode_update``), in fp32, fp16 or int8. The server adds
+  the aggregated update to its fp32 global. Updates are small and centred
+  on zero, which is what makes int8 work, and what privacy clipping bounds;
+- int8: one symmetric scale per tensor (max |x| / 127), stochastic
+  rounding (unbiased: E[q * scale] = x, so quantisation noise averages out
+  over sites and rounds instead of biasing the update), seeded by the
+  caller so a resumed run rounds exactly as an uninterrupted one; each
+  tensor ``name`` travels as int8 with its scale in ``name@scale`` (float32,
+  shape (1,)). Dequantised to fp32 before aggregation (``decode_update``);
+- aggregation always works in fp32, so the wire dtype never accumulates
+  rounding across sites or rounds;
 - payload size = number of parameters x wire dtype size
   (``payload_bytes``); Flower's npy serialisation adds a small header per
   tensor on top (``WIRE_HEADER_BYTES_MAX``).
@@ -21,6 +32,10 @@ import numpy as np
 import torch
 
 WIRE_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+# Upload (update) encodings: the wire dtypes plus int8 with a per-tensor scale.
+UPDATE_DTYPES = ("fp32", "fp16", "int8")
+SCALE_SUFFIX = "@scale"
+INT8_MAX = 127
 # np.save's header is padded to a multiple of 64 bytes; adapter tensors
 # (short dtype + shape) need 128 at most.
 WIRE_HEADER_BYTES_MAX = 128
@@ -84,6 +99,77 @@ def from_wire(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise PayloadError(f"wire tensor '{name}' has dtype {arr.dtype}; expected float16 or float32")
         out[name] = arr.astype(np.float32, copy=False)
     return out
+
+
+def downlink_dtype(payload_dtype: str) -> str:
+    """What the global adapter travels in: the payload dtype, but weights never go int8."""
+    return "fp16" if payload_dtype == "int8" else payload_dtype
+
+
+def update_of(local: Mapping[str, torch.Tensor | np.ndarray], received: Mapping[str, np.ndarray | torch.Tensor]
+              ) -> dict[str, np.ndarray]:
+    """local - received, in fp32 (the update a site sends), for the names of `local`."""
+    out = {}
+    for name in sorted(local):
+        a = local[name]
+        b = received[name]
+        a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float32)
+        b = b.detach().cpu().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
+        out[name] = (a.astype(np.float32, copy=False) - b.astype(np.float32, copy=False))
+    return out
+
+
+def encode_update(update: Mapping[str, np.ndarray], dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """An fp32 update -> wire arrays (see the module docstring for int8's layout)."""
+    if dtype not in UPDATE_DTYPES:
+        raise PayloadError(f"payload dtype must be one of {UPDATE_DTYPES}, got {dtype!r}")
+    if dtype != "int8":
+        return to_wire(update, dtype)
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(update):
+        x = np.asarray(update[name], dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise PayloadError(f"adapter update '{name}' holds NaN/inf; check training")
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        scale = peak / INT8_MAX if peak > 0 else 1.0
+        scaled = x / scale
+        # Stochastic rounding: floor(v + u), u ~ U[0, 1): E[result] = v.
+        q = np.floor(scaled + rng.random(x.shape, dtype=np.float32))
+        out[name] = np.ascontiguousarray(np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8))
+        out[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)
+    return out
+
+
+def decode_update(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Wire arrays of an update -> fp32 update by tensor name; PayloadError (short, no values) if malformed."""
+    out: dict[str, np.ndarray] = {}
+    scales = {k[: -len(SCALE_SUFFIX)]: v for k, v in arrays.items() if k.endswith(SCALE_SUFFIX)}
+    for name, arr in arrays.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in arrays:
+                raise PayloadError(f"scale '{name}' without its tensor")
+            continue
+        if arr.dtype == np.int8:
+            scale = scales.get(name)
+            if scale is None or scale.shape != (1,) or scale.dtype != np.float32 or not np.isfinite(scale).all() \
+                    or float(scale[0]) <= 0:
+                raise PayloadError(f"int8 tensor '{name}' without a valid float32 scale")
+            out[name] = arr.astype(np.float32) * np.float32(scale[0])
+        elif arr.dtype in (np.float16, np.float32):
+            if name in scales:
+                raise PayloadError(f"tensor '{name}' is {arr.dtype} but has an int8 scale")
+            out[name] = arr.astype(np.float32, copy=False)
+        else:
+            raise PayloadError(f"wire tensor '{name}' has dtype {arr.dtype}; expected float16, float32 or int8")
+    return out
+
+
+def expected_update_bytes(num_parameters: int, num_tensors: int, dtype: str) -> int:
+    """Tensor bytes of one update upload (int8: 1 byte per parameter + one float32 scale per tensor)."""
+    if dtype == "int8":
+        return int(num_parameters) + 4 * int(num_tensors)
+    return expected_payload_bytes(num_parameters, dtype)
 
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS site_rounds (
     round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE,
     site TEXT NOT NULL,
-    node_id INTEGER,
+    node_id TEXT,  -- Flower node ids are unsigned 64-bit: beyond SQLite's signed INTEGER
     trained INTEGER NOT NULL,
     evaluated INTEGER NOT NULL,
     num_examples INTEGER,
@@ -194,7 +194,7 @@ def _site_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         row = row or {}
         rows.append({
             "site": str(name),
-            "node_id": _int(row.get("node_id")),
+            "node_id": None if row.get("node_id") is None else str(row.get("node_id")),
             "trained": int("num_examples" in row),
             "evaluated": int("val_dice" in row or "val_examples" in row),
             "num_examples": _int(row.get("num_examples")),

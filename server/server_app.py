@@ -43,10 +43,12 @@ from common.bases import load_base
 from common.federation_config import ConfigError, FederationConfig
 from common.payload import (
     Cfg,
+    SCALE_SUFFIX,
     PayloadError,
     Rec,
     check_personal_prefixes,
-    from_wire,
+    decode_update,
+    downlink_dtype,
     payload_bytes,
     split_personal,
     to_wire,
@@ -228,7 +230,7 @@ def run_round(
     config = message_config(cfg)
 
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
-    down = _put_on_wire(train_messages, cfg.payload_dtype)
+    down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
     replies = list(grid.send_and_receive(train_messages, timeout=cfg.round_timeout))
     ok, failures = split_replies(replies, "train", names)
     ok, excluded = _check_train_replies(ok, shared_names, names)
@@ -236,8 +238,10 @@ def run_round(
     ok.sort(key=names.of)
     sites = {names.of(r): _train_row(r, down) for r in ok}
     for reply in ok:
-        wire = {k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()}
-        reply.content[Rec.ARRAYS] = _record(from_wire(wire))
+        # Sites send updates (local - global); Flower's strategies (and DP
+        # wrappers) aggregate weights: hand them global + update, in fp32.
+        update = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+        reply.content[Rec.ARRAYS] = _record({k: global_arrays[k] + update[k] for k in global_arrays})
     aggregated = strategy.aggregate_train(server_round, ok)[0] if ok else None
     status = "ok" if aggregated is not None else "skipped"
     new_global = (
@@ -249,7 +253,7 @@ def run_round(
     eval_replies: list[Message] = []
     if status == "ok":
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
-        eval_down = _put_on_wire(eval_messages, cfg.payload_dtype)
+        eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
         eval_replies, eval_failures = split_replies(
             list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)), "evaluate", names
         )
@@ -370,14 +374,14 @@ def _check_train_replies(
 def _train_reply_problem(reply: Message, shared_names: set[str]) -> str | None:
     if Rec.ARRAYS not in reply.content.array_records or Rec.METRICS not in reply.content.metric_records:
         return "reply holds no adapter tensors or no metrics"
-    names = set(reply.content[Rec.ARRAYS].keys())
+    try:
+        wire = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+    except PayloadError as err:
+        return str(err)
+    names = set(wire)
     if names != shared_names:
         return (f"tensors are not the shared adapter: {len(names - shared_names)} unexpected, "
                 f"{len(shared_names - names)} missing (personal parts must never be sent)")
-    try:
-        wire = from_wire({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
-    except PayloadError as err:
-        return str(err)
     if not all(np.isfinite(a).all() for a in wire.values()):
         return "update holds NaN/Inf"
     n = reply.content[Rec.METRICS].get("num-examples", 0)
@@ -457,8 +461,8 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
         "train_seconds": m["train-seconds"],
         "payload_bytes_up": payload_bytes(wire),
         "payload_bytes_down": down.get(reply.metadata.src_node_id, 0),
-        "wire_dtype": str(next(iter(wire.values())).dtype) if wire else None,
-        "tensors": len(names),
+        "wire_dtype": str(next(v for k, v in wire.items() if not k.endswith(SCALE_SUFFIX)).dtype) if wire else None,
+        "tensors": len([n for n in names if not n.endswith(SCALE_SUFFIX)]),
         "tensor_names_sha256": hashlib.sha256(json.dumps(sorted(names)).encode()).hexdigest()[:16],
         "base_loads": int(m["base-loads"]),
         "base_load_seconds": m["base-load-seconds"],

@@ -35,7 +35,7 @@ from common.data import SegDataset
 from common.data.formats import Item
 from common.evaluate import evaluate
 from common.federation_config import ConfigError, FederationConfig
-from common.payload import Action, Cfg, Rec, to_wire
+from common.payload import Action, Cfg, Rec, downlink_dtype, to_wire
 from common.train import fit
 from server.hooks import RunHooks
 from server.run_records import RunRecords
@@ -87,7 +87,7 @@ def compare_and_report(
     """
     epochs = cfg.rounds * cfg.local_epochs
     config = {Cfg.RUN_NAME: cfg.run_name, Cfg.ROUND: cfg.rounds, Cfg.RUN_CONFIG: cfg.to_json()}
-    wire = to_wire(global_arrays, cfg.payload_dtype)
+    wire = to_wire(global_arrays, downlink_dtype(cfg.payload_dtype))
     say(f"comparison: final test Dice at every site, local-only adapters ({epochs} epoch(s) each)"
         + (", pooled bound" if pooled else " (no pooled bound outside simulation)"))
     start = time.perf_counter()

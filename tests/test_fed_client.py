@@ -13,7 +13,10 @@ from client import site as sites
 from common.bases import load_base
 from common.data import synthesize
 from common.federation_config import FederationConfig
-from common.payload import from_wire, split_personal, to_wire
+from client.handlers import _local_seed as handlers_seed
+from common.payload import (SCALE_SUFFIX, decode_update, downlink_dtype, expected_update_bytes, from_wire,
+                            split_personal, to_wire)
+from common.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +48,68 @@ def train_message(cfg: FederationConfig, server_round: int = 1, mu: float | None
     config = {"server-round": server_round, "run-name": cfg.run_name, "fedvlsm-run-config": cfg.to_json()}
     if mu is not None:
         config["proximal-mu"] = mu
-    wire = to_wire(shared, cfg.payload_dtype)
+    wire = to_wire(shared, downlink_dtype(cfg.payload_dtype))
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
                           "config": ConfigRecord(config)})
     return Message(content, dst_node_id=10, message_type="train"), shared, model
 
 
-def received(reply: Message) -> dict[str, np.ndarray]:
-    return from_wire({k: a.numpy() for k, a in reply.content["arrays"].items()})
+def update_in(reply: Message) -> dict[str, np.ndarray]:
+    """The update a site sent (fp32), decoded as the server decodes it."""
+    return decode_update({k: a.numpy() for k, a in reply.content["arrays"].items()})
 
 
-@pytest.mark.parametrize("dtype,itemsize", [("fp16", 2), ("fp32", 4)])
-def test_train_reply_holds_exactly_the_adapter_tensors(data, tmp_path, dtype, itemsize):
+def sent_global(msg: Message) -> dict[str, np.ndarray]:
+    return from_wire({k: a.numpy() for k, a in msg.content["arrays"].items()})
+
+
+def received(reply: Message, msg: Message) -> dict[str, np.ndarray]:
+    """The site's local adapter after training: what it received plus its update."""
+    sent = sent_global(msg)
+    return {k: sent[k] + v for k, v in update_in(reply).items()}
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("fp16", 2), ("fp32", 4), ("int8", 1)])
+def test_train_reply_holds_the_update_of_exactly_the_adapter_tensors(data, tmp_path, dtype, itemsize):
     cfg = make_cfg(data, tmp_path, payload_dtype=dtype, lr=0.01)
     msg, shared, model = train_message(cfg)
     reply = client_app.train(msg, context(cfg))
     arrays = reply.content["arrays"]
-    assert set(arrays.keys()) == set(model.adapter_names())
-    assert {a.dtype for a in arrays.values()} == {"float16" if dtype == "fp16" else "float32"}
+    names = set(model.adapter_names())
+    tensors = {k: a for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
+    assert set(tensors) == names
+    assert {a.dtype for a in tensors.values()} == {{"fp16": "float16", "fp32": "float32", "int8": "int8"}[dtype]}
     metrics = reply.content["metrics"]
     n = model.parameter_counts()["trainable"]
-    assert metrics["payload-bytes-up"] == n * itemsize == metrics["payload-bytes-down"]
+    assert metrics["payload-bytes-up"] == expected_update_bytes(n, len(names), dtype)
+    if dtype == "int8":
+        assert set(arrays.keys()) == names | {k + SCALE_SUFFIX for k in names}
+        assert metrics["payload-bytes-up"] == n + 4 * len(names)
+    # Weights travel down in fp16 when uploads are int8.
+    assert metrics["payload-bytes-down"] == n * (2 if dtype == "int8" else itemsize)
     assert metrics["num-examples"] == len(sites.Site(cfg, {"partition-id": 0, "num-partitions": 2}).items("train"))
     assert reply.content["site"]["name"] == "site-0"
-    # The site trained: the reply differs from what it received.
-    assert any(not np.allclose(v, shared[k].numpy(), atol=1e-3) for k, v in received(reply).items())
+
+    # The reply is the update: the site's trained adapter minus the global one it received.
+    # Re-run the same local training (same seed) outside the ClientApp for the reference.
+    site = sites.Site(cfg, {"partition-id": 0, "num-partitions": 2})
+    frozen = load_base(cfg.base)
+    got = sent_global(msg)
+    local = site.model(frozen, {k: torch.from_numpy(v.copy()) for k, v in got.items()})
+    seed = handlers_seed(cfg, 1, "site-0")
+    fit(local, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
+        cfg.train_config(cfg.local_epochs, seed))
+    expected = {k: v.numpy() - got[k] for k, v in local.adapter_state().items()}
+    update = update_in(reply)
+    assert any(np.abs(v).max() > 1e-4 for v in expected.values())  # the site trained
+    for k, v in expected.items():
+        if dtype == "fp32":
+            np.testing.assert_allclose(update[k], v, atol=1e-7)
+        elif dtype == "fp16":
+            np.testing.assert_allclose(update[k], v, atol=1e-3 * max(1.0, float(np.abs(v).max())))
+        else:  # int8: within one quantisation step of its tensor's scale
+            step = float(arrays[k + SCALE_SUFFIX].numpy()[0])
+            assert np.abs(update[k] - v).max() <= step * (1 + 1e-5)
 
 
 def test_personal_parts_stay_at_the_site_and_come_back_next_round(data, tmp_path):
@@ -85,13 +125,13 @@ def test_personal_parts_stay_at_the_site_and_come_back_next_round(data, tmp_path
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # they trained
     assert site.load_personal("unit", before_round=1) == {}  # nothing before round 1
     # Round 2 starts from the site's own personal parts, not from the initial ones.
-    m2 = site.model(load_base(cfg.base), {k: torch.from_numpy(v) for k, v in received(reply).items()}, saved)
+    m2 = site.model(load_base(cfg.base), {k: torch.from_numpy(v) for k, v in received(reply, msg).items()}, saved)
     for k, v in saved.items():
         assert torch.equal(m2.adapter_state()[k], v)
 
 
 def distance_to_global(reply, shared) -> float:
-    return float(sum(((v - shared[k].numpy()) ** 2).sum() for k, v in received(reply).items()) ** 0.5)
+    return float(sum((v ** 2).sum() for v in update_in(reply).values()) ** 0.5)
 
 
 def test_fedprox_mu_pulls_the_update_towards_the_global_adapter(data, tmp_path):

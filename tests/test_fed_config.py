@@ -30,7 +30,7 @@ def test_pyproject_defaults_parse_and_cover_every_field():
     "override,key",
     [
         ({"strategy": "fedsgd"}, "strategy"),
-        ({"payload-dtype": "int8"}, "payload-dtype"),
+        ({"payload-dtype": "bf16"}, "payload-dtype"),
         ({"rounds": 0}, "rounds"),
         ({"fraction-train": 1.5}, "fraction-train"),
         ({"adapter": "nope"}, "adapter"),
@@ -97,7 +97,7 @@ def test_experiment_configs_are_valid_overrides(path, tiny_base):
     assert set(overrides) <= set(app_config()), f"{path.name}: keys not in [tool.flwr.app.config]"
     cfg = FederationConfig.from_run_config({**app_config(), **overrides})
     check_personal_prefixes(cfg.initial_model(tiny_base).adapter_names(), cfg.personal)
-    assert "flwr run ." in path.read_text()  # each file says how to run it
+    assert "fedvlsm simulate" in path.read_text()  # each file says how to run it
 
 
 def test_there_are_configs_for_adapters_strategies_and_site_counts():

@@ -10,10 +10,15 @@ from flwr.app import Array, ArrayRecord
 from common.adapters import AdapterSpec
 from common.model import build_model
 from common.payload import (
+    SCALE_SUFFIX,
     WIRE_HEADER_BYTES_MAX,
     PayloadError,
     check_personal_prefixes,
+    decode_update,
+    downlink_dtype,
+    encode_update,
     expected_payload_bytes,
+    expected_update_bytes,
     from_wire,
     payload_bytes,
     split_personal,
@@ -81,3 +86,55 @@ def test_personal_prefix_typos_are_caught(model):
         check_personal_prefixes(names, ["adapter.vision"])
     with pytest.raises(PayloadError, match="nothing would be federated"):
         check_personal_prefixes(names, ["adapters"])
+
+
+# ---------------------------------------------------------------- updates, int8
+def test_int8_update_is_within_one_step_unbiased_and_seeded():
+    rng = np.random.default_rng(0)
+    update = {"a.weight": rng.normal(0, 0.01, (64, 32)).astype(np.float32),
+              "b.bias": rng.normal(0, 1.0, (32,)).astype(np.float32),
+              "c.zero": np.zeros((4,), np.float32)}
+    wire = encode_update(update, "int8", seed=3)
+    assert {k: v.dtype for k, v in wire.items() if not k.endswith(SCALE_SUFFIX)} == {
+        "a.weight": np.int8, "b.bias": np.int8, "c.zero": np.int8}
+    assert payload_bytes(wire) == expected_update_bytes(64 * 32 + 32 + 4, 3, "int8")
+    back = decode_update(wire)
+    for k, x in update.items():
+        step = float(wire[k + SCALE_SUFFIX][0])
+        assert np.abs(back[k] - x).max() <= step * (1 + 1e-6), k
+    assert np.array_equal(back["c.zero"], update["c.zero"])
+    # Symmetric: the largest |x| maps to +-127 exactly.
+    assert np.abs(wire["a.weight"]).max() == 127
+    # Seeded: the same seed rounds the same way, another seed differently.
+    assert all(np.array_equal(wire[k], encode_update(update, "int8", seed=3)[k]) for k in wire)
+    assert not np.array_equal(wire["a.weight"], encode_update(update, "int8", seed=4)["a.weight"])
+    # Stochastic rounding is unbiased: 0.3049 is 30.49 quantisation steps, so
+    # nearest rounding would be off by 0.49 steps on every element; the mean
+    # over elements and draws of stochastic rounding is off by a few percent of a step.
+    step = 1.27 / 127
+    x = {"t": np.full((1000,), 30.49 * step, np.float32), "peak": np.array([1.27], np.float32)}
+    draws = np.mean([decode_update(encode_update(x, "int8", seed=s))["t"] for s in range(20)])
+    assert abs(float(draws) - 30.49 * step) < 0.05 * step
+
+
+def test_fp_updates_round_trip_like_weights():
+    update = {"w": np.linspace(-1, 1, 10, dtype=np.float32)}
+    np.testing.assert_array_equal(decode_update(encode_update(update, "fp32"))["w"], update["w"])
+    np.testing.assert_allclose(decode_update(encode_update(update, "fp16"))["w"], update["w"], atol=1e-3)
+
+
+@pytest.mark.parametrize("arrays,reason", [
+    ({"w": np.zeros(3, np.int8)}, "without a valid float32 scale"),
+    ({"w": np.zeros(3, np.int8), "w@scale": np.array([0.0], np.float32)}, "without a valid float32 scale"),
+    ({"w": np.zeros(3, np.int8), "w@scale": np.array([np.nan], np.float32)}, "without a valid float32 scale"),
+    ({"w@scale": np.array([1.0], np.float32)}, "without its tensor"),
+    ({"w": np.zeros(3, np.float16), "w@scale": np.array([1.0], np.float32)}, "has an int8 scale"),
+    ({"w": np.zeros(3, np.int32)}, "expected float16, float32 or int8"),
+])
+def test_malformed_updates_are_refused_with_a_short_reason(arrays, reason):
+    with pytest.raises(PayloadError, match=reason):
+        decode_update(arrays)
+
+
+def test_downlink_never_sends_weights_in_int8():
+    assert [downlink_dtype(d) for d in ("fp32", "fp16", "int8")] == ["fp32", "fp16", "fp16"]

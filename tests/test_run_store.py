@@ -166,3 +166,12 @@ def test_first_import_never_overwrites_a_store_that_appeared_meanwhile(tmp_path)
     make(tmp_path)  # the server registers the run (store written before config.json)
     import_from_jsonl(run)  # a dashboard that saw config.json alone a moment earlier
     assert RunStore.in_run_dir(run).read()["run"]["source"] == "server"
+
+
+def test_flower_node_ids_beyond_signed_64_bit_are_kept_exactly(tmp_path):
+    # Flower's node ids are unsigned 64-bit (a real simulation gave ids above 2**63).
+    big = 2**64 - 5
+    records = make(tmp_path)
+    records.append_round({**NEW, "round": 1, "sites": {"a": {**NEW["sites"]["a"], "node_id": big}}})
+    rows = records.store.read()["rounds"][0]["sites"]
+    assert [r["node_id"] for r in rows] == [str(big)]
