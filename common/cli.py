@@ -6,6 +6,7 @@
     fedvlsm predict --adapter-dir DIR --image IMG --prompt "..." --out OUT
     fedvlsm data synth OUT --sites K --per-site N --seed S
     fedvlsm data check PATH
+    fedvlsm simulate [--run-config CFG ...] [--num-sites N]
     fedvlsm dashboard [--runs DIR] [--host 127.0.0.1] [--port 8050] [--token T]
 """
 

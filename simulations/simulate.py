@@ -33,11 +33,13 @@ DEFAULT_DEMO_SITES = 3
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
+    from common.cli import HELP_FORMAT
+
     p = sub.add_parser(
         "simulate",
         help="run a local federated simulation (the demo by default): hermetic, offline, exit code = outcome",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="\n\n".join(__doc__.split("\n\n")[1:]) if __doc__ else None,
+        formatter_class=HELP_FORMAT,
     )
     p.add_argument("--run-config", action="append", default=[], metavar="CFG",
                    help="'key=value ...' or a .toml file; repeatable, applied in order (keys: docs/federation.md)")

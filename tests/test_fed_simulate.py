@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,7 +83,23 @@ def test_a_configuration_error_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    out = run(START, straight)
+    # Something else listens on the ports of Flower's managed local SuperLink
+    # (as another user's SuperLink would): the hermetic simulation never talks
+    # to it, so it neither hangs nor runs elsewhere.
+    squatters = []
+    for port in (39091, 39093):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1)
+            squatters.append(sock)
+        except OSError:  # already taken, by a real SuperLink: the point stands
+            sock.close()
+    try:
+        out = run(START, straight)
+    finally:
+        for sock in squatters:
+            sock.close()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "\x1b[" not in out.stderr  # no ANSI colours into a pipe
     assert "Manually terminating" not in out.stderr
