@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.simulate import add_simulate_command  # light: imports only argparse at module level
 
     add_simulate_command(sub)
+    from client.launcher import add_site_commands  # light: argparse only at module level
+    from server.certs import add_deploy_commands  # light: argparse only at module level
+
+    add_site_commands(sub)
+    add_deploy_commands(sub)
     return parser
 
 

@@ -12,7 +12,8 @@ Writes (PEM):
 
 The server certificate names every `--server-name` (DNS names or IP
 addresses) plus `localhost` and 127.0.0.1 as subject alternative names.
-Site keys are NIST P-384 EC keys (what Flower's node authentication takes).
+Site keys are NIST P-384 EC keys in OpenSSH format (what Flower's node
+authentication reads).
 Existing keys are never overwritten: the command refuses and names them.
 
 Development CA only: a consortium in production uses its own PKI; the file
@@ -142,9 +143,13 @@ def write_certs(out: Path, server_names: list[str], sites: list[str]) -> list[Pa
     put(out / "server.key", private_pem(server_key), secret=True)
     for s in sites:
         key = ec.generate_private_key(ec.SECP384R1())
-        put(out / "sites" / f"{s}.key", private_pem(key), secret=True)
+        # OpenSSH encodings: what flower-supernode (load_ssh_private_key) and
+        # `flwr supernode register` (load_ssh_public_key) read.
+        put(out / "sites" / f"{s}.key", key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.OpenSSH,
+                                                          serialization.NoEncryption()), secret=True)
         put(out / "sites" / f"{s}.pub", key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), secret=False)
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {s}\n".encode(), secret=False)
     return written
 
 
