@@ -178,9 +178,18 @@ class Site:
              f"(log: {self.logs / 'supernode.log'})")
 
     def stop_all(self) -> None:
+        """Stop the SuperNode, everything under it (its SuperExec and any ClientApp still running:
+        Flower does not stop those), and the worker."""
+        import psutil
+
         self.stopping = True
+        tree: list[psutil.Process] = []
         for proc in (self.supernode, self.worker):
             if proc is not None and proc.poll() is None:
+                try:
+                    tree += psutil.Process(proc.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
                 proc.terminate()
         for proc in (self.supernode, self.worker):
             if proc is None:
@@ -190,6 +199,17 @@ class Site:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for p in tree:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def _tail(self, name: str) -> str:
         try:

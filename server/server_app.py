@@ -214,8 +214,7 @@ def run_round(
 
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, cfg.payload_dtype)
-    replies = list(grid.send_and_receive(train_messages, timeout=cfg.round_timeout))
-    ok, failures = split_replies(replies, "train", names)
+    ok, failures = exchange(grid, train_messages, cfg, "train", names)
     ok, excluded = _check_train_replies(ok, global_arrays, cfg, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
     ok.sort(key=names.of)
@@ -248,9 +247,7 @@ def run_round(
     if status == "ok":
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, cfg.payload_dtype)
-        eval_replies, eval_failures = split_replies(
-            list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)), "evaluate", names
-        )
+        eval_replies, eval_failures = exchange(grid, eval_messages, cfg, "evaluate", names)
         failures += eval_failures
         eval_replies, eval_excluded = _check_eval_replies(eval_replies, names)
         failures += eval_excluded
@@ -319,6 +316,9 @@ class SiteNames:
             self._by_node[node] = str(reply.content.config_records[Rec.SITE]["name"])
         return self._by_node.get(node, f"node-{node}")
 
+    def name_of_node(self, node: int) -> str:
+        return self._by_node.get(node, f"node-{node}")
+
 
 # Flower's own error codes (flwr.common.constant.ErrorCode), in words. Only the
 # code is kept: Flower's reason text can quote a site's exception.
@@ -329,11 +329,35 @@ _FLOWER_ERRORS = {
 }
 
 
-def split_replies(replies: list[Message], phase: str, names: SiteNames) -> tuple[list[Message], list[dict]]:
-    """(usable replies, failures as {site, phase, reason}); reasons are public by construction."""
+def exchange(grid: Grid, messages: list[Message], cfg: FederationConfig, phase: str,
+             names: SiteNames) -> tuple[list[Message], list[dict]]:
+    """Send, receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    ok, failures = split_replies(replies, phase, names, dst_by_id)
+    answered = {dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        site = names.name_of_node(node)
+        reason = f"no reply within round-timeout ({cfg.round_timeout:g} s)"
+        log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
+        failures.append({"site": site, "node_id": node, "phase": phase, "reason": reason})
+    return ok, failures
+
+
+def split_replies(replies: list[Message], phase: str, names: SiteNames,
+                  dst_by_id: dict[str, int] | None = None) -> tuple[list[Message], list[dict]]:
+    """(usable replies, failures as {site, phase, reason}); reasons are public by construction.
+
+    Flower's own error replies (e.g. "node unavailable") come from the
+    SuperLink, not the site: `dst_by_id` (sent message id -> node) names the site then.
+    """
     ok, failures = [], []
+    dst_by_id = dst_by_id or {}
     for reply in replies:
         site = names.of(reply)
+        node = dst_by_id.get(reply.metadata.reply_to_message_id)
+        if node is not None and node != reply.metadata.src_node_id:
+            site = names.name_of_node(node)
         if reply.has_error():
             reason = f"flower: {_FLOWER_ERRORS.get(reply.error.code, f'error code {reply.error.code}')}"
         elif Rec.STATUS in reply.content.config_records:
@@ -342,7 +366,8 @@ def split_replies(replies: list[Message], phase: str, names: SiteNames) -> tuple
             ok.append(reply)
             continue
         log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
-        failures.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": phase, "reason": reason})
+        failures.append({"site": site, "node_id": node if node is not None else reply.metadata.src_node_id,
+                         "phase": phase, "reason": reason})
     return ok, failures
 
 
