@@ -1,20 +1,51 @@
-"""ClientApp: registers a site's handlers (client/handlers.py) with Flower.
+"""ClientApp: a site's four message handlers, run here or forwarded to the site's warm worker.
 
 - ``train``: global adapter in, local epochs, shared adapter tensors out.
 - ``evaluate``: validation Dice of the global (and personalised) adapter.
 - ``evaluate.final``: test Dice of frozen base, global, personalised adapters.
 - ``train.local_only``: a site-only baseline adapter's test Dice.
+
+Deployment (`fedvlsm site start`): the SuperNode's node config carries
+``worker="unix:<site-dir>/worker.sock"``; each message is forwarded to that
+long-lived site worker (client/worker.py), which keeps the frozen base, the
+caches and the site state warm across rounds and runs. This module then
+imports nothing heavy (no torch, transformers or MONAI: a fresh
+`flwr-clientapp` process per message costs only Flower's own start-up).
+
+Without a worker (simulation, tests, a plain `flower-supernode`), the same
+handlers (client/handlers.py) run in this process, imported on first use.
 """
 
 from __future__ import annotations
 
+import os
+
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import handlers
-from common.payload import Action
+from client.worker_protocol import ENV_WORKER, NODE_WORKER
 
 app = ClientApp()
-app.train()(handlers.train)
-app.evaluate()(handlers.evaluate)
-app.evaluate(Action.FINAL)(handlers.evaluate_final)
-app.train(Action.LOCAL_ONLY)(handlers.train_local_only)
+
+
+def worker_address(context: Context) -> str:
+    """The site worker's address (node config `worker`, else $FEDVLSM_WORKER), or '' to run in-process."""
+    return str(context.node_config.get(NODE_WORKER, "") or os.environ.get(ENV_WORKER, ""))
+
+
+def dispatch(msg: Message, context: Context) -> Message:
+    address = worker_address(context)
+    if address:
+        from client.forwarder import forward
+
+        return forward(address, msg, context)
+    from client.handlers import handle  # heavy: torch, transformers, MONAI
+
+    return handle(msg, context)
+
+
+# String literals (common.payload.Action imports torch); tests check they agree.
+app.train()(dispatch)
+app.evaluate()(dispatch)
+app.evaluate("final")(dispatch)
+app.train("local_only")(dispatch)

@@ -28,7 +28,9 @@ import time
 
 _IMPORT_START = time.perf_counter()
 
+import dataclasses
 import functools
+import os
 import traceback
 import zlib
 from collections.abc import Callable
@@ -52,7 +54,7 @@ from client import site as sites
 from common.adapters import AdapterSpec
 from common.bases import Base
 from common.evaluate import evaluate as evaluate_model
-from common.federation_config import FederationConfig, SiteIdentity, fedvlsm_home
+from common.federation_config import ConfigError, FederationConfig, SiteIdentity, fedvlsm_home
 from common.model import build_model
 from common.payload import (
     Cfg,
@@ -81,7 +83,17 @@ def run_config_of(msg: Message) -> FederationConfig:
     if Cfg.RUN_CONFIG not in conf:
         raise SiteRefusal("protocol: the message carries no run config (server and site run different "
                           "fedvlsm versions?)")
-    return FederationConfig.from_json(str(conf[Cfg.RUN_CONFIG]))
+    try:
+        return FederationConfig.from_json(str(conf[Cfg.RUN_CONFIG]))
+    except ConfigError as err:  # e.g. an adapter variant this site's fedvlsm does not know
+        raise SiteRefusal(f"run config: this site cannot serve it ({err})") from err
+
+
+def _train_config(cfg: FederationConfig, epochs: int, seed: int, prox_mu: float = 0.0):
+    """The run's local-training settings on this site's device (a worker's `--device`, $FEDVLSM_DEVICE)."""
+    tc = cfg.train_config(epochs, seed, prox_mu=prox_mu)
+    device = os.environ.get("FEDVLSM_DEVICE", "")
+    return dataclasses.replace(tc, device=device) if device and not os.environ.get("FEDVLSM_FORCE_CPU") else tc
 
 
 def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site, Base, int, str]:
@@ -168,6 +180,8 @@ def _runtime_metrics(handler_start: float) -> dict[str, float]:
         # From process creation to this handler: the full start-up a message
         # pays when its process is new (deployment), ~age of the actor otherwise.
         "process-age-seconds": float(handler_start - psutil.Process().create_time()),
+        # 1: served by a long-lived site worker (client/worker.py); 0: in the ClientApp's own process.
+        "served-by-worker": float(bool(os.environ.get("FEDVLSM_IN_WORKER"))),
     }
 
 
@@ -197,6 +211,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
     shared_in, bytes_down = _received(msg)
     model = site.model(frozen, shared_in, site.load_personal(run_name, server_round))
+    # The update's reference: the shared adapter this site starts from (the
+    # global one it received, or the common initial one if none was sent).
+    start_shared = {k: v.detach().clone() for k, v in split_personal(model.adapter_state(), cfg.personal)[0].items()}
     mu = float(msg.content[Rec.CONFIG].get(Cfg.PROX_MU, 0.0))
     seed = _local_seed(cfg, server_round, site.name)
     train_ds = site.dataset("train", frozen, train=True, seed=seed)
@@ -205,7 +222,7 @@ def train(msg: Message, context: Context) -> Message:
         train_ds,
         None,  # validation is the evaluate round's job, on the global adapter
         frozen.tokenizer,
-        cfg.train_config(cfg.local_epochs, seed, prox_mu=mu),
+        _train_config(cfg, cfg.local_epochs, seed, prox_mu=mu),
         prox_reference=shared_in if mu > 0 else None,
     )
     shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
@@ -213,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
     # The update (local - received global) in fp32, then encoded: int8's
     # stochastic rounding is seeded like the training, so a resumed run
     # sends bit-identical updates.
-    wire = encode_update(update_of(shared_out, shared_in), cfg.payload_dtype, seed=seed)
+    wire = encode_update(update_of(shared_out, start_shared), cfg.payload_dtype, seed=seed)
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
@@ -234,7 +251,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
     shared_in, bytes_down = _received(msg)
     val_ds = site.dataset("val", frozen, train=False)
-    train_cfg = cfg.train_config(1, cfg.seed)
+    train_cfg = _train_config(cfg, 1, cfg.seed)
     global_result = evaluate_model(site.model(frozen, shared_in), val_ds, frozen.tokenizer, train_cfg)
     personal = site.load_personal(run_name, server_round + 1)
     personal_result = (
@@ -260,7 +277,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
     shared_in, _ = _received(msg)
     test_ds = site.dataset("test", frozen, train=False)
-    train_cfg = cfg.train_config(1, cfg.seed)
+    train_cfg = _train_config(cfg, 1, cfg.seed)
 
     def dice(model) -> float:
         return evaluate_model(model, test_ds, frozen.tokenizer, train_cfg).dice
@@ -276,7 +293,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     if cfg.finetune_epochs:
         seed = _local_seed(cfg, server_round + 1, site.name)
         fit(personal_model, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
-            cfg.train_config(cfg.finetune_epochs, seed))
+            _train_config(cfg, cfg.finetune_epochs, seed))
         metrics["dice-finetuned"] = dice(personal_model)
     metrics["handler-seconds"] = time.time() - start
     return _reply(msg, site, {**metrics, **_runtime_metrics(start)})
@@ -290,9 +307,9 @@ def train_local_only(msg: Message, context: Context) -> Message:
     seed = _local_seed(cfg, 0, site.name)
     model = site.model(frozen)
     result = fit(model, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
-                 cfg.train_config(epochs, seed))
+                 _train_config(cfg, epochs, seed))
     test = evaluate_model(model, site.dataset("test", frozen, train=False), frozen.tokenizer,
-                          cfg.train_config(1, seed))
+                          _train_config(cfg, 1, seed))
     metrics = {
         "num-examples": result.num_examples,
         "dice-local": test.dice,
@@ -302,3 +319,20 @@ def train_local_only(msg: Message, context: Context) -> Message:
     }
     return _reply(msg, site, metrics)
 
+
+
+# message_type -> handler: the one table both paths use (client_app.py in-process, worker.py warm).
+HANDLERS: dict[str, Handler] = {
+    "train": train,
+    "evaluate": evaluate,
+    "evaluate.final": evaluate_final,
+    "train.local_only": train_local_only,
+}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """Run the handler for `msg`'s message type (an unknown type gets an error reply)."""
+    handler = HANDLERS.get(msg.metadata.message_type)
+    if handler is None:
+        return error_reply(msg, context, f"protocol: unknown message type {msg.metadata.message_type!r}")
+    return handler(msg, context)

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_command(sub)
     add_dashboard_command(sub)
+    from client.launcher import add_site_commands  # light: argparse only at module level
+    from server.certs import add_deploy_commands  # light: argparse only at module level
+
+    add_site_commands(sub)
+    add_deploy_commands(sub)
     return parser
 
 

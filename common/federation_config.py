@@ -83,6 +83,11 @@ class FederationConfig:
     # A round whose every site failed (or was excluded) is recorded as skipped
     # and the run goes on; this many skipped rounds in a row end it (failed).
     max_skipped_rounds: int = 3
+    # Reply checks: a train update whose L2 norm (reply - global, fp32) exceeds
+    # this is excluded (0: no bound); a round with fewer usable train replies
+    # than `min-replies` is recorded as skipped (the global adapter is kept).
+    max_update_norm: float = 0.0
+    min_replies: int = 1
     strategy: str = "fedavg"
     prox_mu: float = 0.01
     server_lr: float = 0.01
@@ -152,6 +157,8 @@ class FederationConfig:
                 raise bad(_key(key), f"must be in [0, 1), got {getattr(self, key)}")
         if self.partition_alpha <= 0:
             raise bad("partition-alpha", f"must be > 0, got {self.partition_alpha}")
+        if self.max_update_norm < 0 or self.min_replies < 1:
+            raise bad("max-update-norm/min-replies", f"need >= 0 and >= 1, got {self.max_update_norm}, {self.min_replies}")
         if self.round_timeout <= 0:
             raise bad("round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
         if self.site_wait_timeout <= 0:

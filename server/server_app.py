@@ -33,7 +33,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -52,6 +52,7 @@ from common.payload import (
     payload_bytes,
     split_personal,
     to_wire,
+    wire_dtype,
 )
 from server.hooks import RunHooks
 from server.run_records import RunRecords
@@ -231,18 +232,32 @@ def run_round(
 
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
-    replies = list(grid.send_and_receive(train_messages, timeout=cfg.round_timeout))
-    ok, failures = split_replies(replies, "train", names)
-    ok, excluded = _check_train_replies(ok, shared_names, names)
+    ok, failures = exchange(grid, train_messages, cfg, "train", names)
+    ok, excluded = _check_train_replies(ok, global_arrays, cfg, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
     ok.sort(key=names.of)
     sites = {names.of(r): _train_row(r, down) for r in ok}
     for reply in ok:
         # Sites send updates (local - global); Flower's strategies (and DP
-        # wrappers) aggregate weights: hand them global + update, in fp32.
+        # wrappers) aggregate weights: hand them global + update, in fp32,
+        # as exactly one ArrayRecord and one MetricRecord with the same keys
+        # for every site (Flower refuses to aggregate anything else).
         update = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
-        reply.content[Rec.ARRAYS] = _record({k: global_arrays[k] + update[k] for k in global_arrays})
-    aggregated = strategy.aggregate_train(server_round, ok)[0] if ok else None
+        m = reply.content[Rec.METRICS]
+        reply.content = RecordDict({
+            Rec.ARRAYS: _record({k: global_arrays[k] + update[k] for k in global_arrays}),
+            Rec.METRICS: MetricRecord({"num-examples": int(m["num-examples"]), "train-loss": float(m["train-loss"])}),
+        })
+    skip_reason = ""
+    if not ok:
+        skip_reason = "no usable site update"
+    elif len(ok) < cfg.min_replies:
+        skip_reason = (f"{len(ok)} usable train repl{'y' if len(ok) == 1 else 'ies'}, fewer than "
+                       f"min-replies = {cfg.min_replies}")
+        log(WARNING, "[fedvlsm] round %s skipped: %s", server_round, skip_reason)
+    aggregated = strategy.aggregate_train(server_round, ok)[0] if not skip_reason else None
+    if aggregated is None and not skip_reason:
+        skip_reason = "the strategy aggregated nothing"
     status = "ok" if aggregated is not None else "skipped"
     new_global = (
         {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in aggregated.items()}
@@ -254,15 +269,15 @@ def run_round(
     if status == "ok":
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
-        eval_replies, eval_failures = split_replies(
-            list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)), "evaluate", names
-        )
+        eval_replies, eval_failures = exchange(grid, eval_messages, cfg, "evaluate", names)
         failures += eval_failures
+        eval_replies, eval_excluded = _check_eval_replies(eval_replies, names)
+        failures += eval_excluded
         for reply in eval_replies:
             row = sites.setdefault(names.of(reply), {"node_id": reply.metadata.src_node_id})
             m = reply.content[Rec.METRICS]
             row.update(val_dice=m["dice"], val_dice_personal=m["dice-personal"], val_loss=m["loss"],
-                       val_examples=int(m["num-examples"]))
+                       val_examples=int(m["num-examples"]), val_handler_seconds=m.get("handler-seconds"))
             row["payload_bytes_down"] = row.get("payload_bytes_down", 0) + eval_down.get(reply.metadata.src_node_id, 0)
 
     n_val = sum(int(r.content[Rec.METRICS]["num-examples"]) for r in eval_replies)
@@ -275,6 +290,7 @@ def run_round(
     record = {
         "round": server_round,
         "status": status,
+        **({"skip_reason": skip_reason} if skip_reason else {}),
         "dice": weighted("dice"),
         "dice_personal": weighted("dice-personal"),
         "train_loss": _weighted_train_loss(sites),
@@ -299,7 +315,7 @@ def round_line(record: dict[str, Any], cfg: FederationConfig) -> str:
     """The console line of a round: Dice, bytes, time, and every site that failed or was excluded."""
     head = f"round {record['round']}/{cfg.rounds}"
     if record["status"] == "skipped":
-        text = f"{head}: SKIPPED (no usable site update)"
+        text = f"{head}: SKIPPED ({record.get('skip_reason', 'no usable site update')})"
     else:
         personalised = f" (personalised {record['dice_personal']:.4f})" if cfg.personal else ""
         text = (f"{head}: val Dice {record['dice']:.4f}{personalised} | {len(record['sites'])} site(s) | "
@@ -322,6 +338,9 @@ class SiteNames:
             self._by_node[node] = str(reply.content.config_records[Rec.SITE]["name"])
         return self._by_node.get(node, f"node-{node}")
 
+    def name_of_node(self, node: int) -> str:
+        return self._by_node.get(node, f"node-{node}")
+
 
 # Flower's own error codes (flwr.common.constant.ErrorCode), in words. Only the
 # code is kept: Flower's reason text can quote a site's exception.
@@ -332,11 +351,35 @@ _FLOWER_ERRORS = {
 }
 
 
-def split_replies(replies: list[Message], phase: str, names: SiteNames) -> tuple[list[Message], list[dict]]:
-    """(usable replies, failures as {site, phase, reason}); reasons are public by construction."""
+def exchange(grid: Grid, messages: list[Message], cfg: FederationConfig, phase: str,
+             names: SiteNames) -> tuple[list[Message], list[dict]]:
+    """Send, receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    ok, failures = split_replies(replies, phase, names, dst_by_id)
+    answered = {dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        site = names.name_of_node(node)
+        reason = f"no reply within round-timeout ({cfg.round_timeout:g} s)"
+        log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
+        failures.append({"site": site, "node_id": node, "phase": phase, "reason": reason})
+    return ok, failures
+
+
+def split_replies(replies: list[Message], phase: str, names: SiteNames,
+                  dst_by_id: dict[str, int] | None = None) -> tuple[list[Message], list[dict]]:
+    """(usable replies, failures as {site, phase, reason}); reasons are public by construction.
+
+    Flower's own error replies (e.g. "node unavailable") come from the
+    SuperLink, not the site: `dst_by_id` (sent message id -> node) names the site then.
+    """
     ok, failures = [], []
+    dst_by_id = dst_by_id or {}
     for reply in replies:
         site = names.of(reply)
+        node = dst_by_id.get(reply.metadata.reply_to_message_id)
+        if node is not None and node != reply.metadata.src_node_id:
+            site = names.name_of_node(node)
         if reply.has_error():
             reason = f"flower: {_FLOWER_ERRORS.get(reply.error.code, f'error code {reply.error.code}')}"
         elif Rec.STATUS in reply.content.config_records:
@@ -345,7 +388,8 @@ def split_replies(replies: list[Message], phase: str, names: SiteNames) -> tuple
             ok.append(reply)
             continue
         log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
-        failures.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": phase, "reason": reason})
+        failures.append({"site": site, "node_id": node if node is not None else reply.metadata.src_node_id,
+                         "phase": phase, "reason": reason})
     return ok, failures
 
 
@@ -356,12 +400,15 @@ def _short(reason: str, limit: int = 200) -> str:
 
 
 def _check_train_replies(
-    replies: list[Message], shared_names: set[str], names: SiteNames
+    replies: list[Message], global_arrays: dict[str, np.ndarray], cfg: FederationConfig, names: SiteNames
 ) -> tuple[list[Message], list[dict]]:
-    """Replies whose tensors are exactly the shared adapter, finite, of a wire dtype; the rest excluded."""
+    """Replies that pass every check (see `train_reply_problem`); the rest excluded, with site and reason."""
     ok, excluded = [], []
     for reply in replies:
-        reason = _train_reply_problem(reply, shared_names)
+        try:
+            reason = train_reply_problem(reply, global_arrays, cfg)
+        except Exception as err:  # noqa: BLE001 - a reply must never be able to end the run
+            reason = f"malformed reply ({type(err).__name__})"
         if reason is None:
             ok.append(reply)
             continue
@@ -371,23 +418,96 @@ def _check_train_replies(
     return ok, excluded
 
 
-def _train_reply_problem(reply: Message, shared_names: set[str]) -> str | None:
-    if Rec.ARRAYS not in reply.content.array_records or Rec.METRICS not in reply.content.metric_records:
-        return "reply holds no adapter tensors or no metrics"
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+# Metrics every train reply must carry, as finite numbers (the round record and FedAvg's weights use them).
+TRAIN_METRICS = ("num-examples", "train-loss")
+EVAL_METRICS = ("num-examples", "dice", "dice-personal", "loss")
+
+
+def train_reply_problem(reply: Message, global_arrays: dict[str, np.ndarray], cfg: FederationConfig) -> str | None:
+    """Why a site's train reply (an update) cannot be aggregated, or None. Checked in this order:
+
+    one ArrayRecord and one MetricRecord; tensor names = the shared adapter
+    (personal parts must never arrive; int8 adds one `<name>@scale` each);
+    each tensor's dtype = the run's payload dtype and shape = the global
+    tensor's; int8 scales valid; all values finite; the update's L2 norm
+    (fp32) <= `max-update-norm` (0: off); `num-examples` a finite number > 0;
+    every metric a finite number (`train-loss` required).
+    """
+    content = reply.content
+    if (list(content.array_records) != [Rec.ARRAYS] or list(content.metric_records) != [Rec.METRICS]):
+        return "reply must hold exactly one adapter ArrayRecord and one MetricRecord"
+    arrays = content[Rec.ARRAYS]
+    int8 = cfg.payload_dtype == "int8"
+    got = {k for k in arrays.keys() if not (int8 and k.endswith(SCALE_SUFFIX))}
+    want = set(global_arrays)
+    if got != want:
+        return (f"tensors are not the shared adapter: {len(got - want)} unexpected, "
+                f"{len(want - got)} missing (personal parts must never be sent)")
+    if int8 and {k for k in arrays.keys() if k.endswith(SCALE_SUFFIX)} != {k + SCALE_SUFFIX for k in want}:
+        return "int8 update without exactly one scale per tensor"
+    expected_dtype = np.dtype(np.int8) if int8 else wire_dtype(cfg.payload_dtype)
+    wire: dict[str, np.ndarray] = {}
+    for name in sorted(arrays.keys()):
+        try:
+            a = arrays[name].numpy()
+        except Exception as err:  # noqa: BLE001 - undecodable bytes
+            return f"a tensor cannot be decoded ({type(err).__name__})"
+        wire[name] = a
+        if name not in want:
+            continue  # an int8 scale: checked by decode_update
+        if a.dtype != expected_dtype:
+            return f"wrong dtype: {a.dtype} where the run's payload dtype is {expected_dtype} ({_short(name, 80)})"
+        if a.shape != global_arrays[name].shape:
+            return (f"wrong shape: {tuple(a.shape)} where the global adapter has "
+                    f"{tuple(global_arrays[name].shape)} ({_short(name, 80)})")
     try:
-        wire = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+        update = decode_update(wire)
     except PayloadError as err:
         return str(err)
-    names = set(wire)
-    if names != shared_names:
-        return (f"tensors are not the shared adapter: {len(names - shared_names)} unexpected, "
-                f"{len(shared_names - names)} missing (personal parts must never be sent)")
-    if not all(np.isfinite(a).all() for a in wire.values()):
+    if not all(np.isfinite(a).all() for a in update.values()):
         return "update holds NaN/Inf"
-    n = reply.content[Rec.METRICS].get("num-examples", 0)
-    if not isinstance(n, (int, float)) or n <= 0:
+    if cfg.max_update_norm > 0:
+        sq = sum(float(np.sum(np.square(update[k]), dtype=np.float64)) for k in update)
+        norm = float(np.sqrt(sq))
+        if not norm <= cfg.max_update_norm:
+            return f"update norm {norm:.4g} above max-update-norm {cfg.max_update_norm:g}"
+    metrics = content[Rec.METRICS]
+    n = metrics.get("num-examples")
+    if not _finite_number(n) or n <= 0:
         return "num-examples missing, zero or negative"
+    for key in TRAIN_METRICS:
+        if key not in metrics or not _finite_number(metrics[key]):
+            return f"metric {key} missing or not a finite number"
+    bad = [k for k, v in metrics.items() if not (_finite_number(v) or (
+        isinstance(v, list) and all(_finite_number(x) for x in v)))]
+    if bad:
+        return f"malformed metrics: {len(bad)} not finite numbers (e.g. {_short(sorted(bad)[0], 40)})"
     return None
+
+
+def _check_eval_replies(replies: list[Message], names: SiteNames) -> tuple[list[Message], list[dict]]:
+    """Evaluate replies with the metrics the round record needs; the rest become failures (phase evaluate)."""
+    ok, bad = [], []
+    for reply in replies:
+        m = reply.content.metric_records.get(Rec.METRICS)
+        problem = None
+        if m is None:
+            problem = "evaluate reply holds no metrics"
+        elif missing := [k for k in EVAL_METRICS if k not in m or not _finite_number(m[k])]:
+            problem = f"evaluate metric {missing[0]} missing or not a finite number"
+        elif m["num-examples"] <= 0:
+            problem = "evaluate num-examples zero or negative"
+        if problem is None:
+            ok.append(reply)
+            continue
+        site = names.of(reply)
+        log(WARNING, "[fedvlsm] %s: evaluate reply excluded: %s", site, problem)
+        bad.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": "evaluate", "reason": problem})
+    return ok, bad
 
 
 # ----------------------------------------------------------------- helpers
@@ -458,19 +578,27 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
         "node_id": reply.metadata.src_node_id,
         "num_examples": int(m["num-examples"]),
         "train_loss": m["train-loss"],
-        "train_seconds": m["train-seconds"],
+        "train_seconds": m.get("train-seconds"),
         "payload_bytes_up": payload_bytes(wire),
         "payload_bytes_down": down.get(reply.metadata.src_node_id, 0),
         "wire_dtype": str(next(v for k, v in wire.items() if not k.endswith(SCALE_SUFFIX)).dtype) if wire else None,
         "tensors": len([n for n in names if not n.endswith(SCALE_SUFFIX)]),
         "tensor_names_sha256": hashlib.sha256(json.dumps(sorted(names)).encode()).hexdigest()[:16],
-        "base_loads": int(m["base-loads"]),
-        "base_load_seconds": m["base-load-seconds"],
-        "import_seconds": m["import-seconds"],
-        "process_age_seconds": m["process-age-seconds"],
-        "process_messages": int(m["process-messages"]),
-        "handler_seconds": m["handler-seconds"],
+        # Runtime figures of the process that served the message (the site
+        # worker's when there is one); optional: checks never depend on them.
+        "base_loads": _int_or_none(m.get("base-loads")),
+        "base_load_seconds": m.get("base-load-seconds"),
+        "import_seconds": m.get("import-seconds"),
+        "process_age_seconds": m.get("process-age-seconds"),
+        "process_messages": _int_or_none(m.get("process-messages")),
+        "handler_seconds": m.get("handler-seconds"),
+        "served_by_worker": bool(m.get("served-by-worker", 0.0)),
+        "forward_seconds": m.get("forward-seconds"),
     }
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if _finite_number(value) else None
 
 
 def _weighted_train_loss(sites: dict[str, dict[str, Any]]) -> float:

@@ -1,0 +1,278 @@
+"""`fedvlsm site start`: one command per hospital, starting (and stopping) its site worker and SuperNode.
+
+    fedvlsm site start --superlink HOST:PORT --data PATH [--site-name N] [--site-dir DIR] [--device cuda]
+                       --root-certificates ca.crt --auth-key site.key      # TLS + site authentication
+    fedvlsm site start --superlink 127.0.0.1:9092 --data PATH --insecure   # local trials only
+
+It runs two children:
+
+1. the site worker (`python -m client.worker`), listening on
+   `<site-dir>/worker.sock` (0600); it keeps the frozen base, caches and site
+   state warm across rounds and runs;
+2. `flower-supernode`, with node config `data-path`, `site-name`,
+   `site-dir` and `worker="unix:<site-dir>/worker.sock"`, so every
+   ClientApp process it starts forwards its message to the worker.
+
+SIGTERM/SIGINT are forwarded to both; the command then exits 0. If the
+SuperNode exits, the worker is stopped and the command exits 1 with the
+SuperNode's exit code and log. If the worker dies, it is **restarted** (up
+to `--worker-restarts` times, default 3; messages that arrive meanwhile get
+an error reply "worker: the site worker is not running", which the server
+records while the round goes on); once the restarts are used up, the
+SuperNode is stopped and the command exits 1. Children get SIGKILL if this
+process itself is killed (Linux PR_SET_PDEATHSIG), so nothing outlives it.
+
+Only argparse at module level (the CLI must build without heavy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER_START_TIMEOUT_S = 300.0
+
+
+def add_site_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("site", help="run a hospital site (site worker + Flower SuperNode)",
+                       description="Run a hospital site: a warm site worker and its Flower SuperNode.")
+    ssub = p.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
+    s = ssub.add_parser("start", help="start this site's worker and SuperNode; stop both on exit",
+                        description=__doc__.split("\n\n")[0] if __doc__ else None,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--superlink", required=True, help="the consortium's SuperLink Fleet API, HOST:PORT")
+    s.add_argument("--data", required=True, help="this site's dataset folder (never leaves the site)")
+    s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
+    s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/NAME)")
+    s.add_argument("--device", default="", help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
+    s.add_argument("--root-certificates", default="", help="CA certificate (PEM) to verify the SuperLink (TLS)")
+    s.add_argument("--auth-key", default="", help="this site's EC private key (PEM) for SuperNode authentication")
+    s.add_argument("--insecure", action="store_true", help="no TLS: for local trials on one machine only")
+    s.add_argument("--port", type=int, default=0,
+                   help="the SuperNode's local runtime API port on 127.0.0.1 (0: pick a free one)")
+    s.add_argument("--socket", default="", help="worker socket path (default: SITE_DIR/worker.sock)")
+    s.add_argument("--preload-base", default="", help="base spec the worker loads before serving (optional)")
+    s.add_argument("--worker-restarts", type=int, default=3, help="restart a dead worker this many times, then exit 1")
+    s.set_defaults(func=cmd_site_start)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launcher dies (Linux), so no child outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _fedvlsm_home() -> Path:
+    # common.federation_config.fedvlsm_home without its torch import (this process stays light).
+    return Path(os.environ.get("FEDVLSM_HOME", "") or "~/.fedvlsm").expanduser().resolve()
+
+
+def _say(text: str) -> None:
+    print(f"[fedvlsm site] {text}", flush=True)
+
+
+def _node_config(values: dict[str, str]) -> str:
+    # Flower parses --node-config values as TOML: JSON string quoting is valid TOML for basic strings.
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def supernode_command(args: argparse.Namespace, node_config: dict[str, str], port: int) -> list[str]:
+    exe = shutil.which("flower-supernode") or str(Path(sys.executable).parent / "flower-supernode")
+    cmd = [exe, "--superlink", args.superlink, "--node-config", _node_config(node_config),
+           "--port", str(port), "--host", "127.0.0.1"]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser().resolve())]
+    if args.auth_key:
+        cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser().resolve())]
+    return cmd
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    if args.insecure and (args.root_certificates or args.auth_key):
+        return "--insecure turns TLS off, and site authentication needs TLS: drop --insecure"
+    if not args.insecure and not args.root_certificates:
+        return ("give --root-certificates ca.crt (TLS; with --auth-key site.key for site authentication), "
+                "or --insecure for a local trial")
+    for flag, value in (("--root-certificates", args.root_certificates), ("--auth-key", args.auth_key)):
+        if value and not Path(value).expanduser().is_file():
+            return f"{flag}: {value} is not a file"
+    if not Path(args.data).expanduser().is_dir():
+        return f"--data: {args.data} is not a folder"
+    if ":" not in args.superlink:
+        return f"--superlink: expected HOST:PORT, got {args.superlink!r}"
+    return None
+
+
+class Site:
+    """The two children and what to do when one of them stops."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        data = Path(args.data).expanduser().resolve()
+        self.name = args.site_name or data.name
+        self.site_dir = Path(args.site_dir).expanduser().resolve() if args.site_dir else (
+            _fedvlsm_home() / "sites" / self.name)
+        self.socket = Path(args.socket).expanduser().resolve() if args.socket else self.site_dir / "worker.sock"
+        self.logs = self.site_dir / "logs"
+        self.args = args
+        self.port = args.port or _free_port()
+        self.node_config = {"data-path": str(data), "site-name": self.name, "site-dir": str(self.site_dir),
+                            "worker": f"unix:{self.socket}"}
+        self.worker: subprocess.Popen | None = None
+        self.supernode: subprocess.Popen | None = None
+        self.restarts = 0
+        self.stopping = False
+
+    def start_worker(self) -> None:
+        from client.worker_protocol import socket_address
+
+        socket_address(self.socket)  # refuses a path too long for a Unix socket
+        self.site_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.site_dir, 0o700)
+        self.logs.mkdir(exist_ok=True)
+        ready = self.site_dir / "worker.ready"
+        ready.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "client.worker", "--socket", str(self.socket), "--ready-file", str(ready)]
+        if self.args.device:
+            cmd += ["--device", self.args.device]
+        if self.args.preload_base:
+            cmd += ["--preload-base", self.args.preload_base]
+        log = open(self.logs / "worker.log", "a")  # noqa: SIM115 - the child owns it
+        self.worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while not ready.exists():
+            if self.worker.poll() is not None:
+                raise RuntimeError(f"the site worker exited with code {self.worker.returncode} while starting; "
+                                   f"see {self.logs / 'worker.log'}")
+            if time.monotonic() > deadline or self.stopping:
+                raise RuntimeError("the site worker did not start in time" if not self.stopping else "stopped")
+            time.sleep(0.2)
+        _say(f"worker pid {self.worker.pid} serving on unix:{self.socket} (log: {self.logs / 'worker.log'})")
+
+    def start_supernode(self) -> None:
+        cmd = supernode_command(self.args, self.node_config, self.port)
+        log = open(self.logs / "supernode.log", "a")  # noqa: SIM115
+        self.supernode = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        mode = "INSECURE (local trial)" if self.args.insecure else (
+            "TLS" + (" + site authentication" if self.args.auth_key else ", no site authentication key"))
+        _say(f"SuperNode pid {self.supernode.pid} -> {self.args.superlink} [{mode}] as site '{self.name}' "
+             f"(log: {self.logs / 'supernode.log'})")
+
+    def stop_all(self) -> None:
+        """Stop the SuperNode, everything under it (its SuperExec and any ClientApp still running:
+        Flower does not stop those), and the worker."""
+        import psutil
+
+        self.stopping = True
+        tree: list[psutil.Process] = []
+        for proc in (self.supernode, self.worker):
+            if proc is not None and proc.poll() is None:
+                try:
+                    tree += psutil.Process(proc.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
+                proc.terminate()
+        for proc in (self.supernode, self.worker):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for p in tree:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def _tail(self, name: str) -> str:
+        try:
+            return "".join((self.logs / name).read_text(errors="replace").splitlines(True)[-15:])
+        except OSError:
+            return ""
+
+    def watch(self, poll: float = 0.5) -> int:
+        """Until a signal (0) or a child failing for good (1)."""
+        while not self.stopping:
+            time.sleep(poll)
+            if self.stopping:
+                break
+            if self.supernode is not None and self.supernode.poll() is not None:
+                code = self.supernode.returncode
+                _say(f"ERROR: the SuperNode exited with code {code}; stopping the worker. "
+                     f"Last lines of {self.logs / 'supernode.log'}:\n{self._tail('supernode.log')}")
+                self.stop_all()
+                return 1
+            if self.worker is not None and self.worker.poll() is not None:
+                code = self.worker.returncode
+                if self.restarts >= self.args.worker_restarts:
+                    _say(f"ERROR: the site worker exited with code {code} and has been restarted "
+                         f"{self.restarts} time(s) already (--worker-restarts); stopping the SuperNode")
+                    self.stop_all()
+                    return 1
+                self.restarts += 1
+                _say(f"WARNING: the site worker exited with code {code}; restarting it "
+                     f"({self.restarts}/{self.args.worker_restarts})")
+                try:
+                    self.start_worker()
+                except RuntimeError as err:
+                    _say(f"ERROR: {err}; stopping the SuperNode")
+                    self.stop_all()
+                    return 1
+        return 0
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    problem = _check_args(args)
+    if problem:
+        print(f"fedvlsm site start: {problem}", file=sys.stderr)
+        return 2
+    site = Site(args)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if not site.stopping:
+            _say(f"signal {signal.Signals(signum).name}: stopping the SuperNode and the worker")
+        site.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        site.start_worker()
+        if site.stopping:
+            return 0
+        site.start_supernode()
+        code = site.watch()
+    except (RuntimeError, ValueError) as err:
+        if not site.stopping:
+            print(f"fedvlsm site start: {err}", file=sys.stderr)
+        code = 0 if site.stopping else 1
+    finally:
+        site.stop_all()
+    _say("stopped" if code == 0 else "exiting with an error")
+    return code

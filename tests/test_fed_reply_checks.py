@@ -1,0 +1,219 @@
+"""Bad train/evaluate replies are excluded with a reason; none of them may raise out of the ServerApp.
+
+The real round loop against real handlers (fed_harness.InProcessGrid, Flower's
+protobuf serde on the way); one site's reply is corrupted after it was sent,
+the way a buggy or hostile site would send it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.data import synthesize
+from common.federation_config import ConfigError, FederationConfig
+from fed_harness import InProcessGrid
+from server.server_app import run_federation
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    synthesize(root, sites=3, per_site=9, seed=0, image_size=64)
+    return root
+
+
+class TamperingGrid(InProcessGrid):
+    """Delivers as Flower would, then corrupts site-0's replies of one kind."""
+
+    def __init__(self, *a, tamper, kind="train", sites=(100,), **kw):
+        super().__init__(*a, **kw)
+        self.tamper, self.kind, self.sites = tamper, kind, sites
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for r in replies:
+            if r.metadata.src_node_id in self.sites and r.metadata.message_type == self.kind and r.has_content():
+                self.tamper(r)
+        return replies
+
+
+def _edit_arrays(fn):
+    def tamper(reply):
+        arrays = {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}
+        fn(arrays)
+        reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return tamper
+
+
+def _first(arrays):
+    return sorted(arrays)[0]
+
+
+def _missing_tensor(arrays):
+    del arrays[_first(arrays)]
+
+
+def _wrong_shape(arrays):
+    k = _first(arrays)
+    arrays[k] = np.concatenate([arrays[k].ravel(), np.zeros(1, arrays[k].dtype)])
+
+
+def _wrong_dtype(arrays):
+    k = _first(arrays)
+    arrays[k] = arrays[k].astype(np.float32)  # the run's wire dtype is fp16
+
+
+def _inf(arrays):
+    arrays[_first(arrays)].flat[0] = np.inf
+
+
+def _huge(arrays):
+    k = _first(arrays)
+    arrays[k] = (arrays[k].astype(np.float32) + 100.0).astype(np.float16)
+
+
+def _metric(key, value):
+    def tamper(reply):
+        m = reply.content["metrics"]
+        if value is None:
+            del m[key]
+        else:
+            m[key] = value
+    return tamper
+
+
+def _second_array_record(reply):
+    reply.content["extra"] = ArrayRecord({"x": Array(np.zeros(2, np.float16))})
+
+
+def _drop_metrics(reply):
+    del reply.content["metrics"]
+
+
+def _nan_loss(reply):
+    reply.content["metrics"]["train-loss"] = float("nan")
+
+
+CASES = [
+    (_edit_arrays(_missing_tensor), "tensors are not the shared adapter: 0 unexpected, 1 missing"),
+    (_edit_arrays(_wrong_shape), "wrong shape: "),
+    (_edit_arrays(_wrong_dtype), "wrong dtype: float32 where the run's payload dtype is float16"),
+    (_edit_arrays(_inf), "update holds NaN/Inf"),
+    (_edit_arrays(_huge), "update norm "),
+    (_metric("num-examples", None), "num-examples missing, zero or negative"),
+    (_metric("num-examples", -3.0), "num-examples missing, zero or negative"),
+    (_metric("num-examples", float("inf")), "num-examples missing, zero or negative"),
+    (_metric("train-loss", None), "metric train-loss missing or not a finite number"),
+    (_nan_loss, "metric train-loss missing or not a finite number"),
+    (_metric("steps", float("nan")), "malformed metrics: 1 not finite numbers (e.g. steps)"),
+    (_metric("base-loads", None), None),  # optional runtime figures may be absent: accepted
+    (_second_array_record, "reply must hold exactly one adapter ArrayRecord and one MetricRecord"),
+    (_drop_metrics, "reply must hold exactly one adapter ArrayRecord and one MetricRecord"),
+]
+
+
+def cfg_for(tmp_path, data, **kw) -> FederationConfig:
+    values = {"base": "arch:tiny", "adapter": "shallow-vlc", "home": str(tmp_path / "server"), "rounds": 1,
+              "compare": False, "lr": 0.01, "run_name": "checks", "data": str(data), "max_update_norm": 50.0,
+              "local_epochs": 1, **kw}
+    return FederationConfig(**values)
+
+
+def records(tmp_path) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / "server/runs/checks/rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("tamper,reason", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_each_kind_of_bad_train_reply_is_excluded_and_the_rest_aggregated(tmp_path, data, tamper, reason):
+    cfg = cfg_for(tmp_path, data)
+    run_federation(TamperingGrid(cfg, 3, tamper=tamper), cfg)
+    (record,) = records(tmp_path)
+    assert record["status"] == "ok"
+    if reason is None:
+        assert record["excluded"] == [] and record["sites"]["site-0"]["base_loads"] is None
+        return
+    assert [e["site"] for e in record["excluded"]] == ["site-0"]
+    assert record["excluded"][0]["reason"].startswith(reason), record["excluded"]
+    assert "num_examples" not in record["sites"]["site-0"]
+    assert all("num_examples" in record["sites"][s] for s in ("site-1", "site-2"))
+    assert (tmp_path / "server/runs/checks/final/adapter").is_dir()
+
+
+def test_the_norm_bound_is_off_at_zero_and_measured_in_fp32(tmp_path, data):
+    cfg = cfg_for(tmp_path, data, max_update_norm=0.0)
+    run_federation(TamperingGrid(cfg, 3, tamper=_edit_arrays(_huge)), cfg)
+    assert records(tmp_path)[0]["excluded"] == []
+
+
+def test_fewer_usable_replies_than_min_replies_skip_the_round_and_the_run_goes_on(tmp_path, data):
+    cfg = cfg_for(tmp_path, data, rounds=2, min_replies=3)
+    hurt = {"n": 0}
+
+    def once(reply):  # only round 1's reply from site-0 is bad
+        hurt["n"] += 1
+        if hurt["n"] == 1:
+            _inf_reply(reply)
+
+    run_federation(TamperingGrid(cfg, 3, tamper=once), cfg)
+    r1, r2 = records(tmp_path)
+    assert r1["status"] == "skipped" and r1["skip_reason"] == "2 usable train replies, fewer than min-replies = 3"
+    assert [e["site"] for e in r1["excluded"]] == ["site-0"]
+    assert r2["status"] == "ok" and r2["excluded"] == []
+
+
+def _inf_reply(reply):
+    _edit_arrays(_inf)(reply)
+
+
+def test_all_replies_bad_for_n_rounds_end_the_run_cleanly(tmp_path, data):
+    from server.server_app import RunFailed
+
+    cfg = cfg_for(tmp_path, data, rounds=3, max_skipped_rounds=2)
+    with pytest.raises(RunFailed, match="2 round\\(s\\) in a row had no usable site update"):
+        run_federation(TamperingGrid(cfg, 3, tamper=_edit_arrays(_inf), sites=(100, 101, 102)), cfg)
+    assert [r["status"] for r in records(tmp_path)] == ["skipped", "skipped"]
+    status = json.loads((tmp_path / "server/runs/checks/status.json").read_text())
+    assert status["status"] == "failed"
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    (_metric("dice", None), "evaluate metric dice missing or not a finite number"),
+    (_metric("num-examples", float("nan")), "evaluate metric num-examples missing or not a finite number"),
+    (lambda r: r.content.__setitem__("metrics", MetricRecord({})),
+     "evaluate metric num-examples missing or not a finite number"),
+])
+def test_a_malformed_evaluate_reply_is_a_failure_not_a_crash(tmp_path, data, tamper, reason):
+    cfg = cfg_for(tmp_path, data)
+    run_federation(TamperingGrid(cfg, 3, tamper=tamper, kind="evaluate"), cfg)
+    (record,) = records(tmp_path)
+    assert record["status"] == "ok"
+    assert [(f["site"], f["phase"], f["reason"]) for f in record["failures"]] == [("site-0", "evaluate", reason)]
+    assert "val_dice" not in record["sites"]["site-0"]
+
+
+def test_a_status_reply_without_a_reason_and_a_garbage_config_are_handled(tmp_path, data):
+    def garbage(reply):
+        reply.content["status"] = ConfigRecord({"nothing": "here"})
+
+    cfg = cfg_for(tmp_path, data)
+    run_federation(TamperingGrid(cfg, 3, tamper=garbage), cfg)
+    (record,) = records(tmp_path)
+    assert [(f["site"], f["reason"]) for f in record["failures"]] == [("site-0", "unspecified")]
+
+
+def test_the_new_keys_are_validated():
+    with pytest.raises(ConfigError, match="max-update-norm/min-replies"):
+        FederationConfig(max_update_norm=-1.0)
+    with pytest.raises(ConfigError, match="max-update-norm/min-replies"):
+        FederationConfig(min_replies=0)
+    assert FederationConfig.from_run_config({"max-update-norm": 2, "min-replies": 2}).max_update_norm == 2.0
