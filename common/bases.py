@@ -290,7 +290,15 @@ def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:
     bases with identical shapes (rd64 vs rd64-refined, a random arch) must
     still be told apart. A few slices of tensors spread over the model are
     enough to tell different checkpoints apart cheaply.
+
+    A base whose frozen weights the GPU fast path cast to bf16 in place
+    (common/fast.py) keeps the fingerprint of its fp32 weights, recorded
+    before the cast in ``_fedvlsm_fingerprint``: the weights are the same
+    base, only stored narrower.
     """
+    pinned = getattr(model, "_fedvlsm_fingerprint", None)
+    if pinned is not None:
+        return pinned
     h = hashlib.sha256()
     clip = model.clip
     probes = [

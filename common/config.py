@@ -34,8 +34,22 @@ class TrainConfig:
     lambda_ce: float = 1.0
     prox_mu: float = 0.0  # FedProx proximal term weight (0: plain local training)
     select_best: bool = True  # restore the best-validation-Dice weights at the end
-    num_workers: int = 0
+    # DataLoader workers; -1: auto (0 on the plain path and on CPU; on the GPU
+    # fast path min(8, cores - 1), with pinned memory and persistent workers).
+    num_workers: int = -1
     progress: bool = True
+    # --- fast path (common/fast.py). "auto": on with CUDA, off elsewhere;
+    # "on" forces it (CPU tests compare it with the plain path), "off" never.
+    fast: str = "auto"
+    # torch.compile of the fast step's forward + loss: off | default |
+    # reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs.
+    compile: str = "off"
+    # Fast path: prompts are padded to the smallest of these lengths that
+    # holds the batch's longest prompt, so shapes are static (few buckets).
+    prompt_buckets: tuple[int, ...] = (16, 32, 77)
+    # Fast path, shallow-* variants: frozen tower outputs cached per site
+    # (memory + <site cache>/activations/); auto = on for shallow variants.
+    activation_cache: str = "auto"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size")
@@ -49,6 +63,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"TrainConfig.amp must be auto|bf16|fp16|off, got {self.amp!r}")
+        if self.num_workers < -1:
+            raise ValueError(f"TrainConfig.num_workers must be >= -1 (-1: auto), got {self.num_workers}")
+        choices = {"fast": ("auto", "on", "off"), "activation_cache": ("auto", "on", "off"),
+                   "compile": ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        self.prompt_buckets = tuple(sorted(int(b) for b in self.prompt_buckets))
+        if not self.prompt_buckets or self.prompt_buckets[0] < 2:
+            raise ValueError(f"TrainConfig.prompt_buckets must be lengths >= 2, got {self.prompt_buckets}")
 
     def lr_for(self, variant: str, family: str) -> float:
         if self.lr is not None:
@@ -79,6 +103,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def plain_workers(cfg: TrainConfig) -> int:
+    """DataLoader workers of the plain path and evaluation (-1, auto, is 0 there)."""
+    return max(cfg.num_workers, 0)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -36,7 +36,7 @@ from monai.metrics import compute_hausdorff_distance, compute_iou, compute_dice
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import TrainConfig, autocast_dtype, resolve_device
+from common.config import TrainConfig, autocast_dtype, plain_workers, resolve_device
 from common.data.dataset import IMAGENET_MEAN, IMAGENET_STD, collate_fn
 from common.model import AdaptedCLIPSeg
 
@@ -104,16 +104,28 @@ def evaluate(
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(tokenizer),
-                        num_workers=cfg.num_workers)
+                        num_workers=plain_workers(cfg))
     loss_fn = make_loss(cfg)
     amp = autocast_dtype(cfg.amp, device)
     was_training = model.training
-    model.eval().to(device)
+    model.eval().to_device(device)
+    from common import fast  # fast imports config only; local to keep this module's import light
+
+    tokens = None
+    if fast.fast_enabled(cfg, device):  # bf16 frozen weights, cached positions, bucketed prompts
+        fast.prepare_model(model, device, amp)
+        max_len = min(77, int(model.clipseg.config.text_config.max_position_embeddings))
+        tokens = fast.PromptTokens(tokenizer, cfg.prompt_buckets, max_len)
+    else:
+        fast.restore_fp32(model)
     per_item, losses, weights = [], [], []
     for batch in loader:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                           batch["attention_mask"])
+        if tokens is not None:
+            logits = fast.eval_forward(model, batch, device, amp, tokens)
+        else:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                               batch["attention_mask"])
         logits = logits.float()
         mask = batch["mask"].to(device)
         if logits.shape[-2:] != mask.shape[-2:]:
@@ -168,9 +180,17 @@ def predict(
     """Probability map (H, W) in [0, 1] for `prompt` on a uint8 (H, W, 3) image, at its own size."""
     if not prompt.strip():
         raise ValueError("predict needs a non-empty prompt")
+    from common import fast
+
     device = device or resolve_device("auto")
-    model.eval().to(device)
+    model.eval().to_device(device)
+    amp = autocast_dtype("auto", device)  # bf16 on a GPU (fp16 where bf16 is missing), fp32 on CPU
+    if fast.fast_enabled(TrainConfig(), device):
+        fast.prepare_model(model, device, amp)
+    else:
+        fast.restore_fp32(model)
     x = preprocess_image(image, model.image_size).to(device)
     tokens = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
-    logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"])
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"])
     return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()

@@ -41,6 +41,8 @@ class AdaptedCLIPSeg(nn.Module):
         self.adapters.requires_grad_(True)
         self.extract_layers = list(self.clipseg.config.extract_layers)
         self._trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        # The fast forward (common/fast.py): set by fast.prepare_model, None for the plain one.
+        self.fast = None
 
     # ------------------------------------------------------------------ state
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -89,34 +91,64 @@ class AdaptedCLIPSeg(nn.Module):
     def train(self, mode: bool = True) -> "AdaptedCLIPSeg":
         # Frozen parts stay in eval mode whatever the caller does: the base is
         # shared and has no business changing behaviour during adapter training.
-        super().train(mode)
-        if self.spec.variant not in ("full", "lora", "decoder"):
+        if self.spec.variant in ("full", "lora", "decoder"):
+            return super().train(mode)
+        # Not super().train(): walking the whole base twice (train, then eval)
+        # cost ~4 ms per call on the tiny base, several times per message.
+        self.training = mode
+        self.adapters.train(mode)
+        if self.clipseg.training:
             self.clipseg.eval()
         return self
+
+    def to_device(self, device: torch.device) -> "AdaptedCLIPSeg":
+        """``self.to(device)``, walking only the adapters when the (shared) base is already there."""
+        probe = next(self.clipseg.parameters(), None)
+        if probe is not None and probe.device == device and self.spec.variant not in ("full", "lora", "decoder"):
+            self.adapters.to(device)
+            return self
+        return self.to(device)
 
     # ---------------------------------------------------------------- forward
     def _layer(self, layer: nn.Module, tower: str, index: int, h: torch.Tensor, mask, **kw) -> torch.Tensor:
         adapters = self.adapters.layer_adapters(tower, index)
-        if adapters is None:
+        fast = self.fast
+        if adapters is None and fast is None:
             return layer(h, mask, **kw)
-        attn_adapter, mlp_adapter = adapters
-        a, _ = layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask, **kw)
-        h = h + attn_adapter(a)
-        return h + mlp_adapter(layer.mlp(layer.layer_norm2(h)))
+        attn_adapter, mlp_adapter = adapters if adapters is not None else (None, None)
+        x = layer.layer_norm1(h)
+        if fast is not None:
+            # One cast of the layer-norm output (fp32 under autocast) for
+            # q, k and v, instead of autocast casting it three times.
+            x = fast.cast(x)
+        a, _ = layer.self_attn(hidden_states=x, attention_mask=mask, **kw)
+        h = h + (attn_adapter(a) if attn_adapter is not None else a)
+        m = layer.mlp(layer.layer_norm2(h))
+        return h + (mlp_adapter(m) if mlp_adapter is not None else m)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Vision activations the decoder reads (after vision adapters)."""
+    def vision_trunk(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The extracted vision activations before any shallow adapter (dense adapters act inside)."""
         vm = self.clipseg.clip.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=True))
+        if self.fast is not None:
+            emb = self.fast.vision_embeddings(vm.embeddings, pixel_values)
+        else:
+            emb = vm.embeddings(pixel_values, interpolate_pos_encoding=True)
+        h = vm.pre_layrnorm(emb)
         acts = []
         for i, layer in enumerate(vm.encoder.layers[: max(self.extract_layers) + 1]):
             h = self._layer(layer, "vision", i, h, None)
             if i in self.extract_layers:
                 acts.append(h)
-        return self.adapters.adapt_activations(acts)
+        return acts
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The conditional embedding (after text and conditional adapters)."""
+    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Vision activations the decoder reads (after vision adapters)."""
+        return self.adapters.adapt_activations(self.vision_trunk(pixel_values))
+
+    def text_trunk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(projected text feature, text taps) before the conditional and shallow text adapters."""
         tm = self.clipseg.clip.text_model
         h = tm.embeddings(input_ids=input_ids)
         # Under the causal mask, right padding can never reach the end-of-text
@@ -124,7 +156,8 @@ class AdaptedCLIPSeg(nn.Module):
         # and attention keeps its fast fused causal kernel; a mask is kept only
         # if some pad comes before a real token (left padding). The check reads
         # the mask where it lies: callers pass it on the CPU (as the training
-        # loop does) so that no GPU sync stalls a host-bound step.
+        # loop does) so that no GPU sync stalls a host-bound step. The fast
+        # path (common/fast.py) decides this in its collate and passes None.
         if attention_mask is not None:
             if not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
                 attention_mask = None
@@ -140,8 +173,22 @@ class AdaptedCLIPSeg(nn.Module):
             if self.adapters.needs_text_taps and i in self.extract_layers:
                 taps.append(h[rows, eot])
         pooled = tm.final_layer_norm(h)[rows, eot]
-        cond = self.clipseg.clip.text_projection(pooled)
+        return self.clipseg.clip.text_projection(pooled), taps
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The conditional embedding (after text and conditional adapters)."""
+        cond, taps = self.text_trunk(input_ids, attention_mask)
         return self.adapters.adapt_condition(cond, taps)
+
+    def head(self, activations: list[torch.Tensor], cond: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from the trunks' outputs: shallow adapters, then the decoder (shape (B, 1, H, W)).
+
+        For shallow variants the trunks are frozen and adapter-free, so their
+        outputs can be cached (common/activation_cache.py) and only this runs.
+        """
+        acts = self.adapters.adapt_activations(activations)
+        cond = self.adapters.adapt_condition(cond, taps)
+        return self.clipseg.decoder(acts, cond).logits.unsqueeze(1)
 
     @staticmethod
     def _eot_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -163,9 +210,9 @@ class AdaptedCLIPSeg(nn.Module):
             raise ValueError(
                 f"batch mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts"
             )
-        activations = self.encode_image(pixel_values)
-        cond = self.encode_text(input_ids, attention_mask)
-        return self.clipseg.decoder(activations, cond).logits.unsqueeze(1)
+        activations = self.vision_trunk(pixel_values)
+        cond, taps = self.text_trunk(input_ids, attention_mask)
+        return self.head(activations, cond, taps)
 
 
 def build_model(base: Base, spec: AdapterSpec | str) -> AdaptedCLIPSeg:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from common.config import TrainConfig, autocast_dtype, resolve_device
+from common.config import TrainConfig, autocast_dtype, plain_workers, resolve_device
 from common.data.dataset import collate_fn
+from common import fast
 from common.evaluate import evaluate, make_loss
 from common.model import AdaptedCLIPSeg
 
@@ -79,7 +80,7 @@ def fit(
         raise ValueError("cannot train on an empty dataset")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model.to(device)
+    model.to_device(device)
     params = model.trainable_parameters()
     if not params:  # variant "none": nothing to train; report where the frozen base stands
         val = evaluate(model, val_ds, tokenizer, cfg, device) if val_ds is not None else None
@@ -87,7 +88,12 @@ def fit(
                          time.perf_counter() - start)
 
     lr = cfg.lr_for(model.spec.variant, model.spec.family)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    use_fast = fast.fast_enabled(cfg, device) and fast.supports(train_ds)
+    if use_fast:
+        optimizer = fast.make_optimizer(params, lr, cfg.weight_decay, device)
+    else:
+        fast.restore_fp32(model)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
@@ -96,8 +102,13 @@ def fit(
     loss_fn = make_loss(cfg)
     reference = {k: v.to(device) for k, v in prox_reference.items()} if prox_reference and cfg.prox_mu > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        collate_fn=collate_fn(tokenizer), num_workers=cfg.num_workers)
+    if use_fast:  # common/fast.py: the same epochs without the plain loop's host work
+        runner = fast.FastEpochs(model, train_ds, tokenizer, cfg, device, optimizer, scaler, params, generator,
+                                 reference)
+    else:
+        runner = None
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                            collate_fn=collate_fn(tokenizer), num_workers=plain_workers(cfg))
 
     history: list[dict[str, Any]] = []
     best_dice, best_epoch, best_state, stale, steps = -1.0, None, None, 0, 0
@@ -107,7 +118,14 @@ def fit(
             train_ds.set_epoch(epoch)  # a new prompt draw per item per epoch
         model.train()
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        if runner is not None:
+            train_loss, train_dice, n = runner.run_epoch(
+                lambda it: tqdm(it, desc=desc, disable=not cfg.progress, leave=False))
+            steps += n
+            if cfg.progress:
+                tqdm.write(f"{desc}: train dice {train_dice:.3f}")
+        bar = [] if runner is not None else tqdm(loader, desc=desc, disable=not cfg.progress, leave=False)
         for batch in bar:
             mask = batch["mask"].to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -130,7 +148,8 @@ def fit(
             with torch.no_grad():
                 dice = _batch_dice(logits, mask)
             bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
-        train_loss = float(np.mean(losses))
+        if runner is None:
+            train_loss = float(np.mean(losses))
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
 
         if val_ds is not None:

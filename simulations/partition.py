@@ -169,6 +169,12 @@ def site_items(
     """The share of one simulated site (what a ClientApp calls with its partition-id)."""
     if not 0 <= partition_id < num_partitions:
         raise PartitionError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    if scheme == "natural":
+        # A natural site is one folder: read only it (partition() would scan
+        # every site's folders, on every message of every site).
+        folders = site_folders(Path(root))
+        if len(folders) == num_partitions:
+            return {split: load_items(folders[partition_id], split) for split in STANDARD_SPLITS}
     return partition(root, scheme, num_partitions, seed, alpha)[partition_id]
 
 

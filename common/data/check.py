@@ -31,6 +31,7 @@ the >127 threshold of ``formats.binarize_mask``.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -332,13 +333,31 @@ def data_fingerprint(data_path: str | Path, exclude: str | Path | None = None) -
     skip = Path(exclude).resolve() if exclude is not None else None
     h = hashlib.sha256(f"fedvlsm-data-check-v{CHECK_VERSION}".encode())
     if root.is_dir():
-        for path in sorted(root.rglob("*")):
-            if not path.is_file() or not (is_supported(path) or path.suffix.lower() in _FINGERPRINT_EXTS):
+        # One os.walk (file types come with the directory entries) and one
+        # stat per counted file; paths are resolved per directory, and per
+        # file only for symlinks. Runs at every message of every site, so it
+        # must stay cheap; the hash is the same as rglob's walk gave.
+        found: list[tuple[tuple[str, ...], os.stat_result]] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            if skip is not None and here.resolve().is_relative_to(skip):
+                dirnames[:] = []
                 continue
-            if skip is not None and path.resolve().is_relative_to(skip):
-                continue
-            st = path.stat()
-            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            rel = here.relative_to(root).parts
+            for name in filenames:
+                path = here / name
+                if not (is_supported(path) or path.suffix.lower() in _FINGERPRINT_EXTS):
+                    continue
+                if path.is_symlink() and (not path.is_file() or (
+                        skip is not None and path.resolve().is_relative_to(skip))):
+                    continue
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                found.append(((*rel, name), st))
+        for parts, st in sorted(found, key=lambda x: x[0]):
+            h.update(f"{'/'.join(parts)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -159,6 +159,11 @@ class SegDataset(Dataset):
         _save_npz(path, arrays)
         return arrays
 
+    def cache_key(self, index: int) -> str:
+        """What item `index`'s preprocessed arrays depend on (files, mtimes, sizes, image size,
+        preprocessing version), hashed: also the data part of the activation cache's key."""
+        return self._cache_key(self.items[index])
+
     def _cache_key(self, item: Item) -> str:
         try:
             key = f"v{CACHE_VERSION}|{_file_key(item.image)}|{_file_key(item.mask)}|{self.image_size}"

@@ -1,0 +1,355 @@
+"""Plain vs fast local training and inference, on one card, in one call (run by bench/gpu.sh).
+
+Parts (PART=..., each a separate process so a slow compile cannot sink the others):
+
+- ``eager``: dense-vl step plain (as bench_train_step.py: fp32 frozen
+  weights under autocast, MONAI DiceCE, foreach AdamW, a host sync per step
+  as the plain loop has) and fast (common/fast.py, no compile), their losses
+  at the same weights (bf16 tolerance), a whole fast epoch with data loading
+  from a real site cache (workers, pinned memory), shallow-vlc plain step vs
+  epochs on cached activations, inference plain vs fast.
+- ``compile-default`` / ``compile-reduce-overhead``: the fast dense-vl step
+  under torch.compile (mode default / CUDA graphs).
+- ``--table``: merges $OUT/fast-*.json with $OUT/anchor.json (the shared
+  anchor, run in the same call), prints the table (ratios to the anchor's
+  reference style), writes $OUT/gpu-<card>-fast.json.
+
+TINY=1 runs every part on arch:tiny with small batches on CPU (a dry run of
+the script's Python; the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TINY = os.environ.get("TINY") == "1"
+OUT = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, n: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / n
+
+
+class Synthetic:
+    """An in-memory SegDataset stand-in: fixed uint8 images/masks, prompts, keys (for pure step timing)."""
+
+    def __init__(self, n: int, size: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g).numpy()
+        self.masks = (torch.rand(n, size, size, generator=g) > 0.5).to(torch.uint8).numpy()
+        self.cache_dir = None
+        self.prompts = ["a small bright round lesion located in the left of the image", "a polyp",
+                        "one medium dark oval lesion which is a dark spot with a soft boundary"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def arrays(self, i: int):
+        return self.images[i], self.masks[i], self.masks[i]
+
+    def prompt_for(self, i: int) -> str:
+        return self.prompts[i % len(self.prompts)]
+
+    def cache_key(self, i: int) -> str:
+        return f"synthetic-{i}"
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def setup():
+    from common.bases import load_base
+    from common.config import resolve_device
+
+    device = resolve_device("cpu" if TINY else "auto")
+    base = load_base("arch:tiny" if TINY else "arch:clipseg-rd64-refined")
+    batch = int(os.environ.get("B", "4" if TINY else "32"))
+    n, warmup = (2, 1) if TINY else (10, 3)
+    return device, base, batch, n, warmup
+
+
+def runner_for(base, variant, ds, cfg, device):
+    from common import fast
+    from common.config import autocast_dtype
+    from common.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(base, variant)
+    model.to(device)
+    params = model.trainable_parameters()
+    opt = fast.make_optimizer(params, 1e-4, cfg.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
+    r = fast.FastEpochs(model, ds, base.tokenizer, cfg, device, opt, scaler, params,
+                        torch.Generator().manual_seed(0), None)
+    return model, r
+
+
+def fast_step_bench(base, device, batch, n, warmup, compile_mode: str) -> dict:
+    """Pure fast dense-vl step on device-resident tensors (what the epoch loop calls per batch)."""
+    from common.config import TrainConfig
+
+    ds = Synthetic(batch, base.image_size)
+    cfg = TrainConfig(fast="on", compile=compile_mode, activation_cache="off")
+    model, r = runner_for(base, "dense-vl", ds, cfg, device)
+    images = torch.from_numpy(ds.images).to(device)
+    masks = torch.from_numpy(ds.masks).to(device)
+    ids = r.tokens([ds.prompt_for(i) for i in range(batch)]).to(device)
+    total = torch.zeros((), device=device)
+
+    def step():
+        nonlocal total
+        loss, _ = r.step(images, masks, ids)
+        r._update(loss)
+        total = total + loss.detach()
+
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0  # includes compilation when compiled
+    dt = timed(step, n, warmup, device)
+    return {"img_per_s": batch / dt, "s_per_step": dt, "first_step_s": first, "compile": compile_mode}
+
+
+def part_eager(base, device, batch, n, warmup) -> dict:
+    from common import activation_cache, fast
+    from common.config import TrainConfig, autocast_dtype
+    from common.evaluate import make_loss
+    from common.model import build_model
+
+    from common.bases import load_base
+
+    res: dict = {}
+    amp = autocast_dtype("auto", device)
+    # The plain rows run on their own fp32 copy of the base: the fast path
+    # casts `base`'s frozen weights to bf16 in place (as sites sharing it do).
+    plain_base = load_base(base.base_id)
+    cfg = TrainConfig()
+    ds = Synthetic(batch, base.image_size)
+    px = fast.normalize(torch.from_numpy(ds.images).to(device))
+    y = torch.from_numpy(ds.masks).to(device).unsqueeze(1).float()
+    prompts = [ds.prompt_for(i) for i in range(batch)]
+    tok = base.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    loss_fn = make_loss(cfg)
+
+    # --- plain dense-vl step: the plain loop's work, incl. its per-step host syncs
+    torch.manual_seed(0)
+    model = build_model(plain_base, "dense-vl").to(device).train()
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
+    state0 = {k: v.clone() for k, v in model.adapter_state().items()}
+
+    def plain_loss():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(px, tok["input_ids"].to(device), tok["attention_mask"])
+        return loss_fn(logits.float(), y), logits
+
+    def plain_step():
+        loss, logits = plain_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        loss.item()
+        float((((logits > 0).float() * y).sum() + 1) / 1)  # the batch Dice's sync
+
+    with torch.no_grad():
+        ref_loss = float(plain_loss()[0])
+    dt = timed(plain_step, n, warmup, device)
+    res["dense-vl_plain"] = {"img_per_s": batch / dt, "s_per_step": dt}
+    print(f"dense-vl plain        {batch / dt:9.1f} img/s", flush=True)
+    del model, opt
+    _free(device)
+
+    # --- fast dense-vl step (no compile) + loss at the same initial weights
+    fcfg = TrainConfig(fast="on", activation_cache="off")
+    model, r = runner_for(base, "dense-vl", ds, fcfg, device)
+    model.load_adapter_state(state0)
+    images, masks = torch.from_numpy(ds.images).to(device), torch.from_numpy(ds.masks).to(device)
+    ids = r.tokens(prompts).to(device)
+    with torch.no_grad():
+        fast_loss = float(r.step(images, masks, ids)[0])
+    res["loss_check"] = {"plain": ref_loss, "fast": fast_loss, "rel_diff": abs(fast_loss - ref_loss) / abs(ref_loss)}
+    print(f"loss plain {ref_loss:.5f} fast {fast_loss:.5f} (rel {res['loss_check']['rel_diff']:.2e})", flush=True)
+    del model, r
+    _free(device)
+    res["dense-vl_fast"] = fast_step_bench(base, device, batch, n, warmup, "off")
+    print(f"dense-vl fast         {res['dense-vl_fast']['img_per_s']:9.1f} img/s", flush=True)
+    _free(device)
+
+    # --- a whole fast epoch, data loading included, from a real site cache (second epoch: npz cache warm)
+    from common.data import SegDataset, load_items, synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        per_site = int(os.environ.get("EPOCH_IMAGES", "12" if TINY else "460"))
+        site = synthesize(Path(tmp) / "d", sites=1, per_site=per_site, seed=0, image_size=64 if TINY else 160)[0]
+        sds = SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=Path(tmp) / "c")
+        model, r = runner_for(base, "dense-vl", sds, TrainConfig(fast="on", batch_size=batch,
+                                                                  activation_cache="off"), device)
+        t = time.perf_counter()
+        r.run_epoch(lambda it: it)  # epoch 1 builds the npz cache (decode + resize)
+        first = time.perf_counter() - t
+        sds.set_epoch(1)
+        _sync(device)
+        t = time.perf_counter()
+        _, _, steps = r.run_epoch(lambda it: it)
+        _sync(device)
+        dt = time.perf_counter() - t
+        res["dense-vl_fast_epoch"] = {"img_per_s": len(sds) / dt, "items": len(sds), "steps": steps,
+                                      "workers": r.workers, "first_epoch_s": first}
+        print(f"dense-vl fast epoch   {len(sds) / dt:9.1f} img/s ({len(sds)} items, {r.workers} workers)", flush=True)
+        del model, r
+        _free(device)
+
+        # --- shallow-vlc: plain step vs epochs on cached activations
+        torch.manual_seed(0)
+        model = build_model(plain_base, "shallow-vlc").to(device).train()
+        params = model.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
+        dt = timed(plain_step, n, warmup, device)
+        res["shallow-vlc_plain"] = {"img_per_s": batch / dt}
+        print(f"shallow-vlc plain     {batch / dt:9.1f} img/s", flush=True)
+        del model, opt
+        _free(device)
+        activation_cache.clear_memory()
+        sds.cache_dir = None  # memory only: the timing is the cached epoch itself
+        model, r = runner_for(base, "shallow-vlc", sds, TrainConfig(fast="on", batch_size=batch), device)
+        t = time.perf_counter()
+        r.run_epoch(lambda it: it)  # epoch 1: trunks run once per item
+        _sync(device)
+        first = time.perf_counter() - t
+        times = []
+        for e in (1, 2):
+            sds.set_epoch(e)
+            t = time.perf_counter()
+            r.run_epoch(lambda it: it)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        dt = min(times)
+        res["shallow-vlc_cached_epoch"] = {"img_per_s": len(sds) / dt, "first_epoch_img_per_s": len(sds) / first,
+                                           "items": len(sds), "stats": r.cache.stats}
+        print(f"shallow-vlc cached    {len(sds) / dt:9.1f} img/s (epoch 1: {len(sds) / first:.1f})", flush=True)
+        del model, r
+        activation_cache.clear_memory()
+        _free(device)
+
+    # --- inference: plain (fp32 weights under autocast) vs fast (bf16 weights, cached positions)
+    model = build_model(plain_base, "none").to(device).eval()
+
+    def infer():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(px, tok["input_ids"].to(device), tok["attention_mask"])
+
+    dt = timed(infer, n, warmup, device)
+    res["inference_plain"] = {"img_per_s": batch / dt}
+    fast.prepare_model(model, device, amp)
+    ids = fast.PromptTokens(base.tokenizer, (16, 32, 77))(prompts).to(device)
+
+    def infer_fast():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(px, ids, None)
+
+    dt = timed(infer_fast, n, warmup, device)
+    res["inference_fast"] = {"img_per_s": batch / dt}
+    print(f"inference plain {res['inference_plain']['img_per_s']:.1f} fast {batch / dt:.1f} img/s", flush=True)
+    return res
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def card(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+
+
+def run_part(part: str) -> None:
+    device, base, batch, n, warmup = setup()
+    torch.manual_seed(0)
+    if part == "eager":
+        res = part_eager(base, device, batch, n, warmup)
+    elif part.startswith("compile-"):
+        mode = part.removeprefix("compile-")
+        res = {f"dense-vl_fast_{part}": fast_step_bench(base, device, batch, n, warmup, mode)}
+        row = res[f"dense-vl_fast_{part}"]
+        print(f"dense-vl fast {part}: {row['img_per_s']:.1f} img/s (first step {row['first_step_s']:.1f} s)",
+              flush=True)
+    else:
+        raise SystemExit(f"unknown PART {part!r}")
+    res.update(device=card(device), torch=torch.__version__, batch=batch, image_size=base.image_size,
+               base=base.base_id)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"fast-{part}.json").write_text(json.dumps(res, indent=1))
+
+
+def table() -> None:
+    rows: dict = {}
+    meta: dict = {}
+    for path in sorted(OUT.glob("fast-*.json")):
+        d = json.loads(path.read_text())
+        for k in ("device", "torch", "batch", "image_size", "base"):
+            meta[k] = d.pop(k, meta.get(k))
+        rows.update(d)
+    anchor = json.loads((OUT / "anchor.json").read_text()) if (OUT / "anchor.json").is_file() else {}
+    ref = anchor.get("ref_fp16_eager_all12", {}).get("img_per_s")
+    name = (meta.get("device") or "unknown").replace(" ", "-")
+    out = {"card": meta.get("device"), **meta, "anchor": anchor, "ours": rows}
+    targets = {  # (row, anchor row, required ratio)
+        "dense-vl_fast": 3.0, "dense-vl_fast_compile-default": 3.0, "dense-vl_fast_compile-reduce-overhead": 3.0,
+        "shallow-vlc_cached_epoch": 10.0, "inference_fast": 2.0,
+    }
+    print(f"\n{meta.get('device')} | torch {meta.get('torch')} | batch {meta.get('batch')} at "
+          f"{meta.get('image_size')} px | base {meta.get('base')}")
+    print(f"anchor ref_fp16_eager_all12: {ref if ref else float('nan'):.1f} img/s "
+          f"(bf16_sdpa_skip_tail {anchor.get('bf16_sdpa_skip_tail', {}).get('img_per_s', float('nan')):.1f}, "
+          f"inference {anchor.get('inference_bf16', {}).get('img_per_s', float('nan')):.1f}, "
+          f"shallow_cached {anchor.get('shallow_cached_step', {}).get('img_per_s', float('nan')):.1f})")
+    print(f"{'ours':<40} {'img/s':>9} {'x ref':>7} {'target':>7}")
+    for key, row in rows.items():
+        if not isinstance(row, dict) or "img_per_s" not in row:
+            continue
+        ratio = row["img_per_s"] / ref if ref else math.nan
+        row["x_ref"] = ratio
+        tgt = targets.get(key)
+        print(f"{key:<40} {row['img_per_s']:>9.1f} {ratio:>7.2f} {('>= %.0fx' % tgt) if tgt else '':>7}")
+    if "dense-vl_fast_epoch" in rows and "dense-vl_fast" in rows:
+        share = rows["dense-vl_fast_epoch"]["img_per_s"] / rows["dense-vl_fast"]["img_per_s"]
+        out["epoch_vs_step"] = share
+        print(f"fast epoch (data loading included) / fast step: {share:.2f} (target >= 0.85)")
+    if "loss_check" in rows:
+        print(f"loss at the same weights: plain {rows['loss_check']['plain']:.5f}, fast {rows['loss_check']['fast']:.5f}"
+              f" (relative difference {rows['loss_check']['rel_diff']:.1e})")
+    path = OUT / f"gpu-{name}-fast.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if "--table" in sys.argv:
+        table()
+    else:
+        run_part(os.environ.get("PART", "eager"))

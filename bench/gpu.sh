@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole GPU performance check in one command, on one H100/H200, <= 8 minutes:
+#   the shared anchor (reference style) and our plain vs fast paths in the same call,
+#   so ratios compare; a table on stdout; JSON (with the card's name) in $OUT and
+#   bench/results/.
+#
+#   bash bench/gpu.sh                  # on the device machine, from the repo root
+#   TINY=1 bash bench/gpu.sh           # CPU dry run of every Python part (numbers mean nothing)
+#
+# Expects (as bench/gpu_check.sh): monai's wheel in .whl/ (installed to /tmp/site if
+# monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
+# ../shared/bench/anchor_clipseg_gpu.py. Time budget (H200 estimates, not measured):
+# anchor ~60 s, eager part ~90 s, compile-default ~150 s, compile-reduce-overhead ~150 s;
+# each part has its own timeout, so one slow compile cannot sink the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import monai" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+rm -f "$OUT"/fast-*.json "$OUT"/anchor.json
+START=$(date +%s)
+if [ -z "${TINY:-}" ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+ANCHOR=""
+for a in .devcarry/anchor_clipseg_gpu.py ../shared/bench/anchor_clipseg_gpu.py /work/shared/bench/anchor_clipseg_gpu.py; do
+    [ -f "$a" ] && { ANCHOR=$a; break; }
+done
+if [ -n "$ANCHOR" ] && [ -z "${SKIP_ANCHOR:-}" ]; then
+    echo "== anchor ($ANCHOR)"
+    OUT=$OUT COMPILE=0 timeout 150 python3 "$ANCHOR" 2>&1 | grep -v '^{' | tee "$OUT/anchor.log"
+else
+    echo "== anchor not found or skipped: ratios will be missing"
+fi
+for part in eager compile-default compile-reduce-overhead; do
+    limit=150; [ "$part" = eager ] && limit=180
+    echo "== ours: $part (timeout ${limit}s)"
+    OUT=$OUT PART=$part timeout $limit python3 bench/bench_fast.py 2>&1 | grep -v "^\s*warnings.warn" | tail -20 \
+        | tee "$OUT/fast-$part.log"
+done
+echo "== table"
+OUT=$OUT python3 bench/bench_fast.py --table | tee "$OUT/table.txt"
+if [ -z "${TINY:-}" ]; then
+    mkdir -p bench/results && cp "$OUT"/gpu-*-fast.json "$OUT"/table.txt bench/results/ 2>/dev/null
+    NAME=$(ls "$OUT"/gpu-*-fast.json 2>/dev/null | head -1 | xargs -r basename | sed 's/-fast.json//')
+    [ -n "$NAME" ] && cp "$OUT/table.txt" "bench/results/$NAME-table.txt" && cp "$OUT/anchor.json" "bench/results/$NAME-anchor.json" 2>/dev/null
+fi
+echo "bench/gpu.sh took $(( $(date +%s) - START )) s"

@@ -1,0 +1,381 @@
+"""The fast path of local training and inference: the plain step minus its host work.
+
+The plain step (common/train.py's loop) was measured host-bound on an H200:
+~34 ms of GPU work in a ~127 ms step, ~5,000 dispatched operators per step
+(bench/results/h200-diag-before-maskfix.log; README, Benchmarks). Each piece
+here removes one measured cost, and none changes the maths:
+
+- frozen weights of the towers' and decoder's matmuls (Linear, Conv2d,
+  ConvTranspose2d) are cast to the autocast dtype once (``cast_frozen``),
+  not re-cast by autocast on every forward (~318 casts per step, 38% of the
+  kernel-launching ops: autocast caches casts only of tensors that require
+  grad). Layer norms, embeddings and every trainable tensor stay fp32
+  (adapters keep fp32 master weights and run under autocast);
+- the layer-norm output is cast once for q, k and v (``FastForward.cast``),
+  not three times;
+- the interpolated vision position table is computed once per image size
+  (``FastForward.vision_embeddings``; 2.1 ms of GPU time per call measured);
+- Dice + BCE in a few fused ops (``dice_ce``; the same value as MONAI's
+  ``DiceCELoss(sigmoid=True)``, which adds many small ops);
+- AdamW ``fused=True`` on CUDA (foreach AdamW made 288 host ``.item()``
+  calls per step);
+- no host sync inside an epoch: loss and Dice accumulate on the device and
+  are read once at its end (plain: ``loss.item()`` and the batch Dice, 3
+  syncs per step);
+- prompts padded to a few fixed lengths (``TrainConfig.prompt_buckets``) on
+  the right, and the "mask can be dropped" decision made in the collate, so
+  shapes are static and the step has no graph break (``torch.compile``,
+  CUDA graphs: ``TrainConfig.compile``);
+- DataLoader workers that read the site cache's uint8 arrays (4x fewer
+  bytes than float32), pinned memory, non-blocking copies, normalisation
+  on the device.
+
+Shallow-* variants add the frozen-activation cache (common/activation_cache.py):
+after an item's first pass only the side adapters and the decoder run.
+
+On CPU the fast path is off by default (``TrainConfig.fast = "auto"``); with
+``fast="on"`` it runs in fp32 there, and tests/test_fast_path.py compares its
+logits and losses with the plain path's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import TrainConfig, autocast_dtype
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MATMUL_MODULES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+# ----------------------------------------------------------------- switches
+def fast_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.fast == "auto":
+        return device.type == "cuda"
+    return cfg.fast == "on"
+
+
+def fast_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """Loader workers of the fast path: -1 (auto) is min(8, cores - 1) on CUDA, 0 elsewhere."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+# ------------------------------------------------------------ model set-up
+class FastForward:
+    """What AdaptedCLIPSeg's forward does differently on the fast path (see model.py)."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype
+        self._pos: dict[tuple, torch.Tensor] = {}
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) if self.dtype is not None and torch.is_autocast_enabled(x.device.type) else x
+
+    def vision_embeddings(self, emb: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIPSegVisionEmbeddings.forward (interpolated positions), the position table cached."""
+        batch, _, height, width = pixel_values.shape
+        patch = emb.patch_embedding(pixel_values.to(dtype=emb.patch_embedding.weight.dtype))
+        patch = patch.flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(batch, 1, -1)
+        x = torch.cat([cls, patch], dim=1)
+        table = emb.position_embedding.weight
+        if table.requires_grad:  # the "full" baseline trains it: nothing to cache
+            return x + emb.interpolate_pos_encoding(x, height, width)
+        key = (height, width, table.device, table.data_ptr(), table._version)
+        pos = self._pos.get(key)
+        if pos is None:
+            with torch.no_grad():
+                pos = emb.interpolate_pos_encoding(x.detach(), height, width).detach()
+            self._pos = {key: pos}  # one image size at a time
+        return x + pos
+
+
+def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen weights of `clipseg`'s matmul modules to `dtype` in place; returns how many tensors.
+
+    In place on purpose: sites sharing a process share one frozen base, so
+    they share one narrow copy. The base's fp32 fingerprint is pinned first
+    (bases.base_fingerprint), so adapters stay tied to the same base.
+    """
+    from common.bases import base_fingerprint
+
+    if getattr(clipseg, "_fedvlsm_fingerprint", None) is None:
+        clipseg._fedvlsm_fingerprint = base_fingerprint(clipseg)
+    n = 0
+    for module in clipseg.modules():
+        if isinstance(module, _MATMUL_MODULES):
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    n += 1
+    clipseg._fedvlsm_frozen_dtype = dtype
+    return n
+
+
+def restore_fp32(model: nn.Module) -> None:
+    """Undo the fast path on `model` before a plain (fp32, maybe no autocast) forward."""
+    model.fast = None
+    clipseg = model.clipseg
+    if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
+        warnings.warn("the frozen base was cast to "
+                      f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
+                      "path (the lost mantissa bits do not come back)", stacklevel=2)
+        for module in clipseg.modules():
+            if isinstance(module, _MATMUL_MODULES):
+                for p in module.parameters(recurse=False):
+                    if not p.requires_grad and p.is_floating_point():
+                        p.data = p.data.float()
+        clipseg._fedvlsm_frozen_dtype = torch.float32
+
+
+def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Move `model` to `device` and switch on its fast forward; cast frozen weights to `dtype` if given."""
+    model.to_device(device)
+    if dtype is not None:
+        cast_frozen(model.clipseg, dtype)
+    else:
+        restore_fp32(model)  # fp32 maths without autocast needs fp32 weights
+    model.fast = FastForward(dtype)
+    return model
+
+
+# --------------------------------------------------------------------- loss
+def dice_ce(logits: torch.Tensor, target: torch.Tensor, lambda_dice: float, lambda_ce: float) -> torch.Tensor:
+    """MONAI's ``DiceCELoss(sigmoid=True)`` for one channel: per-(item, channel) soft Dice, mean BCE."""
+    prob = torch.sigmoid(logits)
+    dims = tuple(range(2, logits.ndim))
+    inter = (prob * target).sum(dims)
+    denom = prob.sum(dims) + target.sum(dims)
+    dice = 1.0 - (2.0 * inter + 1e-5) / (denom + 1e-5)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return lambda_dice * dice.mean() + lambda_ce * bce
+
+
+def batch_dice_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the hard Dice (as train._batch_dice, which takes the mean), on the device."""
+    pred = (logits > 0).float()
+    inter = (pred * mask).sum(dim=(1, 2, 3))
+    denom = pred.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3))
+    return ((2 * inter + 1e-6) / (denom + 1e-6)).sum()
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device):
+    """AdamW; fused on CUDA (no per-step host work; works with GradScaler without syncs)."""
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+# ------------------------------------------------------------------ batches
+class PromptTokens:
+    """Prompt -> token ids, memoised; batches right-padded to a fixed bucket length.
+
+    Right padding under the causal mask cannot change the end-of-text
+    state (the only one read), so no attention mask is needed; a batch of
+    bucket length L always has shape (B, L): few shapes, no graph break.
+    """
+
+    def __init__(self, tokenizer: Any, buckets: Sequence[int], max_length: int = 77) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.buckets = sorted({min(int(b), max_length) for b in buckets} | {max_length})
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, prompt: str) -> list[int]:
+        ids = self._ids.get(prompt)
+        if ids is None:
+            ids = list(self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"])
+            self._ids[prompt] = ids
+        return ids
+
+    def bucket(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        rows = [self.ids(p) for p in prompts]
+        width = self.bucket(max(len(r) for r in rows))
+        out = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+
+class PixelItems(Dataset):
+    """(index, uint8 image (S, S, 3), uint8 mask (S, S)) straight from the site cache; no prompt work.
+
+    Prompts are drawn in the main process (``SegDataset.prompt_for`` is
+    cheap), so persistent workers never hold a stale epoch's prompts.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        image, mask, _ = self.ds.arrays(index)
+        return index, torch.tensor(image), torch.tensor(mask)  # copies: the arrays may be read-only
+
+
+class _Range(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator,
+                  wrap: Callable[[Any], Any] = lambda it: it) -> list[list[int]]:
+    """The batches ``wrap(DataLoader(shuffle=True, generator=generator))`` would draw.
+
+    The same generator use as fit's plain loop, wrapper included: tqdm.auto
+    makes an iterator of what it wraps when it is created (one more draw
+    from the generator per epoch), so `fit` passes its progress wrapper.
+    """
+    loader = DataLoader(_Range(n), batch_size=batch_size, shuffle=True, generator=generator, collate_fn=list)
+    return [list(b) for b in wrap(loader)]
+
+
+def supports(ds: Any) -> bool:
+    """The fast loop needs a SegDataset-like dataset (uint8 arrays and prompts by index)."""
+    return all(hasattr(ds, a) for a in ("arrays", "prompt_for", "cache_key"))
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), as SegDataset does on the host."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images_u8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    x = images_u8.permute(0, 3, 1, 2).float() / 255.0
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------- epochs
+class FastEpochs:
+    """Runs the training epochs of `fit` on the fast path; returns (mean batch loss, steps) per epoch.
+
+    `fit` keeps the rest (validation, schedule, best state, early stop).
+    """
+
+    def __init__(self, model: nn.Module, train_ds: Any, tokenizer: Any, cfg: TrainConfig, device: torch.device,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
+                 generator: torch.Generator, reference: Mapping[str, torch.Tensor] | None) -> None:
+        self.model, self.ds, self.cfg, self.device = model, train_ds, cfg, device
+        self.optimizer, self.scaler, self.params, self.generator = optimizer, scaler, params, generator
+        self.reference = reference
+        self.amp = autocast_dtype(cfg.amp, device)
+        prepare_model(model, device, self.amp)
+        max_len = int(model.clipseg.config.text_config.max_position_embeddings)
+        self.tokens = PromptTokens(tokenizer, cfg.prompt_buckets, min(77, max_len))
+        self.cuda = device.type == "cuda"
+        self.workers = fast_workers(cfg, device)
+        self.cache = None
+        if model.spec.family == "shallow" and cfg.activation_cache in ("auto", "on"):
+            from common.activation_cache import ShallowFeatures
+
+            self.cache = ShallowFeatures.for_site(model, train_ds, self.tokens, device, self.amp)
+        self._loader: DataLoader | None = None
+        step = self._step_cached if self.cache is not None else self._step
+        self.step = torch.compile(step, mode=cfg.compile, dynamic=False) if cfg.compile != "off" else step
+
+    # -- the differentiable part of one step (what torch.compile may take whole)
+    def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        if logits.shape[-2:] != mask.shape[-2:]:
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        loss = dice_ce(logits, mask, self.cfg.lambda_dice, self.cfg.lambda_ce)
+        if self.reference is not None:
+            from common.train import proximal_term
+
+            loss = loss + 0.5 * self.cfg.prox_mu * proximal_term(self.model, self.reference)
+        with torch.no_grad():
+            dice = batch_dice_sum(logits.detach(), mask)
+        return loss, dice
+
+    def _step(self, images_u8: torch.Tensor, mask_u8: torch.Tensor, ids: torch.Tensor):
+        mask = mask_u8.unsqueeze(1).float()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(normalize(images_u8), ids, None)
+        return self._loss(logits, mask)
+
+    def _step_cached(self, acts: list[torch.Tensor], cond: torch.Tensor, taps: list[torch.Tensor],
+                     mask_u8: torch.Tensor):
+        mask = mask_u8.unsqueeze(1).float()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model.head([a.float() for a in acts], cond.float(), [t.float() for t in taps])
+        return self._loss(logits, mask)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.cuda or None)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def loader(self, batches: list[list[int]] | None = None) -> DataLoader:
+        """Pixel loader: over `batches` (fixed order) or shuffled with fit's generator."""
+        common = dict(num_workers=self.workers, pin_memory=self.cuda,
+                      prefetch_factor=4 if self.workers else None)
+        if batches is not None:
+            return DataLoader(PixelItems(self.ds), batch_sampler=batches, **common)
+        if self._loader is None:
+            self._loader = DataLoader(PixelItems(self.ds), batch_size=self.cfg.batch_size, shuffle=True,
+                                      generator=self.generator, persistent_workers=self.workers > 0, **common)
+        return self._loader
+
+    def run_epoch(self, bar: Callable[[Any], Any]) -> tuple[float, float, int]:
+        """(mean batch loss, mean batch Dice, steps) of one epoch; one host sync, at the end."""
+        total = torch.zeros(2, device=self.device)  # loss sum over batches, Dice sum over items
+        steps = items = 0
+        nb = self.cuda
+        if self.cache is None:
+            for index, images, masks in bar(self.loader()):
+                ids = self.tokens([self.ds.prompt_for(int(i)) for i in index]).to(self.device, non_blocking=nb)
+                loss, dice = self.step(images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb),
+                                       ids)
+                self._update(loss)
+                total += torch.stack([loss.detach(), dice])
+                steps += 1
+                items += len(index)
+        else:
+            batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar)
+            self.cache.fill(batches, self.loader)
+            for batch in batches:
+                acts, cond, taps, masks = self.cache.batch(batch, [self.ds.prompt_for(i) for i in batch])
+                loss, dice = self.step(acts, cond, taps, masks)
+                self._update(loss)
+                total += torch.stack([loss.detach(), dice])
+                steps += 1
+                items += len(batch)
+        loss_sum, dice_sum = total.tolist()
+        return (loss_sum / steps if steps else math.nan), (dice_sum / items if items else math.nan), steps
+
+
+# ------------------------------------------------------------------ batching for evaluation
+def eval_forward(model: nn.Module, batch: Mapping[str, Any], device: torch.device, amp: torch.dtype | None,
+                 tokens: PromptTokens) -> torch.Tensor:
+    """Logits of one evaluation batch on the fast path (bucketed prompts, no mask, non-blocking copy)."""
+    ids = tokens(batch["prompts"]).to(device, non_blocking=True)
+    px = batch["pixel_values"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        return model(px, ids, None)

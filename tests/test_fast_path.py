@@ -1,0 +1,201 @@
+"""The fast path (common/fast.py, common/activation_cache.py) computes what the plain path computes.
+
+On CPU, in fp32: logits equal to 1e-5 (relative to their largest), training
+losses equal to 1e-4 (relative) and adapter weights to 1e-3 (absolute; see
+the test) after 2 epochs, for dense-vl and shallow-vlc, with and without the
+shallow activation cache. The bf16 cast of the frozen weights is checked
+under CPU autocast against bf16 tolerance (5e-2 relative on logits).
+"""
+
+import os
+
+import pytest
+import torch
+
+from common import activation_cache, fast
+from common.config import TrainConfig
+from common.data import SegDataset, load_items
+from common.data.dataset import collate_fn
+from common.evaluate import make_loss
+from common.model import build_model
+from common.train import fit
+
+
+@pytest.fixture(scope="module")
+def site(synth_sites):
+    return synth_sites[0]
+
+
+def _ds(site, base, cache_dir=None, train=True):
+    return SegDataset(load_items(site, "train"), base.image_size, train=train, seed=0, cache_dir=cache_dir,
+                      prompt_index=None if train else 9)
+
+
+def _tokens(base):
+    return fast.PromptTokens(base.tokenizer, (16, 32, 77), 77)
+
+
+def test_dice_ce_equals_monai():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 32, 32) * 3
+    target = (torch.rand(4, 1, 32, 32) > 0.6).float()
+    target[1] = 0  # an empty mask
+    cfg = TrainConfig()
+    ref = make_loss(cfg)(logits, target)
+    ours = fast.dice_ce(logits, target, cfg.lambda_dice, cfg.lambda_ce)
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_fixed_length_padding_gives_the_same_embeddings(tiny_base):
+    model = build_model(tiny_base, "shallow-vlc").eval()
+    prompts = ["a round lesion", "a dark square blob in the upper left corner of the image", "polyp"]
+    batch = tiny_base.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    ids = _tokens(tiny_base)(prompts)
+    assert ids.shape == (3, 16)  # the smallest bucket holding the longest prompt
+    assert _tokens(tiny_base)(["a " * 20 + "lesion"]).shape[1] == 32
+    with torch.no_grad():
+        per_batch = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        fixed = model.encode_text(ids, None)
+        fixed77 = model.encode_text(fast.PromptTokens(tiny_base.tokenizer, (77,))(prompts), None)
+    assert torch.allclose(per_batch, fixed, atol=1e-5)
+    assert torch.allclose(per_batch, fixed77, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["dense-vl", "shallow-vlc"])
+def test_fast_forward_logits_equal_plain(tiny_base, site, variant):
+    ds = _ds(site, tiny_base, train=False)
+    batch = collate_fn(tiny_base.tokenizer)([ds[i] for i in range(4)])
+    model = build_model(tiny_base, variant).eval()
+    with torch.no_grad():
+        plain = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        fast.prepare_model(model, torch.device("cpu"), None)
+        images = torch.stack([torch.tensor(ds.arrays(i)[0]) for i in range(4)])
+        px = fast.normalize(images)
+        assert torch.equal(px, batch["pixel_values"])  # uint8 -> float on the device = the host's maths
+        quick = model(px, _tokens(tiny_base)(batch["prompts"]), None)
+        again = model(px, _tokens(tiny_base)(batch["prompts"]), None)  # position table from the cache
+        fast.restore_fp32(model)
+    assert model.fast is None
+    assert (plain - quick).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(quick, again)
+
+
+@pytest.mark.parametrize("variant,cache", [("dense-vl", "off"), ("shallow-vlc", "off"), ("shallow-vlc", "on")])
+def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, variant, cache):
+    activation_cache.clear_memory()
+    results = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model = build_model(tiny_base, variant)
+        cfg = TrainConfig(epochs=2, batch_size=4, progress=False, fast=mode, activation_cache=cache,
+                          select_best=False, early_stop_patience=10**6)
+        res = fit(model, _ds(site, tiny_base, tmp_path / "cache"), None, tiny_base.tokenizer, cfg)
+        results[mode] = (res, model.adapter_state())
+        fast.restore_fp32(model)
+    (plain, plain_state), (quick, quick_state) = results["off"], results["on"]
+    assert quick.steps == plain.steps
+    for a, b in zip(plain.history, quick.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    # Weights: 1e-3 absolute (observed <= 4.2e-4 after 2 epochs). The forward
+    # agrees to ~1e-7 relative, but Adam's normalised step (lr 1e-3) turns
+    # such noise into up to a step's size where a gradient is near zero.
+    for name, tensor in plain_state.items():
+        assert torch.allclose(quick_state[name], tensor, rtol=0, atol=1e-3), name
+    if cache == "on":
+        assert (tmp_path / "cache" / "activations").is_dir()
+
+
+def test_activation_cache_hit_miss_invalidation(tiny_base, site, tmp_path):
+    import shutil
+
+    activation_cache.clear_memory()
+    data = tmp_path / "site"
+    shutil.copytree(site, data)
+    ds = _ds(data, tiny_base, tmp_path / "cache")
+    model = build_model(tiny_base, "shallow-vlc").eval()
+    fast.prepare_model(model, torch.device("cpu"), None)
+    cpu = torch.device("cpu")
+    batches = fast.index_batches(len(ds), 4, torch.Generator().manual_seed(0))
+    loader = lambda b: torch.utils.data.DataLoader(fast.PixelItems(ds), batch_sampler=b)  # noqa: E731
+
+    def fresh():
+        return activation_cache.ShallowFeatures.for_site(model, ds, _tokens(tiny_base), cpu, None)
+
+    first = fresh()
+    first.fill(batches, loader)
+    n = len(ds)
+    assert first.stats["misses"] == n and first.stats["disk_writes"] == n
+    second = fresh()
+    second.fill(batches, loader)
+    assert second.stats["memory_hits"] == n and second.stats["misses"] == 0
+    activation_cache.clear_memory()  # a new process: the disk entries are read
+    third = fresh()
+    third.fill(batches, loader)
+    assert third.stats["disk_hits"] == n and third.stats["misses"] == 0
+    # cached features are the trunk's own outputs
+    acts, cond, taps, masks = third.batch([0, 1], [ds.prompt_for(0), ds.prompt_for(1)])
+    with torch.no_grad():
+        px = fast.normalize(torch.stack([torch.tensor(ds.arrays(i)[0]) for i in (0, 1)]))
+        direct = model.vision_trunk(px)
+        dcond, dtaps = model.text_trunk(_tokens(tiny_base)([ds.prompt_for(0), ds.prompt_for(1)]), None)
+    for a, b in zip(acts, direct):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(cond, dcond, atol=1e-5) and len(taps) == len(dtaps)
+    assert torch.equal(masks[0], torch.tensor(ds.arrays(0)[1]))
+    # data change: the item's file changes -> its key changes -> a miss
+    image = ds.items[0].image
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fourth = fresh()
+    fourth.fill(batches, loader)
+    assert fourth.stats["misses"] == 1 and fourth.stats["memory_hits"] == n - 1
+    # preprocessing change (image size) -> every key changes
+    other = SegDataset(ds.items, tiny_base.image_size + 16, train=True, seed=0, cache_dir=tmp_path / "cache")
+    assert all(other.cache_key(i) != ds.cache_key(i) for i in range(n))
+    # base change -> another namespace
+    assert activation_cache.namespace("0" * 16, torch.float32, model.extract_layers, model.image_size) != \
+        activation_cache.namespace(model.base_fingerprint, torch.float32, model.extract_layers, model.image_size)
+    # a damaged disk entry is a miss, never trusted
+    activation_cache.clear_memory()
+    victim = next((tmp_path / "cache" / "activations").rglob("*.safetensors"))
+    victim.write_bytes(b"not a tensor file")
+    fifth = fresh()
+    fifth.fill(batches, loader)
+    assert fifth.stats["misses"] >= 1
+
+
+def test_bf16_frozen_weights_keep_logits_and_fingerprint(site):
+    from common.bases import load_base
+
+    base = load_base("arch:tiny")  # private: the cast is in place on the shared base
+    ds = _ds(site, base, train=False)
+    batch = collate_fn(base.tokenizer)([ds[i] for i in range(4)])
+    model = build_model(base, "dense-vl").eval()
+    fingerprint = model.base_fingerprint
+    with torch.no_grad():
+        plain = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+        q = base.model.clip.vision_model.encoder.layers[0].self_attn.q_proj
+        assert q.weight.dtype == torch.bfloat16
+        assert base.model.clip.vision_model.encoder.layers[0].layer_norm1.weight.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in model.trainable_parameters())  # fp32 master weights
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            quick = model(batch["pixel_values"], _tokens(base)(batch["prompts"]), None).float()
+    assert build_model(base, "dense-vl").base_fingerprint == fingerprint
+    scale = plain.abs().max()
+    assert (quick - plain).abs().max() / scale < 5e-2
+    with pytest.warns(UserWarning, match="casting it back"):
+        fast.restore_fp32(model)
+    assert q.weight.dtype == torch.float32
+
+
+def test_fast_config_is_validated():
+    with pytest.raises(ValueError):
+        TrainConfig(fast="yes")
+    with pytest.raises(ValueError):
+        TrainConfig(compile="fast")
+    with pytest.raises(ValueError):
+        TrainConfig(num_workers=-2)
+    assert TrainConfig(prompt_buckets=[77, 16]).prompt_buckets == (16, 77)
+    assert not fast.fast_enabled(TrainConfig(), torch.device("cpu"))
+    assert fast.fast_enabled(TrainConfig(fast="on"), torch.device("cpu"))
