@@ -252,10 +252,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     shared_in, bytes_down = _received(msg)
     val_ds = site.dataset("val", frozen, train=False)
     train_cfg = _train_config(cfg, 1, cfg.seed)
-    global_result = evaluate_model(site.model(frozen, shared_in), val_ds, frozen.tokenizer, train_cfg)
+    # The round record keeps Dice and loss only: skip HD95 (the costliest metric by far).
+    global_result = evaluate_model(site.model(frozen, shared_in), val_ds, frozen.tokenizer, train_cfg, hd95=False)
     personal = site.load_personal(run_name, server_round + 1)
     personal_result = (
-        evaluate_model(site.model(frozen, shared_in, personal), val_ds, frozen.tokenizer, train_cfg)
+        evaluate_model(site.model(frozen, shared_in, personal), val_ds, frozen.tokenizer, train_cfg, hd95=False)
         if personal
         else global_result
     )

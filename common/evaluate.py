@@ -46,8 +46,12 @@ def make_loss(cfg: TrainConfig) -> DiceCELoss:
     return DiceCELoss(sigmoid=True, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
 
 
-def item_metrics(prob: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def item_metrics(prob: torch.Tensor, target: torch.Tensor, hd95: bool = True) -> dict[str, float]:
     """Dice, IoU, HD95 of one (H, W) probability map against an (H, W) binary mask.
+
+    `hd95=False` skips the distance transform (the costliest metric by far)
+    and records NaN: for callers that read Dice only, like a federation's
+    per-round validation.
 
     Empty masks follow the module docstring's table; those cases are decided
     here, not left to MONAI's ``ignore_empty`` semantics (which may change).
@@ -60,10 +64,12 @@ def item_metrics(prob: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         return {"dice": agree, "iou": agree, "hd95": math.nan}
     dice = compute_dice(pred, gt, include_background=True, ignore_empty=False).item()
     iou = compute_iou(pred, gt, include_background=True, ignore_empty=False).item()
+    if not hd95:
+        return {"dice": dice, "iou": iou, "hd95": math.nan}
     with warnings.catch_warnings():  # MONAI deprecation noise from inside its own helper
         warnings.simplefilter("ignore", FutureWarning)
-        hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95).item()
-    return {"dice": dice, "iou": iou, "hd95": hd95}
+        distance = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95).item()
+    return {"dice": dice, "iou": iou, "hd95": distance}
 
 
 def to_original(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -97,8 +103,12 @@ def evaluate(
     tokenizer: Any,
     cfg: TrainConfig | None = None,
     device: torch.device | None = None,
+    hd95: bool = True,
 ) -> EvalResult:
-    """Mean Dice / IoU / HD95 over `dataset` at original resolution, plus the mean loss."""
+    """Mean Dice / IoU / HD95 over `dataset` at original resolution, plus the mean loss.
+
+    `hd95=False`: HD95 not computed (NaN, every item counted as undefined).
+    """
     cfg = cfg or TrainConfig()
     device = device or resolve_device(cfg.device)
     if len(dataset) == 0:
@@ -134,7 +144,7 @@ def evaluate(
         weights.append(len(batch["ids"]))
         for i, orig in enumerate(batch["orig_masks"]):
             prob = to_original(logits[i].cpu(), tuple(orig.shape))
-            per_item.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], **item_metrics(prob, orig)})
+            per_item.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], **item_metrics(prob, orig, hd95)})
     model.train(was_training)
     return aggregate(per_item, losses, weights)
 

@@ -58,3 +58,19 @@ def test_json_outputs_write_undefined_hd95_as_null():
 
     parsed = json.loads(text, parse_constant=no_constants)  # strict JSON: no NaN token
     assert parsed["hd95"] is None and parsed["items"][0]["hd95"] is None and parsed["dice"] == 1.0
+
+
+def test_hd95_can_be_skipped_without_changing_dice_or_iou():
+    import math
+
+    import torch
+
+    from common.evaluate import item_metrics
+
+    prob = torch.zeros(16, 16)
+    prob[4:10, 4:10] = 0.9
+    target = torch.zeros(16, 16)
+    target[5:11, 5:11] = 1
+    full, quick = item_metrics(prob, target), item_metrics(prob, target, hd95=False)
+    assert (quick["dice"], quick["iou"]) == (full["dice"], full["iou"])
+    assert full["hd95"] > 0 and math.isnan(quick["hd95"])
