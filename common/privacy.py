@@ -319,10 +319,31 @@ def make_private_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    # Opacus' conv grad sampler returns all-zero per-sample weight gradients for a
+    # non-contiguous input (CLIPSeg's decoder feeds its first conv a view of a
+    # transposed tensor): hand trainable convs a contiguous copy.
+    handles = [m.register_forward_pre_hook(_contiguous_inputs) for m in model.modules()
+               if isinstance(m, torch.nn.modules.conv._ConvNd) and any(p.requires_grad for p in m.parameters())]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    gsm._fedvlsm_handles = handles
     dpo = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
                       expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
     return gsm, dpo
+
+
+def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def close_private(gsm: Any, params: list[torch.nn.Parameter]) -> None:
+    """Remove Opacus' hooks and per-sample attributes (and ours): the model is a plain model again."""
+    gsm._close()
+    for handle in getattr(gsm, "_fedvlsm_handles", []):
+        handle.remove()
+    for p in params:
+        for attr in ("summed_grad", "grad_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def dp_step(gsm: torch.nn.Module, dpo: Any, batches: list[Mapping[str, Any]], loss_fn: Any,
@@ -464,11 +485,7 @@ def fit_private(
             train_loss = float(np.mean(losses)) if losses else math.nan
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]})
     finally:
-        gsm._close()  # hooks and per-sample attributes off the model
-        for p in params:
-            for attr in ("summed_grad", "grad_sample"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        close_private(gsm, params)
     if steps != round_steps:
         raise RuntimeError(f"took {steps} DP-SGD steps, reserved {round_steps}")
     result = FitResult(num_examples=n, epochs_run=len(history), steps=steps, train_loss=train_loss,
