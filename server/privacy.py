@@ -24,7 +24,10 @@ Why a thin subclass of each Flower wrapper:
   ``client.privacy_mods.fp32_fixedclipping_mod`` on the train handler
   (Flower's ``fixedclipping_mod`` squares in fp16 and zeroes large updates).
 - Server-side clipping works on the fp32 replies the ServerApp decodes
-  before ``aggregate_train`` (exact: no fp16 anywhere in the clip).
+  before ``aggregate_train`` (exact: no fp16 anywhere in the clip), with
+  our zero-safe fp32 clip in place of Flower's (which divides by the
+  update's norm: an unchanged reply would crash the round); validation,
+  FedAvg, noise and the accountant are Flower's own methods.
 
 Accounting is conservative under partial participation (``fraction-train``
 < 1): no amplification by sampling is claimed; m = the number sampled each
@@ -42,6 +45,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.grid import Grid
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -92,9 +96,26 @@ class ServerSideClipping(_Uniform, DifferentialPrivacyServerSideFixedClipping):
         self.wire_dtype = wire_dtype
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Flower's steps (validate, clip, FedAvg, noise z*C/m, compose the release), clipping by
+        name in fp32 with a float64 norm: Flower's own clip divides by the norm, so a site that
+        sends back exactly what it received (update 0) would crash the round."""
         replies = list(replies)
-        self._prepare_replies(replies, list(self.current_arrays.keys()))
-        return super().aggregate_train(server_round, replies)
+        order = list(self.current_arrays.keys())
+        self._prepare_replies(replies, order)
+        event = self._pop_pending_event(server_round)
+        if not validate_replies(replies, self.num_sampled_clients, strict=self.accountant is not None):
+            return None, None
+        self._validate_uniform_weights(replies)
+        sent = {k: np.asarray(self.current_arrays[k].numpy(), dtype=np.float32) for k in order}
+        for reply in replies:
+            for key, record in list(reply.content.array_records.items()):
+                update = clip_update_fp32({k: record[k].numpy() - sent[k] for k in order}, self.clipping_norm)
+                reply.content[key] = ArrayRecord({k: Array(sent[k] + update[k]) for k in order})
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+        if aggregated:
+            aggregated = self._add_noise_to_aggregated_arrays(aggregated)
+            self._compose_release(event)
+        return aggregated, metrics
 
 
 class ClientSideClipping(_Uniform, DifferentialPrivacyClientSideFixedClipping):
