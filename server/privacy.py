@@ -2,11 +2,13 @@
 
 What the ServerApp calls (run config ``dp = "client"``)::
 
-    strategy = wrap_strategy(build_strategy(cfg, n), cfg, n)   # identity unless dp = "client"
+    strategy = build_strategy(cfg, n)     # server/strategies.py wraps it when dp = "client"
+                                          # (= wrap_strategy(FedAvg/FedProx, cfg, n); idempotent)
     ok, reason = server_budget_check(strategy)                 # before configure_train of each round
     ...configure_train / aggregate_train as now...
     epsilon, delta = server_epsilon(strategy)                  # round record: epsilon_server, delta
-    checkpoint: accountant_state(strategy) -> json; resume: restore_accountant(strategy, state)
+    checkpoint/resume: strategy_state / restore_strategy_state (server/strategies.py) carry the
+    accountant (accountant_state / restore_accountant underneath)
 
 Why a thin subclass of each Flower wrapper:
 
@@ -158,7 +160,7 @@ def wrap_strategy(strategy: Strategy, cfg: FederationConfig, num_sites: int) -> 
     noise std z*C/m added to the mean; max_epsilon = dp-epsilon-budget (0:
     none). Mutates the inner FedAvg's weighting key (equal weights).
     """
-    if cfg.dp != "client":
+    if cfg.dp != "client" or isinstance(strategy, (ServerSideClipping, ClientSideClipping)):
         return strategy
     from flwr.serverapp import RdpAccountant
 

@@ -3,6 +3,7 @@ epsilon vs dp_accounting (and after a restore), budget, refusals, the client-sid
 
 from __future__ import annotations
 
+import json
 import math
 
 import dp_accounting as dpa
@@ -28,7 +29,7 @@ from server.privacy import (
     server_epsilon,
     wrap_strategy,
 )
-from server.strategies import build_strategy
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 SHAPES = {"a.weight": (64, 32), "b.bias": (40,), "c.weight": (8, 8)}
 
@@ -248,9 +249,11 @@ def test_server_epsilon_matches_dp_accounting_and_survives_a_restore(z, rounds, 
     for r in range(1, half + 1):
         g, messages = server_round(strategy, r, g, [with_norm(arrays(rng), 3.0)] * m, wire="fp32", nodes=sites)
         assert len(messages) == m
-    state = accountant_state(strategy)
-    resumed = wrap_strategy(build_strategy(cfg, sites), cfg, sites)  # a new ServerApp process
-    restore_accountant(resumed, state)
+    arrays_state, meta = strategy_state(strategy)  # what the round checkpoint stores
+    meta = json.loads(json.dumps(meta))
+    resumed = build_strategy(cfg, sites)  # a new ServerApp process, resumed
+    restore_strategy_state(resumed, arrays_state, meta)
+    assert accountant_state(resumed) == accountant_state(strategy)
     assert server_epsilon(resumed) == server_epsilon(strategy)
     for r in range(half + 1, rounds + 1):
         g, _ = server_round(resumed, r, g, [with_norm(arrays(rng), 3.0)] * m, wire="fp32", nodes=sites)
@@ -281,6 +284,9 @@ def test_wrap_is_identity_without_client_dp_and_refuses_non_fedavg():
     plain = FederationConfig()
     s = build_strategy(plain, 3)
     assert wrap_strategy(s, plain, 3) is s and server_epsilon(s) is None
+    wrapped = build_strategy(dp_cfg(dp_clipping="client"), 3)  # the ServerApp gets DP from build_strategy
+    assert isinstance(wrapped, ClientSideClipping) and wrap_strategy(wrapped, dp_cfg(), 3) is wrapped
+    assert wrapped.num_sampled_clients == 3 and wrapped.noise_multiplier == 1.0 and wrapped.clipping_norm == 1.0
     assert server_budget_check(s) == (True, "") and accountant_state(s) is None
     with pytest.raises(ConfigError, match="'dp'"):
         wrap_strategy(FedAdam(), dp_cfg(), 3)
