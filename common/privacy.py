@@ -140,7 +140,27 @@ class PrivacyReport:
     dp_noise_multiplier: float
 
     def as_record(self) -> dict[str, float | int]:
+        """rounds.jsonl ``sites.<name>`` fields."""
         return asdict(self)
+
+    def as_metrics(self) -> dict[str, float | int]:
+        """The train reply's MetricRecord entries (hyphenated like the other metric keys)."""
+        return {METRIC_KEYS[k]: v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> PrivacyReport | None:
+        """Back from a reply's metrics (None if the reply has none: dp off or client level)."""
+        if not all(key in metrics for key in METRIC_KEYS.values()):
+            return None
+        return cls(epsilon=float(metrics[METRIC_KEYS["epsilon"]]), delta=float(metrics[METRIC_KEYS["delta"]]),
+                   dp_steps=int(metrics[METRIC_KEYS["dp_steps"]]),
+                   dp_sample_rate=float(metrics[METRIC_KEYS["dp_sample_rate"]]),
+                   dp_noise_multiplier=float(metrics[METRIC_KEYS["dp_noise_multiplier"]]))
+
+
+# PrivacyReport field -> train-reply metric key
+METRIC_KEYS = {"epsilon": "dp-epsilon", "delta": "dp-delta", "dp_steps": "dp-steps",
+               "dp_sample_rate": "dp-sample-rate", "dp_noise_multiplier": "dp-noise-multiplier"}
 
 
 # ------------------------------------------------------------------ accounting

@@ -23,6 +23,7 @@ from common.privacy import (
     BudgetExhausted,
     DPSettings,
     PrivacyError,
+    PrivacyReport,
     SiteAccountantState,
     calibrate_noise,
     close_private,
@@ -203,6 +204,8 @@ def test_epsilon_composes_over_rounds_and_survives_a_process_restart(tiny_base, 
     third = json.loads(out.stdout.strip().splitlines()[-1])
     assert third["dp_steps"] == 6 * spe
     assert set(third) == {"epsilon", "delta", "dp_steps", "dp_sample_rate", "dp_noise_multiplier"}
+    assert PrivacyReport.from_metrics(PrivacyReport(**third).as_metrics()).as_record() == third
+    assert PrivacyReport.from_metrics({"num-examples": 3}) is None
     assert third["epsilon"] == pytest.approx(dp_accounting_epsilon(q, 0.9, 6 * spe, 1e-4), rel=0.01)
     saved = json.loads(state_path.read_text())
     assert [r["round"] for r in saved["rounds"]] == [1, 2, 3]
