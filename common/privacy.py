@@ -435,6 +435,7 @@ def fit_private(
     server_round: int = 0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     rng_seed: int | None = None,
+    physical_batch: int | None = None,
 ) -> tuple[Any, PrivacyReport]:
     """One round of sample-level DP-SGD at a site; returns (FitResult, PrivacyReport).
 
@@ -443,6 +444,10 @@ def fit_private(
     device, seed (data order of the dataset's prompt draws only). `amp` is
     ignored (fp32) and `grad_clip` is replaced by per-sample clipping at
     `dp.max_grad_norm`. `state_path`: `site_state_path(site_dir, run_name)`.
+    `physical_batch`: most images per forward/backward (default
+    batch_size); a Poisson draw is split into such chunks, noise is added
+    once per draw (memory only: the privacy accounting is the same).
+    `rng_seed`: tests only (default: fresh from os.urandom).
 
     Raises BudgetExhausted before reading any image if this round would
     exceed `dp.epsilon_budget`; PrivacyError for an unsupported variant or a
@@ -488,6 +493,9 @@ def fit_private(
     if prox_reference and train_cfg.prox_mu > 0:
         prox = (train_cfg.prox_mu, {k: v.to(device) for k, v in prox_reference.items()})
 
+    chunk = physical_batch or train_cfg.batch_size
+    if chunk < 1:
+        raise ValueError(f"physical_batch must be >= 1, got {chunk}")
     history: list[dict[str, Any]] = []
     train_loss, steps = math.nan, 0
     # Adapters on frozen activations: torch warns that the full backward hook fires with no input
@@ -501,7 +509,7 @@ def fit_private(
             losses: list[float] = []
             for _ in range(steps_per_epoch):
                 drawn = torch.nonzero(torch.rand(n, generator=sampler_gen) < q).flatten().tolist()
-                chunks = [drawn[i:i + train_cfg.batch_size] for i in range(0, len(drawn), train_cfg.batch_size)]
+                chunks = [drawn[i:i + chunk] for i in range(0, len(drawn), chunk)]
                 batches = [collate([train_ds[j] for j in chunk]) for chunk in chunks]
                 losses += dp_step(gsm, dpo, batches, loss_fn, device, prox)
                 steps += 1

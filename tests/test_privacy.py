@@ -298,7 +298,7 @@ def test_fit_private_trains_and_leaves_a_clean_model(tiny_base, train_ds, tmp_pa
     start = model.adapter_state()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     result, _ = fit_private(model, train_ds, tiny_base.tokenizer, _cfg(epochs=2), _dp(), tmp_path / "s.json",
-                            prox_reference=start, rng_seed=0)
+                            prox_reference=start, rng_seed=0, physical_batch=2)
     assert result.steps == 2 * sample_rate_and_steps(len(train_ds), 4)[1] and math.isfinite(result.train_loss)
     assert any(not torch.equal(start[n], t) for n, t in model.adapter_state().items())
     for n, p in model.named_parameters():
