@@ -37,6 +37,11 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 PAYLOAD_DTYPES = ("fp32", "fp16", "int8")  # int8: uploads only (updates); weights go down in fp16
 PARTITIONS = ("natural", "iid", "quantity-skew", "dirichlet")
 ADAPTER_INITS = ("paper", "identity")
+DP_MODES = ("off", "sample", "client")
+DP_ACCOUNTANTS = ("rdp", "prv")
+DP_CLIPPINGS = ("server", "client")
+# Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
+DP_CLIENT_STRATEGIES = ("fedavg", "fedprox")
 # A run name becomes a folder name on every machine involved: keep it boring.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Node-config keys a deployed SuperNode may set (`flower-supernode --node-config`).
@@ -119,6 +124,16 @@ class FederationConfig:
     resume: bool = False
     compare: bool = True  # end with the per-site comparison table (simulation only)
     dashboard_port: int = 0  # >0: the ServerApp serves the dashboard on 127.0.0.1:<port> for its run
+    # --- differential privacy (docs/federation.md "Differential privacy"; checked in _check_dp)
+    dp: str = "off"  # off | sample (DP-SGD at each site) | client (central, client-level, at the server)
+    dp_noise_multiplier: float = 1.0  # z: noise std = z x clip norm
+    dp_delta: float = 1e-5
+    dp_epsilon_budget: float = 0.0  # 0: no budget (sample: per site; client: at the server)
+    dp_max_grad_norm: float = 1.0  # sample: per-sample gradient clip C
+    dp_target_epsilon: float = 0.0  # sample: >0 calibrates z for the planned run (overrides dp-noise-multiplier)
+    dp_accountant: str = "rdp"  # sample: rdp | prv (client level is always Flower's RDP accountant)
+    dp_clip_norm: float = 1.0  # client: L2 bound on a site's update (reply - global)
+    dp_clipping: str = "server"  # client: where updates are clipped: server | client (a mod at the site)
 
     # ------------------------------------------------------------------ build
     def __post_init__(self) -> None:
@@ -169,6 +184,56 @@ class FederationConfig:
             raise bad("resume", "needs 'run-name' (the run to continue)")
         if self.strategy == "fedprox" and self.prox_mu == 0:
             raise bad("prox-mu", "fedprox with prox-mu = 0 is plain fedavg; set prox-mu > 0 or strategy = 'fedavg'")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        """Differential-privacy keys: values, and every combination whose epsilon would not hold."""
+        import math
+
+        def bad(keys: str, why: str) -> ConfigError:
+            return ConfigError(f"run config {keys}: {why}")
+
+        if self.dp not in DP_MODES:
+            raise bad("'dp'", f"must be one of {DP_MODES}, got {self.dp!r}")
+        for key in ("dp_noise_multiplier", "dp_epsilon_budget", "dp_target_epsilon", "dp_delta",
+                    "dp_max_grad_norm", "dp_clip_norm"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise bad(f"'{_key(key)}'", f"must be a finite number >= 0, got {value}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise bad("'dp-delta'", f"must be in (0, 1), got {self.dp_delta}")
+        for key in ("dp_max_grad_norm", "dp_clip_norm"):
+            if getattr(self, key) <= 0:
+                raise bad(f"'{_key(key)}'", f"must be > 0, got {getattr(self, key)}")
+        if self.dp_accountant not in DP_ACCOUNTANTS:
+            raise bad("'dp-accountant'", f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}")
+        if self.dp_clipping not in DP_CLIPPINGS:
+            raise bad("'dp-clipping'", f"must be one of {DP_CLIPPINGS}, got {self.dp_clipping!r}")
+        budget, target = self.dp_epsilon_budget, self.dp_target_epsilon
+        if self.dp == "sample":
+            if self.adapter == "full":
+                raise bad("'dp' = 'sample' with 'adapter' = 'full'",
+                          "per-sample gradients of all 150 M parameters are not supported (Opacus cannot hook "
+                          "the raw embedding parameters, and per-sample gradients would cost ~0.6 GB per image); "
+                          "use an adapter variant")
+            if target == 0 and self.dp_noise_multiplier <= 0:
+                raise bad("'dp-noise-multiplier'", "must be > 0 with dp = 'sample' (or set 'dp-target-epsilon')")
+            if target > 0 and budget > 0 and target > budget:
+                raise bad("'dp-target-epsilon' / 'dp-epsilon-budget'",
+                          f"the planned run ({target}) would exceed the budget ({budget}); lower the target")
+        if self.dp == "client":
+            if self.strategy not in DP_CLIENT_STRATEGIES:
+                raise bad("'dp' = 'client' with 'strategy'",
+                          f"{self.strategy!r} is not accounted by Flower's client-level accountant (it needs "
+                          f"FedAvg's mean of clipped updates); use one of {DP_CLIENT_STRATEGIES}")
+            if self.dp_noise_multiplier <= 0:
+                raise bad("'dp-noise-multiplier'", "must be > 0 with dp = 'client' (no noise: no epsilon)")
+            if target > 0:
+                raise bad("'dp-target-epsilon' with 'dp' = 'client'",
+                          "calibration is sample-level only; set 'dp-noise-multiplier' (and 'dp-epsilon-budget')")
+            if self.dp_accountant != "rdp":
+                raise bad("'dp-accountant' with 'dp' = 'client'",
+                          "client-level DP is accounted by Flower's RdpAccountant only; use 'rdp'")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -56,6 +56,27 @@ def proximal_term(model: AdaptedCLIPSeg, reference: Mapping[str, torch.Tensor]) 
     return total
 
 
+def batch_loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logits, mask) of one collated batch: forward, logits to mask size, DiceCE.
+
+    Shared by `fit` and `common.privacy.fit_private` (where `model` is Opacus'
+    GradSampleModule around the AdaptedCLIPSeg), so both train the same loss.
+    """
+    mask = batch["mask"].to(device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"])
+    logits = logits.float()
+    if logits.shape[-2:] != mask.shape[-2:]:
+        logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+    return loss_fn(logits, mask), logits, mask
+
+
 def fit(
     model: AdaptedCLIPSeg,
     train_ds: Dataset,
@@ -127,14 +148,7 @@ def fit(
                 tqdm.write(f"{desc}: train dice {train_dice:.3f}")
         bar = [] if runner is not None else tqdm(loader, desc=desc, disable=not cfg.progress, leave=False)
         for batch in bar:
-            mask = batch["mask"].to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                               batch["attention_mask"])
-            logits = logits.float()
-            if logits.shape[-2:] != mask.shape[-2:]:
-                logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-            loss = loss_fn(logits, mask)
+            loss, logits, mask = batch_loss(model, batch, loss_fn, device, amp)
             if reference is not None:
                 loss = loss + 0.5 * cfg.prox_mu * proximal_term(model, reference)
             optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,10 @@ Minimum node counts are derived from the number of sites actually
 connected: Flower's defaults (2) would make a strategy wait silently for
 sites that do not exist until its round timeout.
 
+With ``dp = "client"``, fedavg/fedprox come wrapped in Flower's
+fixed-clipping DP wrapper with its RdpAccountant (server/privacy.py), whose
+state is part of the strategy state below.
+
 State for resume: FedAdam/FedYogi keep first/second moments ``m_t`` and
 ``v_t`` (and use the round number in FedAdam's bias correction, which the
 round loop passes on unchanged). ``current_arrays`` is reset from the
@@ -54,6 +58,11 @@ def build_strategy(cfg: FederationConfig, num_sites: int) -> Strategy:
         "min_evaluate_nodes": max(1, math.ceil(cfg.fraction_evaluate * num_sites)),
         "min_available_nodes": num_sites,
     }
+    if cfg.dp == "client":  # Flower's fixed-clipping DP wrapper + RdpAccountant (server/privacy.py)
+        from server.privacy import wrap_strategy
+
+        inner = FedAvg(**common) if cfg.strategy == "fedavg" else FedProx(**common, proximal_mu=cfg.prox_mu)
+        return wrap_strategy(inner, cfg, num_sites)
     if cfg.strategy == "fedavg":
         return FedAvg(**common)
     if cfg.strategy == "fedprox":
@@ -80,6 +89,8 @@ def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict[str,
     """(arrays, json-able meta) that restore_strategy_state needs to continue exactly."""
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"strategy": type(strategy).__name__, "moments": []}
+    if getattr(strategy, "accountant", None) is not None:  # dp = "client": epsilon must survive a resume
+        meta["dp_accountant"] = strategy.accountant.state_dict()
     if isinstance(strategy, FedOpt):
         for moment in MOMENTS:
             values = getattr(strategy, moment)
@@ -94,6 +105,10 @@ def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray], me
     saved = meta.get("strategy")
     if saved != type(strategy).__name__:
         raise ValueError(f"checkpoint was written by strategy {saved}, this run uses {type(strategy).__name__}")
+    if getattr(strategy, "accountant", None) is not None or "dp_accountant" in meta:
+        from server.privacy import restore_accountant
+
+        restore_accountant(strategy, meta.get("dp_accountant"))
     if not isinstance(strategy, FedOpt):
         return
     for moment in MOMENTS:
