@@ -217,20 +217,43 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content[Rec.CONFIG].get(Cfg.PROX_MU, 0.0))
     seed = _local_seed(cfg, server_round, site.name)
     train_ds = site.dataset("train", frozen, train=True, seed=seed)
-    result = fit(
-        model,
-        train_ds,
-        None,  # validation is the evaluate round's job, on the global adapter
-        frozen.tokenizer,
-        _train_config(cfg, cfg.local_epochs, seed, prox_mu=mu),
-        prox_reference=shared_in if mu > 0 else None,
-    )
+    train_cfg = _train_config(cfg, cfg.local_epochs, seed, prox_mu=mu)
+    privacy: dict[str, float] = {}
+    if cfg.dp == "sample":
+        # DP-SGD (Opacus) with this site's accountant, kept in its site folder
+        # across processes, rounds and resumes; a round that would exceed the
+        # budget is refused before any image is read.
+        from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
+
+        try:
+            result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
+                                         site_state_path(site.site_dir, run_name), server_round=server_round,
+                                         prox_reference=shared_in if mu > 0 else None)
+        except BudgetExhausted as err:
+            raise SiteRefusal(err.reason) from err
+        privacy = report.as_metrics()
+    else:
+        result = fit(
+            model,
+            train_ds,
+            None,  # validation is the evaluate round's job, on the global adapter
+            frozen.tokenizer,
+            train_cfg,
+            prox_reference=shared_in if mu > 0 else None,
+        )
     shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
     site.save_personal(run_name, server_round, personal_out)
     # The update (local - received global) in fp32, then encoded: int8's
     # stochastic rounding is seeded like the training, so a resumed run
     # sends bit-identical updates.
-    wire = encode_update(update_of(shared_out, start_shared), cfg.payload_dtype, seed=seed)
+    update = update_of(shared_out, start_shared)
+    if cfg.dp == "client" and cfg.dp_clipping == "client":
+        # Client-level DP, clipped here: in fp32, before any wire encoding
+        # (an fp16 norm overflows above ~256 and would zero the update).
+        from common.privacy import clip_update_fp32
+
+        update = clip_update_fp32(update, cfg.dp_clip_norm)
+    wire = encode_update(update, cfg.payload_dtype, seed=seed)
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
@@ -240,6 +263,7 @@ def train(msg: Message, context: Context) -> Message:
         "payload-bytes-up": payload_bytes(wire),
         "site-rounds-trained": _bump_rounds_trained(context),
         "handler-seconds": time.time() - start,
+        **privacy,
         **_runtime_metrics(start),
     }
     return _reply(msg, site, metrics, wire)

@@ -129,8 +129,10 @@ class ClientSideClipping(_Uniform, DifferentialPrivacyClientSideFixedClipping):
         self.sent: dict[str, np.ndarray] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        # What each site receives: the global arrays after the wire encoding (ServerApp._put_on_wire).
-        self.sent = from_wire(to_wire({k: a.numpy() for k, a in arrays.items()}, self.wire_dtype))
+        # The ServerApp hands this wrapper `global + update` with the fp32 global
+        # (sites send updates, see common/payload.py), so the update it checks
+        # is measured against the fp32 arrays, not their wire encoding.
+        self.sent = {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

@@ -54,7 +54,9 @@ from common.payload import (
     to_wire,
     wire_dtype,
 )
+from common.privacy import clip_update_fp32
 from server.hooks import RunHooks
+from server.privacy import server_budget_check, server_epsilon
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -126,7 +128,14 @@ def _run(
 
     names = SiteNames()
     skipped_in_a_row = 0
+    ended_early = ""
     for server_round in range(start_round, cfg.rounds + 1):
+        if cfg.dp == "client":
+            within, why = server_budget_check(strategy)
+            if not within:  # client-level budget: end cleanly, before the round that would exceed it
+                ended_early = why
+                say(f"stopping before round {server_round}: {why}")
+                break
         global_arrays, record = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared), names)
         arrays, state = strategy_state(strategy)
         if config_to_save is not None:
@@ -137,6 +146,12 @@ def _run(
         records.save_checkpoint(server_round, global_arrays, meta, arrays, {"strategy": state})
         records.append_round(record)
         say(round_line(record, cfg))
+        if record["status"] == "skipped" and _all_out_of_budget(record):
+            # Sample-level budgets: no site may train any more. Data is never
+            # used past its budget; the run ends cleanly with what it has.
+            ended_early = "privacy budget: every site has spent its dp-epsilon-budget"
+            say(f"stopping after round {server_round}: {ended_early}")
+            break
         skipped_in_a_row = skipped_in_a_row + 1 if record["status"] == "skipped" else 0
         if skipped_in_a_row >= cfg.max_skipped_rounds:
             raise RunFailed(f"{skipped_in_a_row} round(s) in a row had no usable site update "
@@ -157,6 +172,7 @@ def _run(
         "base_parameters": counts["total"],
         "personal_tensors_kept_at_sites": sorted(personal),
         "config_fingerprint": cfg.fingerprint(),
+        "ended_early": ended_early,
     }
     final = records.save_final(global_arrays, meta, summary)
     say(f"final adapter: {final / 'adapter'}")
@@ -164,6 +180,12 @@ def _run(
     if extra:
         summary.update(extra)
     return summary
+
+
+def _all_out_of_budget(record: dict[str, Any]) -> bool:
+    """Every site that was asked to train refused for its privacy budget."""
+    train = [f for f in record["failures"] if f["phase"] == "train"]
+    return bool(train) and not record["sites"] and all(f["reason"].startswith("privacy budget:") for f in train)
 
 
 class RunFailed(RuntimeError):
@@ -243,6 +265,10 @@ def run_round(
         # as exactly one ArrayRecord and one MetricRecord with the same keys
         # for every site (Flower refuses to aggregate anything else).
         update = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+        if cfg.dp == "client" and cfg.dp_clipping == "client":
+            # The sites clipped in fp32; rounding on the wire (fp16, int8) can move
+            # the norm a hair: enforce the bound the accountant assumes, in fp32.
+            update = clip_update_fp32(update, cfg.dp_clip_norm)
         m = reply.content[Rec.METRICS]
         reply.content = RecordDict({
             Rec.ARRAYS: _record({k: global_arrays[k] + update[k] for k in global_arrays}),
@@ -303,6 +329,13 @@ def run_round(
         "round_seconds": time.perf_counter() - start,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if cfg.dp == "sample":
+        spent = [s["epsilon"] for s in sites.values() if "epsilon" in s]
+        record["epsilon_max"] = max(spent) if spent else None
+        record["delta"] = cfg.dp_delta
+    elif cfg.dp == "client":
+        spent_server = server_epsilon(strategy)
+        record["epsilon_server"], record["delta"] = spent_server if spent_server else (0.0, cfg.dp_delta)
     return new_global, record
 
 
@@ -594,7 +627,17 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
         "handler_seconds": m.get("handler-seconds"),
         "served_by_worker": bool(m.get("served-by-worker", 0.0)),
         "forward_seconds": m.get("forward-seconds"),
+        # Sample-level DP: the site's own accountant (all its DP-SGD steps in this run).
+        **privacy_record(m),
     }
+
+
+def privacy_record(metrics: Any) -> dict[str, Any]:
+    """epsilon, delta, dp_steps, dp_sample_rate, dp_noise_multiplier of a DP site's reply ({} otherwise)."""
+    from common.privacy import PrivacyReport
+
+    report = PrivacyReport.from_metrics(dict(metrics))
+    return report.as_record() if report is not None else {}
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -1,0 +1,113 @@
+"""Privacy through the real round loop: records, budgets, clipping of updates on the wire.
+
+The ServerApp's loop and the ClientApp's handlers, through fed_harness.InProcessGrid
+(Flower's protobuf serialisation both ways).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from common.data import synthesize
+from common.federation_config import FederationConfig
+from common.payload import decode_update, encode_update
+from common.privacy import compute_epsilon, sample_rate_and_steps
+from fed_harness import InProcessGrid
+from server.server_app import run_federation
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-data")
+    synthesize(root, sites=2, per_site=9, seed=0, image_size=64)
+    return root
+
+
+def cfg_for(data, home, **kw) -> FederationConfig:
+    values = {"base": "arch:tiny", "adapter": "shallow-vlc", "data": str(data), "home": str(home),
+              "rounds": 4, "local_epochs": 1, "batch_size": 2, "compare": False, "lr": 0.01,
+              "run_name": "dp", **kw}
+    return FederationConfig(**values)
+
+
+def rounds_of(home) -> list[dict]:
+    return [json.loads(x) for x in (home / "runs/dp/rounds.jsonl").read_text().splitlines()]
+
+
+def test_sample_level_dp_records_each_site_budget_and_ends_cleanly_when_all_are_spent(data, tmp_path):
+    # Each site's epsilon after k rounds (its own train split, batch 2, 1 epoch per round, z = 1),
+    # computed independently of the run: the budget admits exactly 2 rounds.
+    grid = InProcessGrid(cfg_for(data, tmp_path), 2)
+    from client.site import Site
+
+    sizes = [len(Site(cfg_for(data, tmp_path), nc).items("train")) for nc in
+             (c.node_config for c in grid.contexts.values())]
+    assert len(set(sizes)) == 1, sizes
+    n_train = sizes[0]
+    q, steps = sample_rate_and_steps(n_train, 2)
+    eps = [compute_epsilon([(1.0, q, steps * k)], 1e-5) for k in (1, 2, 3)]
+    budget = (eps[1] + eps[2]) / 2
+    cfg = cfg_for(data, tmp_path, dp="sample", dp_noise_multiplier=1.0, dp_epsilon_budget=budget)
+    summary = run_federation(InProcessGrid(cfg, 2), cfg)
+
+    rounds = rounds_of(tmp_path)
+    assert [r["status"] for r in rounds] == ["ok", "ok", "skipped"]
+    for k, r in enumerate(rounds[:2], start=1):
+        assert r["epsilon_max"] == pytest.approx(eps[k - 1], rel=1e-6)
+        for site in r["sites"].values():
+            assert site["dp_steps"] == steps * k and site["dp_sample_rate"] == pytest.approx(q)
+            assert site["dp_noise_multiplier"] == 1.0 and site["delta"] == 1e-5
+            assert site["epsilon"] == pytest.approx(eps[k - 1], rel=1e-6)
+    # Round 3 would exceed every site's budget: refused before training, with the reason, and the run
+    # ends cleanly (finished, final adapter saved) instead of failing.
+    assert {f["site"] for f in rounds[2]["failures"] if f["phase"] == "train"} == {"site-0", "site-1"}
+    assert all(f["reason"].startswith("privacy budget:") for f in rounds[2]["failures"])
+    assert summary["ended_early"].startswith("privacy budget")
+    assert json.loads((tmp_path / "runs/dp/status.json").read_text())["status"] == "finished"
+    assert (tmp_path / "runs/dp/final/adapter/adapter_model.safetensors").is_file()
+    # The accountant lives at the site: a resumed run cannot restart it.
+    state = json.loads(next((tmp_path / "sites").rglob("privacy/dp.json")).read_text())
+    assert sum(int(n) for _, _, n in state["history"]) == 2 * steps
+
+
+class HugeUpdateGrid(InProcessGrid):
+    """One site (node 100) sends an fp16 update of norm ~600, as a site without clipping would."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for r in replies:
+            if "arrays" in r.content.array_records and r.metadata.src_node_id in (100, 101):
+                update = decode_update({k: a.numpy() for k, a in r.content["arrays"].items()})
+                names = sorted(update)
+                direction = {k: np.ones_like(update[k]) for k in names}
+                norm = float(np.sqrt(sum((d ** 2).sum() for d in direction.values())))
+                huge = {k: direction[k] * np.float32(600.0 / norm) for k in names}
+                r.content["arrays"] = ArrayRecord({k: Array(v) for k, v in encode_update(huge, "fp16").items()})
+        return replies
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_an_update_of_norm_600_arrives_clipped_not_zeroed_with_fp16_on_the_wire(data, tmp_path, clipping):
+    cfg = cfg_for(data, tmp_path, rounds=1, dp="client", dp_clipping=clipping, dp_clip_norm=0.5,
+                  dp_noise_multiplier=1e-6, payload_dtype="fp16")
+    before = {k: v.numpy() for k, v in cfg.initial_model(__import__("common").load_base("arch:tiny"))
+              .adapter_state().items()}
+    run_federation(HugeUpdateGrid(cfg, 2), cfg)
+    after = load_file(str(tmp_path / "runs/dp/final/adapter/adapter_model.safetensors"))
+    moved = float(np.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in after)))
+    # Both sites' updates (norm 600, same direction) clipped to C = 0.5 and averaged: the global
+    # adapter moves by C, not 0 (what Flower's fp16 clipping would do) and not 600.
+    assert moved == pytest.approx(0.5, rel=0.01)
+    record = rounds_of(tmp_path)[0]
+    assert record["epsilon_server"] > 0 and record["delta"] == 1e-5
