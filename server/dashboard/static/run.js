@@ -72,6 +72,8 @@ function renderFigures(data) {
   const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
   const eps = last && last.epsilon_server !== null ? last.epsilon_server : (last ? last.epsilon_max : null);
   const budget = run.config["dp-epsilon-budget"];
+  document.getElementById("fig-epsilon-label").textContent = dp === "client" ? "privacy (\u03b5, server)"
+    : dp === "sample" ? "privacy (\u03b5, max over sites)" : "privacy (\u03b5)";
   document.getElementById("fig-epsilon").textContent = eps !== null && eps !== undefined
     ? fmt.num(eps, 2) + (budget ? " of " + budget : "") : (dp ? "DP " + dp + ", no figure yet" : "off");
   const status = document.getElementById("run-status");
