@@ -111,3 +111,19 @@ def test_an_update_of_norm_600_arrives_clipped_not_zeroed_with_fp16_on_the_wire(
     assert moved == pytest.approx(0.5, rel=0.01)
     record = rounds_of(tmp_path)[0]
     assert record["epsilon_server"] > 0 and record["delta"] == 1e-5
+
+
+def test_client_level_budget_ends_the_run_cleanly_before_the_round_that_would_exceed_it(data, tmp_path):
+    # z = 2 with every site each round: epsilon 3.19 after 2 rounds, 4.01 after 3 (delta 1e-5, computed
+    # independently with Opacus' RDP accountant), so a budget of 3.6 admits exactly 2 of the 4 planned rounds.
+    eps = [compute_epsilon([(2.0, 1.0, k)], 1e-5) for k in (2, 3)]
+    assert eps[0] < 3.6 < eps[1]
+    # (a small clip norm keeps the noise, z x C / m per coordinate, from wrecking the tiny model)
+    cfg = cfg_for(data, tmp_path, dp="client", dp_noise_multiplier=2.0, dp_clip_norm=1e-3, dp_epsilon_budget=3.6)
+    summary = run_federation(InProcessGrid(cfg, 2), cfg)
+    rounds = rounds_of(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[-1]["epsilon_server"] == pytest.approx(eps[0], rel=0.01)
+    assert summary["ended_early"].startswith("privacy budget")
+    assert json.loads((tmp_path / "runs/dp/status.json").read_text())["status"] == "finished"
+    assert (tmp_path / "runs/dp/final/adapter/adapter_model.safetensors").is_file()
