@@ -55,6 +55,7 @@ from common.payload import (
     wire_dtype,
 )
 from server.hooks import RunHooks
+from server.messaging import send_and_receive, timeline
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -277,7 +278,8 @@ def run_round(
             row = sites.setdefault(names.of(reply), {"node_id": reply.metadata.src_node_id})
             m = reply.content[Rec.METRICS]
             row.update(val_dice=m["dice"], val_dice_personal=m["dice-personal"], val_loss=m["loss"],
-                       val_examples=int(m["num-examples"]), val_handler_seconds=m.get("handler-seconds"))
+                       val_examples=int(m["num-examples"]), val_handler_seconds=m.get("handler-seconds"),
+                       val_timeline=timeline(m))
             row["payload_bytes_down"] = row.get("payload_bytes_down", 0) + eval_down.get(reply.metadata.src_node_id, 0)
 
     n_val = sum(int(r.content[Rec.METRICS]["num-examples"]) for r in eval_replies)
@@ -354,7 +356,8 @@ _FLOWER_ERRORS = {
 def exchange(grid: Grid, messages: list[Message], cfg: FederationConfig, phase: str,
              names: SiteNames) -> tuple[list[Message], list[dict]]:
     """Send, receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    # Flower's deployment grid polls replies every 3 s; ours every 0.25 s (server/messaging.py).
+    replies = send_and_receive(grid, messages, cfg.round_timeout)
     dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     ok, failures = split_replies(replies, phase, names, dst_by_id)
     answered = {dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
@@ -594,6 +597,9 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
         "handler_seconds": m.get("handler-seconds"),
         "served_by_worker": bool(m.get("served-by-worker", 0.0)),
         "forward_seconds": m.get("forward-seconds"),
+        # When the server sent the message, the ClientApp process started, the worker handled it and the
+        # reply reached the server (UNIX seconds; server/messaging.py): where a round's time goes.
+        "timeline": timeline(m),
     }
 
 
