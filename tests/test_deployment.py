@@ -109,8 +109,8 @@ class Deployment:
         for i in range(K):
             self.start_site(i)
 
-    def start_site(self, i: int) -> subprocess.Popen:
-        return self.spawn(f"site-{i}", [
+    def start_site(self, i: int, name: str = "") -> subprocess.Popen:
+        return self.spawn(name or f"site-{i}", [
             sys.executable, "-m", "common.cli", "site", "start", "--superlink", f"127.0.0.1:{self.port}",
             "--data", str(self.tmp / "data" / f"site-{i}"), "--site-name", f"hospital-{i}",
             "--site-dir", str(self.tmp / "sites" / f"h{i}"),
