@@ -231,6 +231,7 @@ def run_round(
     random.seed(f"{cfg.seed}:{server_round}")
     config = message_config(cfg)
 
+    fit_minimums_to_connected(strategy, grid, cfg)
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
     ok, failures = exchange(grid, train_messages, cfg, "train", names)
@@ -268,6 +269,7 @@ def run_round(
 
     eval_replies: list[Message] = []
     if status == "ok":
+        fit_minimums_to_connected(strategy, grid, cfg)
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
         eval_replies, eval_failures = exchange(grid, eval_messages, cfg, "evaluate", names)
@@ -306,6 +308,30 @@ def run_round(
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return new_global, record
+
+
+def fit_minimums_to_connected(strategy: Strategy, grid: Grid, cfg: FederationConfig) -> None:
+    """Lower the strategy's node minimums to the sites connected now (never below `min-replies`).
+
+    The minimums come from the sites connected at the start (server/strategies.py), and Flower's
+    sampling waits, without a deadline, until that many nodes are online: one site gone for good
+    (Flower drops a dead node about 60 s after its last heartbeat) would stall the run forever. With
+    every site connected nothing changes; a returning site is sampled again from the next round.
+    """
+    planned = getattr(strategy, "_fedvlsm_planned_minimums", None)
+    if planned is None:
+        planned = {k: getattr(strategy, k) for k in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+                   if isinstance(getattr(strategy, k, None), int)}
+        strategy._fedvlsm_planned_minimums = planned  # type: ignore[attr-defined]
+    if is_simulation(grid):
+        return
+    floor = max(1, cfg.min_replies)
+    connected = len(list(grid.get_node_ids()))
+    for key, value in planned.items():
+        lowered = max(min(value, connected), min(value, floor))
+        if lowered != getattr(strategy, key):
+            setattr(strategy, key, lowered)
+            say(f"{key.replace('_', '-')}: {lowered} ({connected} site(s) connected, planned {value})")
 
 
 def message_config(cfg: FederationConfig, **extra: Any) -> ConfigRecord:

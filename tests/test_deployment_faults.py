@@ -104,7 +104,7 @@ def status(d: Deployment, run: str) -> dict:
 
 def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     run = "killed-site"
-    flwr_run(dep, f"rounds=4 local-epochs=1 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False)
+    flwr_run(dep, f"rounds=3 local-epochs=1 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False)
     wait_for(lambda: len(rounds_of(dep, run)) >= 1, 300, "round 1")
     site = dep.popens["site-2"]
 
@@ -118,7 +118,7 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     dep.start_site(2, name="site-2-rejoin")  # started again at once
     finish(dep, run)
     rounds = rounds_of(dep, run)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["status"] == "ok" for r in rounds), rounds
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["status"] == "ok" for r in rounds), rounds
     r2 = rounds[1]
     # Round 2 completed with the other two sites, and names the killed one with a reason.
     assert sorted(n for n, s in r2["sites"].items() if "num_examples" in s) == ["hospital-0", "hospital-1"]
@@ -126,7 +126,8 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     assert len(failed) == 1, r2["failures"]
     assert failed[0]["reason"] in ("no reply within round-timeout (25 s)", "flower: the site is not connected"), failed
     assert all(f["site"] == "hospital-2" for f in r2["failures"]), r2["failures"]
-    # It rejoined (same key, same node id) and trained in a later round, on a new worker.
+    # It rejoined (same key, same node id) and trained in round 3 (Flower's sampling waits for the 3 nodes
+    # the strategy was built for), on a new worker.
     later = [r for r in rounds[2:] if "num_examples" in r["sites"].get("hospital-2", {})]
     assert later, [(r["round"], r["failures"]) for r in rounds[2:]]
     row = later[-1]["sites"]["hospital-2"]
