@@ -152,8 +152,8 @@ class Deployment:
         return left
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def started_deployment(tmp_path_factory):
+    """A Deployment, started; stopped afterwards, checking that nothing it started is left."""
     dep = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
         dep.start()
@@ -166,6 +166,10 @@ def deployment(tmp_path_factory):
                   if str(dep.tmp) in " ".join(p.info["cmdline"] or []) or f":{dep.port}" in " ".join(
                       p.info["cmdline"] or [])]
         assert not left and not strays, (left, strays)
+
+
+# The `deployment` fixture (conftest.py, session scope) wraps started_deployment: this file and
+# tests/test_deployment_faults.py share one deployment (its start and stop cost about 20 s).
 
 
 def rounds_of(dep: Deployment, run: str) -> list[dict]:

@@ -5,7 +5,7 @@ Real processes, SIGKILL, no mocks:
   the ClientApp serving the round) killed mid-round: the round completes
   with the other two (`min-replies = 2`), its record names the site and the
   reason; the site is started again and trains in a later round;
-- a site's worker killed while it handles a train message: the site replies
+- a site's worker killed while it handles round 1's train message: the site replies
   with a failure at once (no hang until the round timeout), `fedvlsm site
   start` restarts the worker, and the next round is served by the new worker;
 - the SuperLink (and its ServerApp) killed mid-run and started again on the
@@ -33,18 +33,11 @@ pytestmark = pytest.mark.slow
 COMMON = "base='arch:tiny' compare=false torch-threads=1 min-sites=3 lr=0.01 site-wait-timeout=240"
 
 
-@pytest.fixture(scope="module")
-def dep(tmp_path_factory):
-    d = Deployment(tmp_path_factory.mktemp("faults"))
-    try:
-        d.start()
-        yield d
-    finally:
-        left = d.stop()
-        strays = [" ".join(p.info["cmdline"] or [])[:200] for p in psutil.process_iter(["cmdline"])
-                  if str(d.tmp) in " ".join(p.info["cmdline"] or []) or f":{d.port}" in " ".join(
-                      p.info["cmdline"] or [])]
-        assert not left and not strays, (left, strays)
+@pytest.fixture
+def dep(deployment):
+    """The shared deployment of tests/test_deployment.py (conftest.py): started once, stopped and checked
+    for leftovers at the end of the session."""
+    return deployment
 
 
 def flwr_run(d: Deployment, run_config: str, name: str, wait: bool = True):
@@ -104,7 +97,7 @@ def status(d: Deployment, run: str) -> dict:
 
 def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     run = "killed-site"
-    flwr_run(dep, f"rounds=3 local-epochs=1 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False)
+    flwr_run(dep, f"rounds=6 local-epochs=1 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False)
     wait_for(lambda: len(rounds_of(dep, run)) >= 1, 300, "round 1")
     site = dep.popens["site-2"]
 
@@ -118,7 +111,7 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     dep.start_site(2, name="site-2-rejoin")  # started again at once
     finish(dep, run)
     rounds = rounds_of(dep, run)
-    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["status"] == "ok" for r in rounds), rounds
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6] and all(r["status"] == "ok" for r in rounds), rounds
     r2 = rounds[1]
     # Round 2 completed with the other two sites, and names the killed one with a reason.
     assert sorted(n for n, s in r2["sites"].items() if "num_examples" in s) == ["hospital-0", "hospital-1"]
@@ -126,12 +119,14 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     assert len(failed) == 1, r2["failures"]
     assert failed[0]["reason"] in ("no reply within round-timeout (25 s)", "flower: the site is not connected"), failed
     assert all(f["site"] == "hospital-2" for f in r2["failures"]), r2["failures"]
-    # It rejoined (same key, same node id) and trained in round 3 (Flower's sampling waits for the 3 nodes
-    # the strategy was built for), on a new worker.
+    # The rounds went on without it (the strategy's minimums follow the connected sites); it rejoined
+    # (same key, same node id) once Flower had let the dead instance go (up to 60 s after its last
+    # heartbeat), and trained in the later rounds, on a new worker.
     later = [r for r in rounds[2:] if "num_examples" in r["sites"].get("hospital-2", {})]
-    assert later, [(r["round"], r["failures"]) for r in rounds[2:]]
-    row = later[-1]["sites"]["hospital-2"]
-    assert row["served_by_worker"] and row["base_loads"] == 1 and row["process_messages"] <= 4
+    assert later and later[-1]["round"] == 6, [(r["round"], sorted(r["sites"]), r["failures"]) for r in rounds[2:]]
+    assert all(f["site"] == "hospital-2" for r in rounds[2:] for f in r["failures"]), [r["failures"] for r in rounds]
+    row = later[0]["sites"]["hospital-2"]  # the first round it trained in again: a fresh worker
+    assert row["served_by_worker"] and row["base_loads"] == 1 and row["process_messages"] <= 3, row
     assert row["node_id"] == rounds[0]["sites"]["hospital-2"]["node_id"]
     assert status(dep, run)["status"] == "finished"
     print(f"site killed in round 2; rejoined after {time.monotonic() - killed_at:.0f}s; trained again in round(s) "
@@ -150,41 +145,40 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
 
     run = "worker-killed"
     address = f"unix:{dep.tmp / 'sites' / 'h1' / 'worker.sock'}"
-    # Local training long enough (30 tiny epochs) that the kill lands inside the handler.
-    flwr_run(dep, f"rounds=3 local-epochs=30 run-name='{run}' min-replies=2 round-timeout=120", run, wait=False)
-    wait_for(lambda: len(rounds_of(dep, run)) >= 1, 300, "round 1")
     before = worker_alive(address)
     assert before is not None
     launcher = psutil.Process(dep.popens["site-1"].pid)
     worker = next(c for c in launcher.children() if "client.worker" in cmdline(c))
     assert worker.pid == before["pid"]
-    # The worker counts a message when its handler starts: kill it then (round 2's train message).
-    wait_for(lambda: (worker_alive(address, timeout=0.5) or {}).get("messages", 0) > before["messages"], 120,
-             "hospital-1's worker to start round 2's train message", poll=0.05)
-    assert len(rounds_of(dep, run)) == 1
+    # Local training long enough (30 tiny epochs) that the kill lands inside the handler.
+    flwr_run(dep, f"rounds=2 local-epochs=30 run-name='{run}' min-replies=2 round-timeout=120", run, wait=False)
+    # The worker counts a message when its handler starts: kill it then (round 1's train message).
+    wait_for(lambda: (worker_alive(address, timeout=0.5) or {}).get("messages", 0) > before["messages"], 300,
+             "hospital-1's worker to start round 1's train message", poll=0.05)
+    assert not rounds_of(dep, run)
     killed_at = time.time()
     dep.procs.append(worker)
     worker.kill()
     finish(dep, run)
     rounds = rounds_of(dep, run)
-    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["status"] == "ok" for r in rounds)
-    r2 = rounds[1]
-    failed = [f for f in r2["failures"] if f["site"] == "hospital-1" and f["phase"] == "train"]
-    assert len(failed) == 1, r2["failures"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["status"] == "ok" for r in rounds)
+    r1 = rounds[0]
+    failed = [f for f in r1["failures"] if f["site"] == "hospital-1" and f["phase"] == "train"]
+    assert len(failed) == 1, r1["failures"]
     # A reply saying so, not a hang until round-timeout (120 s).
     assert failed[0]["reason"].startswith("worker: the site worker failed this message (gRPC "), failed
-    assert r2["train_seconds"] < 100, r2["train_seconds"]
-    assert sorted(n for n, s in r2["sites"].items() if "num_examples" in s) == ["hospital-0", "hospital-2"]
+    assert r1["train_seconds"] < 100, r1["train_seconds"]
+    assert sorted(n for n, s in r1["sites"].items() if "num_examples" in s) == ["hospital-0", "hospital-2"]
     # `fedvlsm site start` restarted the worker; the next round was served by the new one.
     assert "restarting it (1/3)" in dep.log("site-1")
-    r3 = rounds[2]["sites"]["hospital-1"]
-    assert rounds[2]["failures"] == [] and "num_examples" in r3, rounds[2]["failures"]
-    assert r3["served_by_worker"] and r3["base_loads"] == 1 and r3["process_messages"] <= 3, r3
+    r2 = rounds[1]["sites"]["hospital-1"]
+    assert rounds[1]["failures"] == [] and "num_examples" in r2, rounds[1]["failures"]
     new = worker_alive(address)
     assert new is not None and new["pid"] != before["pid"] and new["started"] > killed_at
+    assert r2["served_by_worker"] and r2["base_loads"] == 1 and r2["process_messages"] <= new["messages"] <= 3, r2
     assert dep.popens["site-1"].poll() is None
-    print(f"worker killed mid-message: {failed[0]['reason']}; round 2 train phase {r2['train_seconds']:.1f}s; "
-          f"round 3 served by worker pid {new['pid']} (was {before['pid']})")
+    print(f"worker killed mid-message: {failed[0]['reason']}; round 1 train phase {r1['train_seconds']:.1f}s; "
+          f"round 2 served by worker pid {new['pid']} (was {before['pid']})")
 
 
 def _superlink_cmd(d: Deployment) -> list[str]:
@@ -212,9 +206,13 @@ def _wait_healthy(d: Deployment, name: str) -> None:
 
 def test_the_superlink_killed_mid_run_then_a_resume_reaches_the_uninterrupted_adapter(dep):
     cfg = "rounds=2 local-epochs=1"
-    out = flwr_run(dep, f"{cfg} run-name='sl-reference'", "sl-reference")
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert status(dep, "sl-reference")["status"] == "finished"
+    # The uninterrupted reference: test_deployment.py's 'e2e' run has this very config (and seed); else run it.
+    reference = "e2e"
+    if not (dep.home / "runs" / reference / "final").exists():
+        reference = "sl-reference"
+        out = flwr_run(dep, f"{cfg} run-name='{reference}'", reference)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert status(dep, reference)["status"] == "finished"
 
     run = "sl-crash"
     flwr_run(dep, f"{cfg} run-name='{run}'", run, wait=False)
@@ -239,7 +237,7 @@ def test_the_superlink_killed_mid_run_then_a_resume_reaches_the_uninterrupted_ad
     assert (records / "rounds.jsonl").read_bytes().startswith(before)  # round 1 kept byte for byte
     assert (records / "config.json").read_bytes() == config
     assert status(dep, run)["status"] == "finished"
-    a, b = adapter(dep, "sl-reference"), adapter(dep, run)
+    a, b = adapter(dep, reference), adapter(dep, run)
     assert a.keys() == b.keys()
     diff = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
     print(f"SuperLink killed after round 1, restarted, resumed: max abs difference to the uninterrupted run {diff:g}")
