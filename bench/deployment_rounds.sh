@@ -20,31 +20,75 @@ python3 - "$WORK" "$K" "$(( $(date +%s) - start ))" "bench/results/deployment-ro
 import json, statistics as st, sys, platform, os
 work, k, wall, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 noop = json.load(open(f"{work}/noop_rounds.json"))["round_seconds"]
+noop_poll = json.load(open(f"{work}/noop_rounds-poll.json"))["round_seconds"]
 rounds = [json.loads(l) for l in open(f"{work}/fedvlsm/runs/bench/rounds.jsonl")]
-rows = []
+# Segments of one message's life (server/messaging.py, client/forwarder.py, client/worker.py timestamps).
+SEGMENTS = [("delivery: server push -> ClientApp process started (SuperNode 3 s poll, SuperExec 1 s poll, spawn)",
+             "t-sent", "t-clientapp-start"),
+            ("flwr-clientapp start-up -> forward to worker", "t-clientapp-start", "t-forward-start"),
+            ("forward -> worker handler start (serialise, socket)", "t-forward-start", "t-handler-start"),
+            ("worker handler", "t-handler-start", "t-handler-end"),
+            ("handler end -> forward end (serialise back)", "t-handler-end", "t-forward-end"),
+            ("forward end -> reply at the server (ClientApp push, SuperNode 0.5 s push poll, server poll)",
+             "t-forward-end", "t-received")]
+rows, seg = [], {"train": {s[0]: [] for s in SEGMENTS}, "evaluate": {s[0]: [] for s in SEGMENTS}}
+gaps = []
 for r in rounds:
     train = max(s["handler_seconds"] for s in r["sites"].values() if "handler_seconds" in s)
-    rows.append({"round": r["round"], "round_seconds": r["round_seconds"], "slowest_train_handler_seconds": train,
-                 "overhead_seconds": r["round_seconds"] - train,
-                 "base_loads": {n: s.get("base_loads") for n, s in r["sites"].items()},
-                 "process_messages": {n: s.get("process_messages") for n, s in r["sites"].items()}})
+    tl = {n: s.get("timeline", {}) for n, s in r["sites"].items()}
+    vtl = {n: s.get("val_timeline", {}) for n, s in r["sites"].items()}
+    row = {"round": r["round"], "round_seconds": r["round_seconds"], "slowest_train_handler_seconds": train,
+           "overhead_seconds": r["round_seconds"] - train,
+           "slowest_evaluate_handler_seconds": max((s.get("val_handler_seconds") or 0) for s in r["sites"].values()),
+           "base_loads": {n: s.get("base_loads") for n, s in r["sites"].items()},
+           "process_messages": {n: s.get("process_messages") for n, s in r["sites"].items()},
+           "timeline": {"train": tl, "evaluate": vtl}}
+    try:  # server-side time between the last train reply and the evaluate messages' push
+        row["server_gap_train_to_evaluate_seconds"] = (max(v["t-sent"] for v in vtl.values())
+                                                      - max(v["t-received"] for v in tl.values()))
+    except (KeyError, ValueError):
+        pass
+    rows.append(row)
+    if r["round"] > 1:
+        for phase, t in (("train", tl), ("evaluate", vtl)):
+            for name, a, b in SEGMENTS:
+                seg[phase][name] += [v[b] - v[a] for v in t.values() if a in v and b in v]
+        if "server_gap_train_to_evaluate_seconds" in row:
+            gaps.append(row["server_gap_train_to_evaluate_seconds"])
 later = rows[1:] or rows  # round 1 includes the first base load at each site
-noop_later = noop[1:] or noop
+med = lambda xs: st.median(xs) if xs else float("nan")
 res = {"sites": k, "rounds": len(rows), "no_worker": os.environ.get("NO_WORKER") == "1", "wall_seconds": wall,
-       "noop_round_seconds": noop, "fedvlsm_rounds": rows,
-       "median_overhead_seconds_after_round_1": st.median(r["overhead_seconds"] for r in later),
-       "median_noop_round_seconds_after_round_1": st.median(noop_later),
+       "noop_round_seconds": noop, "noop_poll_025_round_seconds": noop_poll, "fedvlsm_rounds": rows,
+       "median_round_seconds_after_round_1": med([r["round_seconds"] for r in later]),
+       "median_overhead_seconds_after_round_1": med([r["overhead_seconds"] for r in later]),
+       "median_noop_round_seconds_after_round_1": med(noop[1:] or noop),
+       "median_noop_poll_025_round_seconds_after_round_1": med(noop_poll[1:] or noop_poll),
+       "median_segment_seconds_after_round_1": {p: {n: med(v) for n, v in d.items()} for p, d in seg.items()},
+       "max_segment_seconds_after_round_1": {p: {n: max(v) if v else None for n, v in d.items()} for p, d in seg.items()},
+       "median_server_gap_train_to_evaluate_seconds": med(gaps),
        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.platform()}
-res["overhead_minus_noop_seconds"] = res["median_overhead_seconds_after_round_1"] - res["median_noop_round_seconds_after_round_1"]
-res["overhead_over_noop_ratio"] = res["median_overhead_seconds_after_round_1"] / res["median_noop_round_seconds_after_round_1"]
+for key, ref in (("", "median_noop_round_seconds_after_round_1"), ("_poll_025", "median_noop_poll_025_round_seconds_after_round_1")):
+    res[f"overhead_minus_noop{key}_seconds"] = res["median_overhead_seconds_after_round_1"] - res[ref]
+    res[f"overhead_over_noop{key}_ratio"] = res["median_overhead_seconds_after_round_1"] / res[ref]
 os.makedirs(os.path.dirname(out), exist_ok=True)
 json.dump(res, open(out, "w"), indent=1)
-print(f"no-op app round times (s): {', '.join(f'{x:.1f}' for x in noop)}")
+lines = [f"no-op app, Flower's send_and_receive (3 s reply poll), round times (s): {', '.join(f'{x:.1f}' for x in noop)}",
+         f"no-op app, 0.25 s reply poll (as fedvlsm), round times (s): {', '.join(f'{x:.1f}' for x in noop_poll)}"]
 for r in rows:
-    print(f"fedvlsm round {r['round']}: {r['round_seconds']:.1f}s, slowest train {r['slowest_train_handler_seconds']:.2f}s, "
-          f"overhead {r['overhead_seconds']:.1f}s, base_loads {sorted(set(r['base_loads'].values()))}, "
-          f"process_messages {sorted(r['process_messages'].values())}")
-print(f"median after round 1: overhead {res['median_overhead_seconds_after_round_1']:.1f}s vs no-op "
-      f"{res['median_noop_round_seconds_after_round_1']:.1f}s: difference {res['overhead_minus_noop_seconds']:+.1f}s, "
-      f"ratio {res['overhead_over_noop_ratio']:.2f} (target: difference <= 1 s); written to {out}")
+    lines.append(f"fedvlsm round {r['round']}: {r['round_seconds']:.1f}s, slowest train {r['slowest_train_handler_seconds']:.2f}s, "
+                 f"overhead {r['overhead_seconds']:.1f}s, slowest evaluate {r['slowest_evaluate_handler_seconds']:.2f}s, "
+                 f"base_loads {sorted(set(r['base_loads'].values()))}, process_messages {sorted(r['process_messages'].values())}")
+lines.append("median per message after round 1 (train | evaluate), seconds:")
+for name, _, _ in SEGMENTS:
+    lines.append(f"  {seg and res['median_segment_seconds_after_round_1']['train'][name]:6.2f} | "
+                 f"{res['median_segment_seconds_after_round_1']['evaluate'][name]:6.2f}  {name}")
+lines.append(f"  server between last train reply and evaluate push: {res['median_server_gap_train_to_evaluate_seconds']:.2f}")
+lines.append(f"median after round 1: overhead {res['median_overhead_seconds_after_round_1']:.1f}s vs no-op "
+             f"{res['median_noop_round_seconds_after_round_1']:.1f}s (Flower's poll): {res['overhead_minus_noop_seconds']:+.1f}s, "
+             f"ratio {res['overhead_over_noop_ratio']:.2f}; vs no-op with the same 0.25 s poll "
+             f"{res['median_noop_poll_025_round_seconds_after_round_1']:.1f}s: {res['overhead_minus_noop_poll_025_seconds']:+.1f}s "
+             f"(target: difference <= 1 s); written to {out}")
+text = "\n".join(lines)
+print(text)
+open(out.replace(".json", ".txt"), "w").write(text + "\n")
 PY

@@ -24,6 +24,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.worker_protocol import ENV_WORKER, NODE_WORKER
+from common.packed import PackError, is_packed, pack_content, unpack_content
 
 app = ClientApp()
 
@@ -34,6 +35,24 @@ def worker_address(context: Context) -> str:
 
 
 def dispatch(msg: Message, context: Context) -> Message:
+    # In deployment the server packs the adapter into one Array (common/packed.py): unpack it for the
+    # handlers, and pack the reply's tensors the same way (only then: a server that did not pack gets
+    # the ordinary per-tensor reply).
+    packed = msg.has_content() and is_packed(msg.content)
+    if packed:
+        try:
+            msg.content = unpack_content(msg.content)
+        except PackError as err:
+            from client.forwarder import error_reply
+
+            return error_reply(msg, context, f"protocol: the message's packed adapter is unreadable ({err})")
+    reply = _dispatch(msg, context)
+    if packed and reply.has_content():
+        reply.content = pack_content(reply.content)
+    return reply
+
+
+def _dispatch(msg: Message, context: Context) -> Message:
     address = worker_address(context)
     if address:
         from client.forwarder import forward

@@ -9,6 +9,7 @@ server records it and the round goes on with the other sites.
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -17,13 +18,17 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, REC_SITE, REC_STATUS, decode, encode
 
 # A message can legitimately take long (a big site's epochs); the round's own
-# timeout on the server bounds it. This only catches a worker that vanished.
-CONNECT_TIMEOUT_S = 10.0
+# timeout on the server bounds it. This only catches a worker that vanished:
+# long enough for `fedvlsm site start` to restart a dead worker (its imports
+# took 5-20 s on a loaded 2-core machine), so a message arriving meanwhile is
+# served instead of refused. A worker that is gone for good takes its
+# SuperNode (and this process) down with it.
+CONNECT_TIMEOUT_S = 30.0
 
 
 def forward(address: str, msg: Message, context: Context) -> Message:
     """Send `msg` (and the SuperNode's context) to the worker at `address`; its reply, or an error reply."""
-    start = time.perf_counter()
+    start, t_start = time.perf_counter(), time.time()
     try:
         with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             # Unix socket only (0600, in the site folder): no network exposure, no TLS needed.
@@ -39,8 +44,26 @@ def forward(address: str, msg: Message, context: Context) -> Message:
     # What the handler changed in the node's per-run state must reach the SuperNode.
     context.state = new_context.state
     if reply.has_content() and "metrics" in reply.content.metric_records:
-        reply.content.metric_records["metrics"]["forward-seconds"] = time.perf_counter() - start
+        m = reply.content.metric_records["metrics"]
+        m["forward-seconds"] = time.perf_counter() - start
+        # Timestamps (UNIX seconds) for the round's timeline (server/messaging.py); the worker adds its own.
+        m["t-forward-start"], m["t-forward-end"] = t_start, time.time()
+        started = process_start_time()
+        if started is not None:
+            m["t-clientapp-start"] = started
     return reply
+
+
+def process_start_time() -> float | None:
+    """When this (flwr-clientapp) process was created, UNIX seconds (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks after boot
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def error_reply(msg: Message, context: Context, reason: str) -> Message:

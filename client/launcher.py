@@ -39,6 +39,13 @@ import time
 from pathlib import Path
 
 WORKER_START_TIMEOUT_S = 300.0
+# Flower 1.42's SuperLink activates a node only if it is registered or offline, and keeps a node whose
+# process died "online" until 2 x 30 s heartbeat interval after its last heartbeat (flwr/common/constant.py:
+# HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE; neither is a CLI option). A site restarted sooner is
+# refused ("Failed to activate SuperNode."), exactly like an unregistered key: retry for this long.
+REJOIN_WAIT_S = 90.0
+REJOIN_RETRY_S = 5.0
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
 def add_site_commands(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +68,9 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--socket", default="", help="worker socket path (default: SITE_DIR/worker.sock)")
     s.add_argument("--preload-base", default="", help="base spec the worker loads before serving (optional)")
     s.add_argument("--worker-restarts", type=int, default=3, help="restart a dead worker this many times, then exit 1")
+    s.add_argument("--rejoin-wait", type=float, default=REJOIN_WAIT_S,
+                   help="seconds to keep retrying when the SuperLink refuses to activate this site's SuperNode "
+                        "(a crashed instance of the same site stays 'online' for up to 60 s), then exit 1")
     s.set_defaults(func=cmd_site_start)
 
 
@@ -141,6 +151,8 @@ class Site:
         self.supernode: subprocess.Popen | None = None
         self.restarts = 0
         self.stopping = False
+        self._log_offset = 0  # where the current SuperNode's output starts in supernode.log
+        self._refused_since: float | None = None
 
     def start_worker(self) -> None:
         from client.worker_protocol import socket_address
@@ -171,6 +183,7 @@ class Site:
     def start_supernode(self) -> None:
         cmd = supernode_command(self.args, self.node_config, self.port)
         log = open(self.logs / "supernode.log", "a")  # noqa: SIM115
+        self._log_offset = log.tell()
         self.supernode = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         mode = "INSECURE (local trial)" if self.args.insecure else (
             "TLS" + (" + site authentication" if self.args.auth_key else ", no site authentication key"))
@@ -211,6 +224,42 @@ class Site:
             except psutil.NoSuchProcess:
                 pass
 
+    def _log_since_start_has(self, text: str) -> bool:
+        """Whether the current SuperNode's output (supernode.log since it started) contains `text`."""
+        try:
+            with open(self.logs / "supernode.log", errors="replace") as fh:
+                fh.seek(self._log_offset)
+                return text in fh.read()
+        except OSError:
+            return False
+
+    def _activation_refused(self) -> bool:
+        return self._log_since_start_has(ACTIVATION_REFUSED)
+
+    def _retry_refused_activation(self) -> bool:
+        """The SuperNode exited because the SuperLink refused to activate it: start it again (True),
+        for up to --rejoin-wait seconds from the first refusal in a row; False once that is over."""
+        if not self._activation_refused():
+            return False
+        now = time.monotonic()
+        self._refused_since = self._refused_since or now
+        waited = now - self._refused_since
+        if waited >= self.args.rejoin_wait:
+            _say(f"ERROR: the SuperLink refused to activate this site for {waited:.0f}s (--rejoin-wait): "
+                 "is this site's public key registered (flwr supernode register)?")
+            self._refused_since = None
+            return False
+        _say(f"the SuperLink refused to activate this site's SuperNode (a crashed instance of this site stays "
+             f"'online' there for up to 60 s after its last heartbeat; or the key is not registered); "
+             f"retrying in {REJOIN_RETRY_S:g}s ({waited:.0f}/{self.args.rejoin_wait:g}s)")
+        deadline = time.monotonic() + REJOIN_RETRY_S
+        while time.monotonic() < deadline and not self.stopping:
+            time.sleep(0.2)
+        if self.stopping:
+            return True
+        self.start_supernode()
+        return True
+
     def _tail(self, name: str) -> str:
         try:
             return "".join((self.logs / name).read_text(errors="replace").splitlines(True)[-15:])
@@ -223,8 +272,13 @@ class Site:
             time.sleep(poll)
             if self.stopping:
                 break
+            if self._refused_since is not None and self._log_since_start_has("SuperNode ID:"):
+                _say("the SuperLink activated this site's SuperNode")
+                self._refused_since = None  # activated: a later refusal gets the whole --rejoin-wait again
             if self.supernode is not None and self.supernode.poll() is not None:
                 code = self.supernode.returncode
+                if self._retry_refused_activation():
+                    continue
                 _say(f"ERROR: the SuperNode exited with code {code}; stopping the worker. "
                      f"Last lines of {self.logs / 'supernode.log'}:\n{self._tail('supernode.log')}")
                 self.stop_all()

@@ -154,9 +154,18 @@ class Site:
         """
         from common.data.check import site_data_check
 
-        result = site_data_check(self.data_to_check(), self.site_dir / "cache")
-        if not result.ok:
-            raise SiteRefusal(result.summary, "\n".join(result.details))
+        folder = self.data_to_check()
+        sources = [folder]
+        if self.identity.data_path is None and self.cfg.partition != "natural":
+            # A partitioned simulation pools a multi-site root: check each source dataset (one cache each).
+            from simulations.partition import is_dataset, site_folders
+
+            sources = [folder] if is_dataset(folder) else site_folders(folder)
+        for k, source in enumerate(sources):
+            cache = self.site_dir / "cache" if source == folder else self.site_dir / "cache" / f"source-{k}"
+            result = site_data_check(source, cache)
+            if not result.ok:
+                raise SiteRefusal(result.summary, "\n".join(result.details))
 
     def dataset(self, split: str, frozen: Base, train: bool, seed: int = 0) -> SegDataset:
         return SegDataset(

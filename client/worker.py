@@ -59,6 +59,7 @@ class SiteWorker:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode the message ({type(err).__name__})")
         with self._lock:
             self.served += 1
+            t_start = time.time()
             try:
                 reply = self.handlers.handle(msg, ctx)
             except Exception as err:  # noqa: BLE001 - handlers are wrapped already; this is the last net
@@ -67,6 +68,9 @@ class SiteWorker:
                 reply = self.handlers.error_reply(msg, ctx, public_reason("worker", err))
             if reply.has_content() and self.handlers.Rec.STATUS in reply.content.config_records:
                 self.failed += 1
+            if reply.has_content() and "metrics" in reply.content.metric_records:
+                m = reply.content.metric_records["metrics"]
+                m["t-handler-start"], m["t-handler-end"] = t_start, time.time()
         return encode(reply, ctx)
 
     def info(self, request: bytes, context: grpc.ServicerContext) -> bytes:

@@ -98,10 +98,16 @@ for i in $(seq 0 $((K - 1))); do
 done
 echo "work folder: $WORK (logs in $WORK/logs, site logs in $WORK/sites/*/logs)"
 if [ "${NOOP_BASELINE:-0}" = 1 ]; then
-  # Flower's own cost of a round on these very SuperNodes: the no-op app, same message pattern and payload.
+  # Flower's own cost of a round on these very SuperNodes: the no-op app, same message pattern and payload,
+  # once with Flower's send_and_receive (3 s reply poll: noop_rounds.json) and once polling every 0.25 s
+  # like fedvlsm's ServerApp (noop_rounds-poll.json).
   flwr run "$REPO/bench/noop_app" loopback --stream \
     --run-config "rounds=$ROUNDS min-sites=$K out='$WORK/noop_rounds.json'" >"$WORK/logs/noop-run.log" 2>&1
-  echo "no-op app: $(cat "$WORK/noop_rounds.json")"
+  echo "no-op app (Flower's send_and_receive): $(cat "$WORK/noop_rounds.json")"
+  flwr run "$REPO/bench/noop_app" loopback --stream \
+    --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 out='$WORK/noop_rounds-poll.json'" \
+    >"$WORK/logs/noop-run-poll.log" 2>&1
+  echo "no-op app (0.25 s reply poll): $(cat "$WORK/noop_rounds-poll.json")"
 fi
 start=$(date +%s)
 flwr run "$REPO" loopback --stream \

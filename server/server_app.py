@@ -57,6 +57,7 @@ from common.payload import (
 from common.privacy import clip_update_fp32
 from server.hooks import RunHooks
 from server.privacy import server_budget_check, server_epsilon
+from server.messaging import send_and_receive, timeline
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -252,6 +253,7 @@ def run_round(
     random.seed(f"{cfg.seed}:{server_round}")
     config = message_config(cfg)
 
+    fit_minimums_to_connected(strategy, grid, cfg)
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
     ok, failures = exchange(grid, train_messages, cfg, "train", names)
@@ -293,6 +295,7 @@ def run_round(
 
     eval_replies: list[Message] = []
     if status == "ok":
+        fit_minimums_to_connected(strategy, grid, cfg)
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
         eval_replies, eval_failures = exchange(grid, eval_messages, cfg, "evaluate", names)
@@ -303,7 +306,8 @@ def run_round(
             row = sites.setdefault(names.of(reply), {"node_id": reply.metadata.src_node_id})
             m = reply.content[Rec.METRICS]
             row.update(val_dice=m["dice"], val_dice_personal=m["dice-personal"], val_loss=m["loss"],
-                       val_examples=int(m["num-examples"]), val_handler_seconds=m.get("handler-seconds"))
+                       val_examples=int(m["num-examples"]), val_handler_seconds=m.get("handler-seconds"),
+                       val_timeline=timeline(m))
             row["payload_bytes_down"] = row.get("payload_bytes_down", 0) + eval_down.get(reply.metadata.src_node_id, 0)
 
     n_val = sum(int(r.content[Rec.METRICS]["num-examples"]) for r in eval_replies)
@@ -337,6 +341,30 @@ def run_round(
         spent_server = server_epsilon(strategy)
         record["epsilon_server"], record["delta"] = spent_server if spent_server else (0.0, cfg.dp_delta)
     return new_global, record
+
+
+def fit_minimums_to_connected(strategy: Strategy, grid: Grid, cfg: FederationConfig) -> None:
+    """Lower the strategy's node minimums to the sites connected now (never below `min-replies`).
+
+    The minimums come from the sites connected at the start (server/strategies.py), and Flower's
+    sampling waits, without a deadline, until that many nodes are online: one site gone for good
+    (Flower drops a dead node about 60 s after its last heartbeat) would stall the run forever. With
+    every site connected nothing changes; a returning site is sampled again from the next round.
+    """
+    planned = getattr(strategy, "_fedvlsm_planned_minimums", None)
+    if planned is None:
+        planned = {k: getattr(strategy, k) for k in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+                   if isinstance(getattr(strategy, k, None), int)}
+        strategy._fedvlsm_planned_minimums = planned  # type: ignore[attr-defined]
+    if is_simulation(grid):
+        return
+    floor = max(1, cfg.min_replies)
+    connected = len(list(grid.get_node_ids()))
+    for key, value in planned.items():
+        lowered = max(min(value, connected), min(value, floor))
+        if lowered != getattr(strategy, key):
+            setattr(strategy, key, lowered)
+            say(f"{key.replace('_', '-')}: {lowered} ({connected} site(s) connected, planned {value})")
 
 
 def message_config(cfg: FederationConfig, **extra: Any) -> ConfigRecord:
@@ -387,7 +415,8 @@ _FLOWER_ERRORS = {
 def exchange(grid: Grid, messages: list[Message], cfg: FederationConfig, phase: str,
              names: SiteNames) -> tuple[list[Message], list[dict]]:
     """Send, receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    # Flower's deployment grid polls replies every 3 s; ours every 0.25 s (server/messaging.py).
+    replies = send_and_receive(grid, messages, cfg.round_timeout)
     dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     ok, failures = split_replies(replies, phase, names, dst_by_id)
     answered = {dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
@@ -629,6 +658,9 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
         "forward_seconds": m.get("forward-seconds"),
         # Sample-level DP: the site's own accountant (all its DP-SGD steps in this run).
         **privacy_record(m),
+        # When the server sent the message, the ClientApp process started, the worker handled it and the
+        # reply reached the server (UNIX seconds; server/messaging.py): where a round's time goes.
+        "timeline": timeline(m),
     }
 
 

@@ -33,3 +33,11 @@ def synth_sites(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth")
     return synthesize(root, sites=3, per_site=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """A real loopback deployment (SuperLink + 3 sites, TLS + site auth): tests/test_deployment*.py."""
+    from test_deployment import started_deployment
+
+    yield from started_deployment(tmp_path_factory)

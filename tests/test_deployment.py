@@ -109,8 +109,8 @@ class Deployment:
         for i in range(K):
             self.start_site(i)
 
-    def start_site(self, i: int) -> subprocess.Popen:
-        return self.spawn(f"site-{i}", [
+    def start_site(self, i: int, name: str = "") -> subprocess.Popen:
+        return self.spawn(name or f"site-{i}", [
             sys.executable, "-m", "common.cli", "site", "start", "--superlink", f"127.0.0.1:{self.port}",
             "--data", str(self.tmp / "data" / f"site-{i}"), "--site-name", f"hospital-{i}",
             "--site-dir", str(self.tmp / "sites" / f"h{i}"),
@@ -152,8 +152,8 @@ class Deployment:
         return left
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def started_deployment(tmp_path_factory):
+    """A Deployment, started; stopped afterwards, checking that nothing it started is left."""
     dep = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
         dep.start()
@@ -166,6 +166,10 @@ def deployment(tmp_path_factory):
                   if str(dep.tmp) in " ".join(p.info["cmdline"] or []) or f":{dep.port}" in " ".join(
                       p.info["cmdline"] or [])]
         assert not left and not strays, (left, strays)
+
+
+# The `deployment` fixture (conftest.py, session scope) wraps started_deployment: this file and
+# tests/test_deployment_faults.py share one deployment (its start and stop cost about 20 s).
 
 
 def rounds_of(dep: Deployment, run: str) -> list[dict]:

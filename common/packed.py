@@ -1,0 +1,110 @@
+"""The adapter as ONE Flower Array on the deployment wire (numpy and flwr only: the thin ClientApp imports it).
+
+Flower 1.42 sends a Message as a tree of objects, and every Array (and its
+chunks) is its own object, pushed and pulled with its own HTTP request on
+each hop (ServerApp -> SuperLink -> SuperNode -> ClientApp, and back). An
+adapter of 28 tensors therefore cost about 60 requests per hop and message;
+on a loaded 2-core loopback deployment the train reply's way back took 6.2 s
+against 1.0 s for the evaluate reply (metrics only), and a no-op app sending
+the same bytes as one Array was 7 s per round faster
+(bench/results/deployment-rounds-3-sites.txt). So in deployment the server
+(server/messaging.py) and the ClientApp (client/client_app.py) pack the
+`arrays` ArrayRecord into one uint8 Array plus a manifest (name, dtype,
+shape per tensor, in order) and unpack it on arrival; handlers, reply
+checks and strategies only ever see the ordinary per-tensor ArrayRecord.
+A site packs its reply only if the message it got was packed, so a packed
+server never meets an unpacking-unaware site silently (the site would reply
+without the update's tensors, an excluded reply).
+
+The manifest is checked on unpacking (names unique, numeric dtypes, sizes
+adding up to the buffer exactly); a bad one raises PackError, which the
+server turns into a failed reply.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+ARRAYS = "arrays"  # = common.payload.Rec.ARRAYS (that module imports torch)
+PACKED = "fedvlsm-packed"  # the one Array inside the `arrays` record
+MANIFEST_RECORD = "fedvlsm-packed-manifest"  # ConfigRecord {"manifest": JSON [[name, dtype, shape], ...]}
+_DTYPES = {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+MAX_TENSORS = 100_000
+
+
+class PackError(ValueError):
+    """A packed payload that cannot be unpacked (bad manifest or sizes)."""
+
+
+def is_packed(content: RecordDict) -> bool:
+    return MANIFEST_RECORD in content.config_records
+
+
+def pack_content(content: RecordDict) -> RecordDict:
+    """`content` with its `arrays` record as one uint8 Array and a manifest (unchanged if there is none)."""
+    if ARRAYS not in content.array_records or is_packed(content):
+        return content
+    arrays = {k: a.numpy() for k, a in content.array_records[ARRAYS].items()}
+    return pack_arrays(content, arrays)
+
+
+def pack_arrays(content: RecordDict, arrays: dict[str, np.ndarray]) -> RecordDict:
+    manifest, parts = [], []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        a = a.astype(dtype, copy=False)
+        manifest.append([name, dtype.name, list(a.shape)])
+        parts.append(a.reshape(-1).view(np.uint8))
+    buffer = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    out = RecordDict({k: v for k, v in content.items() if k != ARRAYS})
+    out[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+    out[MANIFEST_RECORD] = ConfigRecord({"manifest": json.dumps(manifest, separators=(",", ":"))})
+    return out
+
+
+def unpack_content(content: RecordDict) -> RecordDict:
+    """`content` with the ordinary per-tensor `arrays` record back (unchanged if it is not packed)."""
+    if not is_packed(content):
+        return content
+    out = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, MANIFEST_RECORD)})
+    out[ARRAYS] = ArrayRecord({k: Array(v) for k, v in unpack_arrays(content).items()})
+    return out
+
+
+def unpack_arrays(content: RecordDict) -> dict[str, np.ndarray]:
+    try:
+        manifest = json.loads(str(content.config_records[MANIFEST_RECORD]["manifest"]))
+        record = content.array_records[ARRAYS]
+        if list(record.keys()) != [PACKED]:
+            raise PackError("packed record must hold exactly one array")
+        buffer = record[PACKED].numpy()
+    except PackError:
+        raise
+    except Exception as err:  # noqa: BLE001 - missing records, undecodable bytes, bad JSON
+        raise PackError(f"packed payload unreadable ({type(err).__name__})") from err
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise PackError("packed buffer must be 1-D uint8")
+    if not isinstance(manifest, list) or len(manifest) > MAX_TENSORS:
+        raise PackError("packed manifest must be a list of [name, dtype, shape]")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in manifest:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and entry[1] in _DTYPES and isinstance(entry[2], list)
+                and all(isinstance(d, int) and d >= 0 for d in entry[2])):
+            raise PackError("packed manifest entry malformed")
+        name, dtype, shape = entry
+        if name in out:
+            raise PackError("packed manifest names a tensor twice")
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if offset + n > buffer.size:
+            raise PackError("packed manifest larger than its buffer")
+        out[name] = buffer[offset:offset + n].view(np.dtype(dtype).newbyteorder("<")).reshape(shape).copy()
+        offset += n
+    if offset != buffer.size:
+        raise PackError("packed buffer larger than its manifest")
+    return out
