@@ -75,7 +75,7 @@ class Synthetic:
         return f"synthetic-{i}"
 
     def set_epoch(self, epoch: int) -> None:
-        pass
+        """The training loop calls this each epoch; synthetic items have no prompt draws to reseed."""
 
 
 def setup():

@@ -28,6 +28,7 @@ Only argparse at module level (the CLI must build without heavy imports).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -195,14 +196,14 @@ class Site:
         Flower does not stop those), and the worker."""
         import psutil
 
+        from client.processes import stop_all
+
         self.stopping = True
         tree: list[psutil.Process] = []
         for proc in (self.supernode, self.worker):
             if proc is not None and proc.poll() is None:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     tree += psutil.Process(proc.pid).children(recursive=True)
-                except psutil.NoSuchProcess:
-                    pass
                 proc.terminate()
         for proc in (self.supernode, self.worker):
             if proc is None:
@@ -212,17 +213,7 @@ class Site:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for p in tree:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_all(tree, timeout=10)
 
     def _log_since_start_has(self, text: str) -> bool:
         """Whether the current SuperNode's output (supernode.log since it started) contains `text`."""

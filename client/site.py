@@ -86,6 +86,7 @@ class Site:
         self.cfg = cfg
         self.identity = SiteIdentity.from_node_config(node_config, cfg)
         self._items: dict[str, list[Item]] | None = None
+        self._sim_root: Path | None = None
 
     @property
     def name(self) -> str:
@@ -119,7 +120,15 @@ class Site:
         )
 
     def simulation_data_root(self) -> Path:
-        """The folder a simulation partitions (the demo's sites are synthesised on first use)."""
+        """The folder a simulation partitions (the demo's sites are synthesised on first use).
+
+        Asked for by the items and by the data check of one message: found once.
+        """
+        if self._sim_root is None:
+            self._sim_root = self._find_simulation_data_root()
+        return self._sim_root
+
+    def _find_simulation_data_root(self) -> Path:
         from simulations.demo_data import prepare_data  # simulation only
         from simulations.partition import site_folders
 

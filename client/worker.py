@@ -141,10 +141,7 @@ def serve(socket_path: Path, preload_base: str = "", ready_file: Path | None = N
         ready_file.write_text(json.dumps({"pid": os.getpid(), "address": address}))
     stop.wait()
     server.stop(grace=5).wait()
-    try:
-        socket_path.unlink()
-    except FileNotFoundError:
-        pass
+    socket_path.unlink(missing_ok=True)
     print(f"fedvlsm worker: stopped after {worker.served} message(s)", flush=True)
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,6 @@ class RunRecords:
         """
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
-        from datetime import UTC, datetime
-
         self._store().set_status(status, reason)
         write_json_atomic(self.run_dir / STATUS_FILE, {
             "status": status, "reason": reason, "time": datetime.now(UTC).isoformat(timespec="seconds")})

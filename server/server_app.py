@@ -54,7 +54,7 @@ from common.payload import (
     to_wire,
     wire_dtype,
 )
-from common.privacy import clip_update_fp32
+from common.privacy import PrivacyReport, clip_update_fp32, update_norm
 from server.hooks import RunHooks
 from server.privacy import server_budget_check, server_epsilon
 from server.messaging import send_and_receive, timeline
@@ -202,11 +202,12 @@ def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, 
         # extend a run) and purely operational keys come from this launch.
         launch = cfg
         cfg = saved.replace(resume=True, **{k: getattr(launch, k) for k in RESUME_OVERRIDABLE})
-        ignored = sorted(_k(k) for k, v in launch.to_run_config().items()
-                         if _k(k) not in RESUME_OVERRIDABLE + ("resume",) and saved.to_run_config().get(k) != v)
+        kept = saved.to_run_config()
+        ignored = sorted(key for key, value in launch.to_run_config().items()
+                         if _k(key) not in RESUME_OVERRIDABLE + ("resume",) and kept.get(key) != value)
         if ignored:
             say("resume: the run's saved config governs every participant; this launch's values for "
-                + ", ".join(k.replace("_", "-") for k in ignored) + " are ignored")
+                + ", ".join(ignored) + " are ignored")
         last = records.last_complete_round()
         records.rewind_to(last)
         if last >= cfg.rounds:
@@ -257,16 +258,17 @@ def run_round(
     train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
     down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
     ok, failures = exchange(grid, train_messages, cfg, "train", names)
-    ok, excluded = _check_train_replies(ok, global_arrays, cfg, names)
+    accepted, excluded = _check_train_replies(ok, global_arrays, cfg, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
-    ok.sort(key=names.of)
+    accepted.sort(key=lambda pair: names.of(pair[0]))
+    ok = [reply for reply, _ in accepted]
     sites = {names.of(r): _train_row(r, down) for r in ok}
-    for reply in ok:
-        # Sites send updates (local - global); Flower's strategies (and DP
-        # wrappers) aggregate weights: hand them global + update, in fp32,
-        # as exactly one ArrayRecord and one MetricRecord with the same keys
-        # for every site (Flower refuses to aggregate anything else).
-        update = decode_update({k: a.numpy() for k, a in reply.content[Rec.ARRAYS].items()})
+    for reply, update in accepted:
+        # Sites send updates (local - global), decoded once by the checks;
+        # Flower's strategies (and DP wrappers) aggregate weights: hand them
+        # global + update, in fp32, as exactly one ArrayRecord and one
+        # MetricRecord with the same keys for every site (Flower refuses to
+        # aggregate anything else).
         if cfg.dp == "client" and cfg.dp_clipping == "client":
             # The sites clipped in fp32; rounding on the wire (fp16, int8) can move
             # the norm a hair: enforce the bound the accountant assumes, in fp32.
@@ -449,10 +451,15 @@ def split_replies(replies: list[Message], phase: str, names: SiteNames,
         else:
             ok.append(reply)
             continue
-        log(WARNING, "[fedvlsm] %s: %s failed: %s", site, phase, reason)
-        failures.append({"site": site, "node_id": node if node is not None else reply.metadata.src_node_id,
-                         "phase": phase, "reason": reason})
+        failures.append(_site_event(site, node if node is not None else reply.metadata.src_node_id, phase, reason,
+                                    f"{phase} failed"))
     return ok, failures
+
+
+def _site_event(site: str, node_id: int, phase: str, reason: str, what: str) -> dict[str, Any]:
+    """A failed or excluded site: logged, and the entry the round record keeps."""
+    log(WARNING, "[fedvlsm] %s: %s: %s", site, what, reason)
+    return {"site": site, "node_id": node_id, "phase": phase, "reason": reason}
 
 
 def _short(reason: str, limit: int = 200) -> str:
@@ -463,21 +470,25 @@ def _short(reason: str, limit: int = 200) -> str:
 
 def _check_train_replies(
     replies: list[Message], global_arrays: dict[str, np.ndarray], cfg: FederationConfig, names: SiteNames
-) -> tuple[list[Message], list[dict]]:
-    """Replies that pass every check (see `train_reply_problem`); the rest excluded, with site and reason."""
-    ok, excluded = [], []
+) -> tuple[list[tuple[Message, dict[str, np.ndarray]]], list[dict]]:
+    """(reply, its decoded fp32 update) for replies that pass every check (see `accepted_update`);
+    the rest excluded, with site and reason."""
+    accepted, excluded = [], []
     for reply in replies:
         try:
-            reason = train_reply_problem(reply, global_arrays, cfg)
+            accepted.append((reply, accepted_update(reply, global_arrays, cfg)))
+            continue
+        except ReplyRejected as err:
+            reason = str(err)
         except Exception as err:  # noqa: BLE001 - a reply must never be able to end the run
             reason = f"malformed reply ({type(err).__name__})"
-        if reason is None:
-            ok.append(reply)
-            continue
-        site = names.of(reply)
-        log(WARNING, "[fedvlsm] %s: train reply excluded: %s", site, reason)
-        excluded.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": "train", "reason": reason})
-    return ok, excluded
+        excluded.append(_site_event(names.of(reply), reply.metadata.src_node_id, "train", reason,
+                                    "train reply excluded"))
+    return accepted, excluded
+
+
+class ReplyRejected(ValueError):
+    """A site's reply the server will not use; the message is its public reason."""
 
 
 def _finite_number(value: Any) -> bool:
@@ -489,8 +500,9 @@ TRAIN_METRICS = ("num-examples", "train-loss")
 EVAL_METRICS = ("num-examples", "dice", "dice-personal", "loss")
 
 
-def train_reply_problem(reply: Message, global_arrays: dict[str, np.ndarray], cfg: FederationConfig) -> str | None:
-    """Why a site's train reply (an update) cannot be aggregated, or None. Checked in this order:
+def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: FederationConfig
+                    ) -> dict[str, np.ndarray]:
+    """A site's train reply decoded to its fp32 update, or ReplyRejected with why. Checked in this order:
 
     one ArrayRecord and one MetricRecord; tensor names = the shared adapter
     (personal parts must never arrive; int8 adds one `<name>@scale` each);
@@ -501,75 +513,80 @@ def train_reply_problem(reply: Message, global_arrays: dict[str, np.ndarray], cf
     """
     content = reply.content
     if (list(content.array_records) != [Rec.ARRAYS] or list(content.metric_records) != [Rec.METRICS]):
-        return "reply must hold exactly one adapter ArrayRecord and one MetricRecord"
+        raise ReplyRejected("reply must hold exactly one adapter ArrayRecord and one MetricRecord")
     arrays = content[Rec.ARRAYS]
     int8 = cfg.payload_dtype == "int8"
     got = {k for k in arrays.keys() if not (int8 and k.endswith(SCALE_SUFFIX))}
     want = set(global_arrays)
     if got != want:
-        return (f"tensors are not the shared adapter: {len(got - want)} unexpected, "
-                f"{len(want - got)} missing (personal parts must never be sent)")
+        raise ReplyRejected(f"tensors are not the shared adapter: {len(got - want)} unexpected, "
+                            f"{len(want - got)} missing (personal parts must never be sent)")
     if int8 and {k for k in arrays.keys() if k.endswith(SCALE_SUFFIX)} != {k + SCALE_SUFFIX for k in want}:
-        return "int8 update without exactly one scale per tensor"
+        raise ReplyRejected("int8 update without exactly one scale per tensor")
     expected_dtype = np.dtype(np.int8) if int8 else wire_dtype(cfg.payload_dtype)
     wire: dict[str, np.ndarray] = {}
     for name in sorted(arrays.keys()):
         try:
             a = arrays[name].numpy()
         except Exception as err:  # noqa: BLE001 - undecodable bytes
-            return f"a tensor cannot be decoded ({type(err).__name__})"
+            raise ReplyRejected(f"a tensor cannot be decoded ({type(err).__name__})") from None
         wire[name] = a
         if name not in want:
             continue  # an int8 scale: checked by decode_update
         if a.dtype != expected_dtype:
-            return f"wrong dtype: {a.dtype} where the run's payload dtype is {expected_dtype} ({_short(name, 80)})"
+            raise ReplyRejected(f"wrong dtype: {a.dtype} where the run's payload dtype is {expected_dtype} "
+                                f"({_short(name, 80)})")
         if a.shape != global_arrays[name].shape:
-            return (f"wrong shape: {tuple(a.shape)} where the global adapter has "
-                    f"{tuple(global_arrays[name].shape)} ({_short(name, 80)})")
+            raise ReplyRejected(f"wrong shape: {tuple(a.shape)} where the global adapter has "
+                                f"{tuple(global_arrays[name].shape)} ({_short(name, 80)})")
     try:
         update = decode_update(wire)
     except PayloadError as err:
-        return str(err)
+        raise ReplyRejected(str(err)) from None
     if not all(np.isfinite(a).all() for a in update.values()):
-        return "update holds NaN/Inf"
+        raise ReplyRejected("update holds NaN/Inf")
     if cfg.max_update_norm > 0:
-        sq = sum(float(np.sum(np.square(update[k]), dtype=np.float64)) for k in update)
-        norm = float(np.sqrt(sq))
+        norm = update_norm(update)
         if not norm <= cfg.max_update_norm:
-            return f"update norm {norm:.4g} above max-update-norm {cfg.max_update_norm:g}"
+            raise ReplyRejected(f"update norm {norm:.4g} above max-update-norm {cfg.max_update_norm:g}")
     metrics = content[Rec.METRICS]
     n = metrics.get("num-examples")
     if not _finite_number(n) or n <= 0:
-        return "num-examples missing, zero or negative"
+        raise ReplyRejected("num-examples missing, zero or negative")
     for key in TRAIN_METRICS:
         if key not in metrics or not _finite_number(metrics[key]):
-            return f"metric {key} missing or not a finite number"
+            raise ReplyRejected(f"metric {key} missing or not a finite number")
     bad = [k for k, v in metrics.items() if not (_finite_number(v) or (
         isinstance(v, list) and all(_finite_number(x) for x in v)))]
     if bad:
-        return f"malformed metrics: {len(bad)} not finite numbers (e.g. {_short(sorted(bad)[0], 40)})"
-    return None
+        raise ReplyRejected(f"malformed metrics: {len(bad)} not finite numbers "
+                            f"(e.g. {_short(sorted(bad)[0], 40)})")
+    return update
 
 
 def _check_eval_replies(replies: list[Message], names: SiteNames) -> tuple[list[Message], list[dict]]:
     """Evaluate replies with the metrics the round record needs; the rest become failures (phase evaluate)."""
     ok, bad = [], []
     for reply in replies:
-        m = reply.content.metric_records.get(Rec.METRICS)
-        problem = None
-        if m is None:
-            problem = "evaluate reply holds no metrics"
-        elif missing := [k for k in EVAL_METRICS if k not in m or not _finite_number(m[k])]:
-            problem = f"evaluate metric {missing[0]} missing or not a finite number"
-        elif m["num-examples"] <= 0:
-            problem = "evaluate num-examples zero or negative"
+        problem = eval_reply_problem(reply)
         if problem is None:
             ok.append(reply)
-            continue
-        site = names.of(reply)
-        log(WARNING, "[fedvlsm] %s: evaluate reply excluded: %s", site, problem)
-        bad.append({"site": site, "node_id": reply.metadata.src_node_id, "phase": "evaluate", "reason": problem})
+        else:
+            bad.append(_site_event(names.of(reply), reply.metadata.src_node_id, "evaluate", problem,
+                                   "evaluate reply excluded"))
     return ok, bad
+
+
+def eval_reply_problem(reply: Message) -> str | None:
+    """Why an evaluate reply's metrics cannot go into the round record, or None."""
+    m = reply.content.metric_records.get(Rec.METRICS)
+    if m is None:
+        return "evaluate reply holds no metrics"
+    if missing := [k for k in EVAL_METRICS if k not in m or not _finite_number(m[k])]:
+        return f"evaluate metric {missing[0]} missing or not a finite number"
+    if m["num-examples"] <= 0:
+        return "evaluate num-examples zero or negative"
+    return None
 
 
 # ----------------------------------------------------------------- helpers
@@ -666,8 +683,6 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
 
 def privacy_record(metrics: Any) -> dict[str, Any]:
     """epsilon, delta, dp_steps, dp_sample_rate, dp_noise_multiplier of a DP site's reply ({} otherwise)."""
-    from common.privacy import PrivacyReport
-
     report = PrivacyReport.from_metrics(dict(metrics))
     return report.as_record() if report is not None else {}
 

@@ -13,13 +13,14 @@ downloaded, and the exit code says how the run ended:
 
 `--run-config` takes `key=value ...` strings and/or TOML files (such as the
 presets in simulations/configs/), any number of each, applied in order on
-top of the defaults in pyproject.toml's [tool.flwr.app.config]; so a preset
+top of the defaults (those of pyproject.toml's [tool.flwr.app.config]); so a preset
 and a resume can be combined: `--run-config x.toml --run-config "resume=true"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -73,19 +74,6 @@ def parse_run_config(args: list[str]) -> dict[str, Any]:
     return merged
 
 
-def project_defaults() -> dict[str, Any]:
-    """[tool.flwr.app.config] of the installed project, or the dataclass defaults if it is not at hand."""
-    from common.federation_config import FederationConfig
-
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    if pyproject.is_file():
-        data = tomllib.loads(pyproject.read_text())
-        table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-        if table:
-            return dict(table)
-    return FederationConfig().to_run_config()
-
-
 def resolve_num_sites(cfg: Any, requested: int) -> int:
     from common.federation_config import ConfigError
     from simulations.partition import site_folders
@@ -118,8 +106,6 @@ def resume_config(launch: Any, overrides: dict[str, Any]) -> Any:
     path = launch.runs_dir / launch.run_name / "config.json"
     if not path.is_file():
         raise ConfigError(f"run config 'resume': no run '{launch.run_name}' to resume ({path} does not exist)")
-    import json
-
     saved = FederationConfig.from_run_config(json.loads(path.read_text()))
     given = FederationConfig.from_run_config({**saved.to_run_config(), **overrides}).to_run_config()
     for key, value in given.items():
@@ -167,7 +153,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         overrides = parse_run_config(args.run_config)
-        cfg = FederationConfig.from_run_config({**project_defaults(), **overrides})
+        # FederationConfig's defaults are pyproject's [tool.flwr.app.config] (a test keeps them equal).
+        cfg = FederationConfig.from_run_config(overrides)
         if cfg.resume:
             cfg = resume_config(cfg, overrides)
         if not cfg.run_name:

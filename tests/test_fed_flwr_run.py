@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from client.processes import stop_all
+
 REPO = Path(__file__).resolve().parents[1]
 FLWR = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
 
@@ -38,15 +40,7 @@ def stop_superlink(port: int) -> None:
         if any("flower-superlink" in c for c in cmd) and str(port) in cmd:
             mine.append(p)
     for p in mine:
-        tree = p.children(recursive=True) + [p]
-        for q in tree:
-            try:
-                q.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for q in alive:
-            q.kill()
+        stop_all(p.children(recursive=True) + [p], timeout=10)
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 
 class RunNotFound(LookupError):
-    pass
+    """No run of that name in the runs folder (HTTP 404)."""
 
 
 def is_run_dir(path: Path) -> bool:
