@@ -125,8 +125,12 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     later = [r for r in rounds[2:] if "num_examples" in r["sites"].get("hospital-2", {})]
     assert later and later[-1]["round"] == 6, [(r["round"], sorted(r["sites"]), r["failures"]) for r in rounds[2:]]
     assert all(f["site"] == "hospital-2" for r in rounds[2:] for f in r["failures"]), [r["failures"] for r in rounds]
-    row = later[0]["sites"]["hospital-2"]  # the first round it trained in again: a fresh worker
-    assert row["served_by_worker"] and row["base_loads"] == 1 and row["process_messages"] <= 3, row
+    # The first round it trained in again ran on a fresh worker: since the restart it can have served
+    # at most a train and an evaluate message per round from round 2 on, plus this train message; the
+    # killed worker had served 2 messages before round 2 and would count at least 2 per round more.
+    back = later[0]["round"]
+    row = later[0]["sites"]["hospital-2"]
+    assert row["served_by_worker"] and row["base_loads"] == 1 and row["process_messages"] <= 2 * (back - 2) + 1, row
     assert row["node_id"] == rounds[0]["sites"]["hospital-2"]["node_id"]
     assert status(dep, run)["status"] == "finished"
     print(f"site killed in round 2; rejoined after {time.monotonic() - killed_at:.0f}s; trained again in round(s) "
