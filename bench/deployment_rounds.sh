@@ -55,6 +55,25 @@ for r in rounds:
                 seg[phase][name] += [v[b] - v[a] for v in t.values() if a in v and b in v]
         if "server_gap_train_to_evaluate_seconds" in row:
             gaps.append(row["server_gap_train_to_evaluate_seconds"])
+# The same four segments for the no-op app (0.25 s poll) and fedvlsm, side by side: where fedvlsm's extra goes.
+COMMON = [("delivery (server push -> ClientApp process started)", "t-sent", "t-clientapp-start"),
+          ("ClientApp process start -> handler start (fedvlsm: incl. forwarding to the worker)",
+           "t-clientapp-start", "t-handler-start"),
+          ("handler", "t-handler-start", "t-handler-end"),
+          ("handler end -> reply at the server", "t-handler-end", "t-received")]
+def common_segments(timelines):  # timelines: one {phase: {node: stamps}} per round
+    out = {p: {n: [] for n, _, _ in COMMON} for p in ("train", "evaluate")}
+    for tl in timelines[1:]:
+        for phase in out:
+            for stamps in tl.get(phase, {}).values():
+                for n, a, b in COMMON:
+                    if a in stamps and b in stamps:
+                        out[phase][n].append(stamps[b] - stamps[a])
+    return out
+noop_tl = json.load(open(f"{work}/noop_rounds-poll.json")).get("timelines", [])
+ours_tl = [{"train": {n: s.get("timeline", {}) for n, s in r["sites"].items()},
+            "evaluate": {n: s.get("val_timeline", {}) for n, s in r["sites"].items()}} for r in rounds]
+side_by_side = {"noop_poll_025": common_segments(noop_tl), "fedvlsm": common_segments(ours_tl)}
 later = rows[1:] or rows  # round 1 includes the first base load at each site
 med = lambda xs: st.median(xs) if xs else float("nan")
 res = {"sites": k, "rounds": len(rows), "no_worker": os.environ.get("NO_WORKER") == "1", "wall_seconds": wall,
@@ -66,6 +85,8 @@ res = {"sites": k, "rounds": len(rows), "no_worker": os.environ.get("NO_WORKER")
        "median_segment_seconds_after_round_1": {p: {n: med(v) for n, v in d.items()} for p, d in seg.items()},
        "max_segment_seconds_after_round_1": {p: {n: max(v) if v else None for n, v in d.items()} for p, d in seg.items()},
        "median_server_gap_train_to_evaluate_seconds": med(gaps),
+       "median_common_segment_seconds_after_round_1": {
+           who: {p: {n: med(v) for n, v in d.items()} for p, d in segs.items()} for who, segs in side_by_side.items()},
        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.platform()}
 for key, ref in (("", "median_noop_round_seconds_after_round_1"), ("_poll_025", "median_noop_poll_025_round_seconds_after_round_1")):
     res[f"overhead_minus_noop{key}_seconds"] = res["median_overhead_seconds_after_round_1"] - res[ref]
@@ -83,6 +104,11 @@ for name, _, _ in SEGMENTS:
     lines.append(f"  {seg and res['median_segment_seconds_after_round_1']['train'][name]:6.2f} | "
                  f"{res['median_segment_seconds_after_round_1']['evaluate'][name]:6.2f}  {name}")
 lines.append(f"  server between last train reply and evaluate push: {res['median_server_gap_train_to_evaluate_seconds']:.2f}")
+lines.append("median per message after round 1, no-op (0.25 s poll) vs fedvlsm, train | evaluate, seconds:")
+cs = res["median_common_segment_seconds_after_round_1"]
+for name, _, _ in COMMON:
+    lines.append(f"  {cs['noop_poll_025']['train'][name]:6.2f} vs {cs['fedvlsm']['train'][name]:6.2f} | "
+                 f"{cs['noop_poll_025']['evaluate'][name]:6.2f} vs {cs['fedvlsm']['evaluate'][name]:6.2f}  {name}")
 lines.append(f"median after round 1: overhead {res['median_overhead_seconds_after_round_1']:.1f}s vs no-op "
              f"{res['median_noop_round_seconds_after_round_1']:.1f}s (Flower's poll): {res['overhead_minus_noop_seconds']:+.1f}s, "
              f"ratio {res['overhead_over_noop_ratio']:.2f}; vs no-op with the same 0.25 s poll "

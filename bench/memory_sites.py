@@ -37,10 +37,10 @@ BASE = os.environ.get("BASE", "arch:clipseg-rd64-refined")
 
 def child(sites: int, home: str) -> None:
     from common.federation_config import FederationConfig
-    from simulations.simulate import project_defaults, simulate
+    from simulations.simulate import simulate
 
     cfg = FederationConfig.from_run_config({
-        **project_defaults(), "base": BASE, "adapter": os.environ.get("ADAPTER", "shallow-vlc"), "rounds": 1,
+        **FederationConfig().to_run_config(), "base": BASE, "adapter": os.environ.get("ADAPTER", "shallow-vlc"), "rounds": 1,
         "local-epochs": 1, "demo-images": 6, "demo-image-size": 64, "max-images": 1, "batch-size": 1,
         "compare": False, "finetune-epochs": 0, "home": home, "run-name": "mem"})
     raise SystemExit(simulate(cfg, sites, CPUS_PER_SITE, 0.0))

@@ -15,7 +15,7 @@ import time
 import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, REC_SITE, REC_STATUS, decode, encode
+from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, REC_SITE, REC_STATUS, decode, encode
 
 # A message can legitimately take long (a big site's epochs); the round's own
 # timeout on the server bounds it. This only catches a worker that vanished:
@@ -30,13 +30,12 @@ def forward(address: str, msg: Message, context: Context) -> Message:
     """Send `msg` (and the SuperNode's context) to the worker at `address`; its reply, or an error reply."""
     start, t_start = time.perf_counter(), time.time()
     try:
+        # Unix socket only (0600, in the site folder): no network exposure, no TLS needed.
         with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            # Unix socket only (0600, in the site folder): no network exposure, no TLS needed.
-            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+            if not _worker_answers(channel):
+                return error_reply(msg, context, "worker: the site worker is not running (no answer on its socket)")
             call = channel.unary_unary(HANDLE, request_serializer=None, response_deserializer=None)
             data = call(encode(msg, context), wait_for_ready=True)
-    except grpc.FutureTimeoutError:
-        return error_reply(msg, context, "worker: the site worker is not running (no answer on its socket)")
     except grpc.RpcError as err:
         code = err.code().name if hasattr(err, "code") else "UNKNOWN"
         return error_reply(msg, context, f"worker: the site worker failed this message (gRPC {code})")
@@ -52,6 +51,23 @@ def forward(address: str, msg: Message, context: Context) -> Message:
         if started is not None:
             m["t-clientapp-start"] = started
     return reply
+
+
+def _worker_answers(channel: grpc.Channel) -> bool:
+    """Wait up to CONNECT_TIMEOUT_S for the worker with its cheap `Info` call (a restarting worker is waited for).
+
+    Not `grpc.channel_ready_future`: its connectivity watch makes closing the
+    channel block for ~0.2 s (measured: 0.20 s per close against 0.000 s
+    without it), and a forwarded message paid that on its way back.
+    """
+    try:
+        channel.unary_unary(INFO, request_serializer=None, response_deserializer=None)(
+            b"", wait_for_ready=True, timeout=CONNECT_TIMEOUT_S)
+        return True
+    except grpc.RpcError as err:
+        if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            return False
+        raise
 
 
 def process_start_time() -> float | None:

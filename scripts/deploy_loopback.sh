@@ -103,11 +103,11 @@ if [ "${NOOP_BASELINE:-0}" = 1 ]; then
   # like fedvlsm's ServerApp (noop_rounds-poll.json).
   flwr run "$REPO/bench/noop_app" loopback --stream \
     --run-config "rounds=$ROUNDS min-sites=$K out='$WORK/noop_rounds.json'" >"$WORK/logs/noop-run.log" 2>&1
-  echo "no-op app (Flower's send_and_receive): $(cat "$WORK/noop_rounds.json")"
+  echo "no-op app (Flower's send_and_receive): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds.json")"
   flwr run "$REPO/bench/noop_app" loopback --stream \
     --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 out='$WORK/noop_rounds-poll.json'" \
     >"$WORK/logs/noop-run-poll.log" 2>&1
-  echo "no-op app (0.25 s reply poll): $(cat "$WORK/noop_rounds-poll.json")"
+  echo "no-op app (0.25 s reply poll): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-poll.json")"
 fi
 start=$(date +%s)
 flwr run "$REPO" loopback --stream \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -21,30 +22,40 @@ def main(grid: Grid, context: Context) -> None:
     while len(nodes := sorted(grid.get_node_ids())) < need:
         time.sleep(1)
     arrays = ArrayRecord({"w": Array(np.zeros(int(rc["payload-floats"]), np.float16))})
-    times = []
+    times, timelines = [], []
     for r in range(1, int(rc["rounds"]) + 1):
         start = time.perf_counter()
+        timelines.append({})
         for kind in ("train", "evaluate"):
             msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}),
                             dst_node_id=n, message_type=kind) for n in nodes]
             replies = exchange(grid, msgs, float(rc["reply-poll"]))
             assert all(not x.has_error() for x in replies), [x.error for x in replies if x.has_error()]
+            # The same timestamps fedvlsm's round records keep (server/messaging.py), per node.
+            timelines[-1][kind] = {str(x.metadata.src_node_id): {k: float(v) for k, v in x.content["metrics"].items()
+                                                                  if k.startswith("t-")} for x in replies}
         times.append(time.perf_counter() - start)
         print(f"[noop] round {r}: {times[-1]:.2f}s", flush=True)
     if rc["out"]:
         with open(str(rc["out"]), "w") as fh:
-            json.dump({"round_seconds": times, "sites": len(nodes)}, fh)
+            json.dump({"round_seconds": times, "sites": len(nodes), "timelines": timelines}, fh)
 
 
 def exchange(grid: Grid, msgs: list[Message], poll: float) -> list[Message]:
     """poll = 0: Flower's own send_and_receive (a 3 s reply poll); else push + pull every `poll` s,
     exactly what fedvlsm's server/messaging.py does."""
+    sent = time.time()
     if poll <= 0:
-        return list(grid.send_and_receive(msgs, timeout=600))
+        out = list(grid.send_and_receive(msgs, timeout=600))
+        for m in out:  # Flower's send_and_receive: only the end of the exchange is known
+            m.content["metrics"]["t-sent"], m.content["metrics"]["t-received"] = sent, time.time()
+        return out
     pending = {i for i in grid.push_messages(msgs) if i}
     end, out = time.monotonic() + 600, []
     while pending and time.monotonic() < end:
         got = list(grid.pull_messages(pending))
+        for m in got:
+            m.content["metrics"]["t-sent"], m.content["metrics"]["t-received"] = sent, time.time()
         out += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if pending:
@@ -52,12 +63,27 @@ def exchange(grid: Grid, msgs: list[Message], poll: float) -> list[Message]:
     return out
 
 
+def stamps(t_start: float) -> MetricRecord:
+    """What fedvlsm's sites report for the round timeline: process start, handler start and end (UNIX s)."""
+    return MetricRecord({"num-examples": 1, "t-clientapp-start": process_start_time(), "t-handler-start": t_start,
+                         "t-handler-end": time.time()})
+
+
+def process_start_time() -> float:
+    """When this flwr-clientapp process was created (Linux /proc), as fedvlsm's client/forwarder.py does."""
+    with open("/proc/self/stat") as fh:
+        ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as fh:
+        boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
-                   reply_to=msg)
+    t = time.time()
+    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": stamps(t)}), reply_to=msg)
 
 
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+    return Message(RecordDict({"metrics": stamps(time.time())}), reply_to=msg)
