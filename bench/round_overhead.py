@@ -7,7 +7,9 @@ the other by the parent, which prints a table and writes JSON
 - ``noop``: a ServerApp that sends every node a train message carrying the
   same arrays (names, shapes, wire dtype) as our adapter, gets them back,
   then an evaluate message with them, and a ClientApp that answers at once:
-  the price of Flower + Ray for one of our rounds with no work in it.
+  the price of Flower + Ray for one of our rounds with no work in it. It runs
+  twice: with Flower's `send_and_receive` (0.1 s pull interval) and pulling
+  every 0.02 s as fedvlsm's server does in simulation (server/messaging.py).
 - ``fedvlsm``: the project's own simulation (`simulations.simulate.simulate`)
   on `arch:tiny`, synthetic demo sites; rounds.jsonl has each round's wall
   time and each site's `train_seconds`.
@@ -42,9 +44,9 @@ ADAPTER = os.environ.get("ADAPTER", "shallow-vlc")
 
 
 def run_config(home: str) -> dict:
-    from simulations.simulate import project_defaults
+    from common.federation_config import FederationConfig
 
-    return {**project_defaults(), "base": "arch:tiny", "adapter": ADAPTER, "rounds": ROUNDS,
+    return {**FederationConfig().to_run_config(), "base": "arch:tiny", "adapter": ADAPTER, "rounds": ROUNDS,
             "local-epochs": 1, "demo-images": 12, "demo-image-size": 64, "max-images": 4,
             "compare": False, "finetune-epochs": 0, "home": home, "run-name": "overhead"}
 
@@ -61,7 +63,12 @@ def payload() -> dict:
     return to_wire(shared, cfg.payload_dtype)
 
 
-def part_noop(out: Path) -> None:
+def part_noop_poll(out: Path) -> None:
+    """The no-op app again, pulling replies every 0.02 s like fedvlsm's server in simulation."""
+    part_noop(out, poll=0.02)
+
+
+def part_noop(out: Path, poll: float = 0.0) -> None:
     import numpy as np
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -98,7 +105,7 @@ def part_noop(out: Path) -> None:
             t = time.perf_counter()
             for kind in ("train", "evaluate"):
                 msgs = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=kind) for n in nodes]
-                replies = list(grid.send_and_receive(msgs))
+                replies = exchange(grid, msgs, poll)
                 assert len(replies) == len(nodes) and all(not r.has_error() for r in replies), "no-op round failed"
             rounds.append(time.perf_counter() - t)
 
@@ -110,6 +117,20 @@ def part_noop(out: Path) -> None:
     out.write_text(json.dumps({"round_seconds": rounds, "total_seconds": total,
                                "payload_bytes": int(sum(np.asarray(v).nbytes for v in wire.values())),
                                "tensors": len(wire), "main_after_seconds": marks.get("main", start) - start}))
+
+
+def exchange(grid, msgs: list, poll: float) -> list:
+    """poll = 0: Flower's send_and_receive (InMemoryGrid: a 0.1 s pull interval); else push, pull every `poll` s."""
+    if poll <= 0:
+        return list(grid.send_and_receive(msgs))
+    pending, out = set(grid.push_messages(msgs)), []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        out += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(poll)
+    return out
 
 
 def part_fedvlsm(out: Path) -> None:
@@ -167,6 +188,7 @@ def main() -> None:
     actors = min(actors, SITES)
     ray = child("ray")
     noop = child("noop")
+    noop_poll = child("noop_poll")
     ours = child("fedvlsm")
     rows = []
     for i, r in enumerate(ours["rounds"]):
@@ -176,6 +198,7 @@ def main() -> None:
                      "overhead_critical_path": r["round_seconds"] - sum(train) / actors})
     steady = rows[1:] or rows
     noop_steady = noop["round_seconds"][1:] or noop["round_seconds"]
+    noop_poll_steady = noop_poll["round_seconds"][1:] or noop_poll["round_seconds"]
     res = {
         "machine": platform.node(), "cpus": os.cpu_count(), "sites": SITES, "rounds": ROUNDS,
         "cpus_per_site": CPUS_PER_SITE, "ray_actors": actors, "adapter": ADAPTER, "base": "arch:tiny",
@@ -183,6 +206,8 @@ def main() -> None:
         "ray_startup": ray,
         "noop": {"round_seconds": noop["round_seconds"], "steady_mean": mean(noop_steady),
                  "total_seconds": noop["total_seconds"]},
+        "noop_poll_002": {"round_seconds": noop_poll["round_seconds"], "steady_mean": mean(noop_poll_steady),
+                          "total_seconds": noop_poll["total_seconds"]},
         "fedvlsm": {"rounds": rows, "total_seconds": ours["total_seconds"],
                     "steady_overhead_mean": mean([r["overhead"] for r in steady]),
                     "steady_overhead_critical_mean": mean([r["overhead_critical_path"] for r in steady]),
@@ -190,18 +215,21 @@ def main() -> None:
     }
     res["ratio_overhead_to_noop"] = res["fedvlsm"]["steady_overhead_mean"] / res["noop"]["steady_mean"]
     res["ratio_critical_overhead_to_noop"] = res["fedvlsm"]["steady_overhead_critical_mean"] / res["noop"]["steady_mean"]
+    res["ratio_overhead_to_noop_poll_002"] = (res["fedvlsm"]["steady_overhead_mean"]
+                                              / res["noop_poll_002"]["steady_mean"])
     print(f"{SITES} sites, {actors} Ray actor(s) (cpus-per-site {CPUS_PER_SITE}, {os.cpu_count()} CPUs), "
           f"payload {res['payload_bytes']:,} B in {res['tensors']} tensors, {ROUNDS} rounds")
     print(f"Ray start-up (init to first task): {ray['init_to_first_task_seconds']:.2f} s")
     print(f"{'round':>5} {'fedvlsm round s':>16} {'slowest train s':>16} {'overhead s':>11} "
-          f"{'ovh (crit. path) s':>19} {'no-op round s':>14}")
-    for r, n in zip(rows, noop["round_seconds"]):
+          f"{'ovh (crit. path) s':>19} {'no-op round s':>14} {'no-op, 0.02 s poll':>19}")
+    for r, n, p in zip(rows, noop["round_seconds"], noop_poll["round_seconds"]):
         print(f"{r['round']:>5} {r['round_seconds']:>16.3f} {r['slowest_train']:>16.3f} {r['overhead']:>11.3f} "
-              f"{r['overhead_critical_path']:>19.3f} {n:>14.3f}")
+              f"{r['overhead_critical_path']:>19.3f} {n:>14.3f} {p:>19.3f}")
     print(f"steady rounds (2..): overhead {res['fedvlsm']['steady_overhead_mean']:.3f} s "
-          f"({res['ratio_overhead_to_noop']:.2f}x the no-op round {res['noop']['steady_mean']:.3f} s); "
-          f"critical-path overhead {res['fedvlsm']['steady_overhead_critical_mean']:.3f} s "
-          f"({res['ratio_critical_overhead_to_noop']:.2f}x)")
+          f"({res['ratio_overhead_to_noop']:.2f}x the no-op round {res['noop']['steady_mean']:.3f} s with Flower's "
+          f"send_and_receive; {res['ratio_overhead_to_noop_poll_002']:.2f}x the no-op round "
+          f"{res['noop_poll_002']['steady_mean']:.3f} s with fedvlsm's 0.02 s poll); critical-path overhead "
+          f"{res['fedvlsm']['steady_overhead_critical_mean']:.3f} s ({res['ratio_critical_overhead_to_noop']:.2f}x)")
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"cpu-{platform.node() or 'host'}-round_overhead.json"
@@ -211,6 +239,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--part":
-        {"noop": part_noop, "fedvlsm": part_fedvlsm, "ray": part_ray}[sys.argv[2]](Path(sys.argv[3]))
+        {"noop": part_noop, "noop_poll": part_noop_poll, "fedvlsm": part_fedvlsm, "ray": part_ray}[sys.argv[2]](Path(sys.argv[3]))
     else:
         main()

@@ -19,6 +19,7 @@ handlers (client/handlers.py) run in this process, imported on first use.
 from __future__ import annotations
 
 import os
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -60,7 +61,13 @@ def _dispatch(msg: Message, context: Context) -> Message:
         return forward(address, msg, context)
     from client.handlers import handle  # heavy: torch, transformers, MONAI
 
-    return handle(msg, context)
+    t_start = time.time()
+    reply = handle(msg, context)
+    # The same timestamps the worker adds (client/worker.py): the round record's timeline.
+    if reply.has_content() and "metrics" in reply.content.metric_records:
+        m = reply.content.metric_records["metrics"]
+        m["t-handler-start"], m["t-handler-end"] = t_start, time.time()
+    return reply
 
 
 # String literals (common.payload.Action imports torch); tests check they agree.

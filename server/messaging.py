@@ -8,8 +8,11 @@ round has two such waits (train, then evaluate): about 3 s per round on
 average, for nothing. `send_and_receive` here does the same push and pull
 through the Grid's public `push_messages`/`pull_messages` and polls every
 `REPLY_POLL_SECONDS` (0.25 s; `$FEDVLSM_REPLY_POLL_SECONDS` to change it, 3
-reproduces Flower's). Other grids (Flower's simulation, the tests'
-in-process grids) keep their own `send_and_receive`.
+reproduces Flower's). Flower's simulation grid (`InMemoryGrid`) sleeps 0.1 s
+between pulls, against rounds of well under a second on `arch:tiny`
+(bench/round_overhead.py: a reply finished at 0.30 s was seen at 0.40 s); its
+pulls are in-memory, so it is polled every `SIMULATION_POLL_SECONDS` (0.02 s).
+Other grids (the tests' in-process grids) keep their own `send_and_receive`.
 
 In deployment the adapter also travels as ONE Array per message
 (common/packed.py): Flower moves every Array as its own object with its own
@@ -34,6 +37,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from common.packed import ARRAYS, MANIFEST_RECORD
 
 REPLY_POLL_SECONDS = 0.25
+SIMULATION_POLL_SECONDS = 0.02
 ENV_POLL = "FEDVLSM_REPLY_POLL_SECONDS"
 
 
@@ -52,22 +56,31 @@ def _is_deployment_grid(grid) -> bool:
     return isinstance(grid, HttpGrid)
 
 
+def _is_simulation_grid(grid) -> bool:
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def send_and_receive(grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Replies to `messages` received within `timeout` seconds (a missing reply is simply absent)."""
     messages = list(messages)
     sent = time.time()
-    if not _is_deployment_grid(grid):
+    deployment = _is_deployment_grid(grid)
+    if not deployment and not _is_simulation_grid(grid):
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         _stamp(replies, sent, time.time())
         return replies
-    poll = reply_poll_seconds()
-    _pack(messages)
+    poll = reply_poll_seconds() if deployment else SIMULATION_POLL_SECONDS
+    if deployment:
+        _pack(messages)
     pending = {i for i in grid.push_messages(messages) if i}
     end = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        _unpack(got)
+        if deployment:
+            _unpack(got)
         _stamp(got, sent, time.time())
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}

@@ -139,6 +139,11 @@ def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     assert worst <= 1e-6
     rounds = [json.loads(x) for x in (crashed / "runs/quick/rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
+    # Each site's timeline (server/messaging.py, client/client_app.py): pushed, handled, pulled, in that order.
+    for r in rounds:
+        for s in r["sites"].values():
+            for tl in (s["timeline"], s["val_timeline"]):
+                assert tl["t-sent"] <= tl["t-handler-start"] <= tl["t-handler-end"] <= tl["t-received"], tl
     assert json.loads((crashed / "runs/quick/status.json").read_text())["status"] == "finished"
     # Nothing left running from either run.
     time.sleep(1.0)

@@ -133,6 +133,9 @@ def test_a_federation_over_the_deployment_grid_packs_both_ways_and_reaches_the_u
             assert grid.replies_packed == 2 * 3  # train replies carry the update; evaluate replies no arrays
             assert all("t-sent" in s["timeline"] and "t-received" in s["timeline"]
                        for r in rounds for s in r["sites"].values())
+        # Handlers stamp their start and end (client/client_app.py), in order, in both modes.
+        assert all(s[k]["t-handler-start"] <= s[k]["t-handler-end"]
+                   for r in rounds for s in r["sites"].values() for k in ("timeline", "val_timeline"))
     assert results["plain"].keys() == results["packed"].keys()
     for k in results["plain"]:
         assert np.array_equal(results["plain"][k], results["packed"][k]), k
