@@ -25,7 +25,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.worker_protocol import ENV_WORKER, NODE_WORKER
-from common.packed import PackError, is_packed, pack_content, unpack_content
+from client.wire import PackError, is_packed, pack_content, unpack_content
 
 app = ClientApp()
 

@@ -1,4 +1,4 @@
-"""The adapter as ONE Flower Array on the deployment wire (numpy and flwr only: the thin ClientApp imports it).
+"""The adapter as ONE buffer on the deployment wire: tensors <-> (uint8 buffer, manifest). numpy only.
 
 Flower 1.42 sends a Message as a tree of objects, and every Array (and its
 chunks) is its own object, pushed and pulled with its own HTTP request on
@@ -12,6 +12,9 @@ the same bytes as one Array was 7 s per round faster
 `arrays` ArrayRecord into one uint8 Array plus a manifest (name, dtype,
 shape per tensor, in order) and unpack it on arrival; handlers, reply
 checks and strategies only ever see the ordinary per-tensor ArrayRecord.
+This module is the format (no Flower: the thin ClientApp imports it, and
+`common` knows nothing of Flower); client/wire.py puts it into and takes it
+out of a Flower message's records, for both ends.
 A site packs its reply only if the message it got was packed, so a packed
 server never meets an unpacking-unaware site silently (the site would reply
 without the update's tensors, an excluded reply).
@@ -24,9 +27,9 @@ server turns into a failed reply.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 ARRAYS = "arrays"  # = common.payload.Rec.ARRAYS (that module imports torch)
 PACKED = "fedvlsm-packed"  # the one Array inside the `arrays` record
@@ -39,19 +42,8 @@ class PackError(ValueError):
     """A packed payload that cannot be unpacked (bad manifest or sizes)."""
 
 
-def is_packed(content: RecordDict) -> bool:
-    return MANIFEST_RECORD in content.config_records
-
-
-def pack_content(content: RecordDict) -> RecordDict:
-    """`content` with its `arrays` record as one uint8 Array and a manifest (unchanged if there is none)."""
-    if ARRAYS not in content.array_records or is_packed(content):
-        return content
-    arrays = {k: a.numpy() for k, a in content.array_records[ARRAYS].items()}
-    return pack_arrays(content, arrays)
-
-
-def pack_arrays(content: RecordDict, arrays: dict[str, np.ndarray]) -> RecordDict:
+def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """Tensors (in their order) -> one 1-D uint8 buffer and its JSON manifest [[name, dtype, shape], ...]."""
     manifest, parts = [], []
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
@@ -60,31 +52,14 @@ def pack_arrays(content: RecordDict, arrays: dict[str, np.ndarray]) -> RecordDic
         manifest.append([name, dtype.name, list(a.shape)])
         parts.append(a.reshape(-1).view(np.uint8))
     buffer = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    out = RecordDict({k: v for k, v in content.items() if k != ARRAYS})
-    out[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
-    out[MANIFEST_RECORD] = ConfigRecord({"manifest": json.dumps(manifest, separators=(",", ":"))})
-    return out
+    return buffer, json.dumps(manifest, separators=(",", ":"))
 
 
-def unpack_content(content: RecordDict) -> RecordDict:
-    """`content` with the ordinary per-tensor `arrays` record back (unchanged if it is not packed)."""
-    if not is_packed(content):
-        return content
-    out = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, MANIFEST_RECORD)})
-    out[ARRAYS] = ArrayRecord({k: Array(v) for k, v in unpack_arrays(content).items()})
-    return out
-
-
-def unpack_arrays(content: RecordDict) -> dict[str, np.ndarray]:
+def unpack_tensors(buffer: np.ndarray, manifest_json: str) -> dict[str, np.ndarray]:
+    """The tensors back from `pack_tensors`' buffer and manifest; PackError (short, no values) if they disagree."""
     try:
-        manifest = json.loads(str(content.config_records[MANIFEST_RECORD]["manifest"]))
-        record = content.array_records[ARRAYS]
-        if list(record.keys()) != [PACKED]:
-            raise PackError("packed record must hold exactly one array")
-        buffer = record[PACKED].numpy()
-    except PackError:
-        raise
-    except Exception as err:  # noqa: BLE001 - missing records, undecodable bytes, bad JSON
+        manifest = json.loads(manifest_json)
+    except (TypeError, ValueError) as err:
         raise PackError(f"packed payload unreadable ({type(err).__name__})") from err
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise PackError("packed buffer must be 1-D uint8")

@@ -15,7 +15,7 @@ pulls are in-memory, so it is polled every `SIMULATION_POLL_SECONDS` (0.02 s).
 Other grids (the tests' in-process grids) keep their own `send_and_receive`.
 
 In deployment the adapter also travels as ONE Array per message
-(common/packed.py): Flower moves every Array as its own object with its own
+(common/packed.py, client/wire.py): Flower moves every Array as its own object with its own
 HTTP request per hop, and 28 tensors cost seconds per round on a loaded
 host. Replies are unpacked here, before any check sees them.
 
@@ -91,8 +91,8 @@ def send_and_receive(grid, messages: Iterable[Message], timeout: float) -> list[
 
 
 def _pack(messages: list[Message]) -> None:
-    """The adapter as one Array per message (common/packed.py); messages sharing a record share its packing."""
-    from common.packed import pack_content
+    """The adapter as one Array per message (client/wire.py); messages sharing a record share its packing."""
+    from client.wire import pack_content
 
     done: dict[int, object] = {}
     for msg in messages:
@@ -108,7 +108,7 @@ def _pack(messages: list[Message]) -> None:
 
 def _unpack(replies: list[Message]) -> None:
     """Per-tensor arrays back in every packed reply; an unreadable one becomes a failed reply (site named)."""
-    from common.packed import PackError, is_packed, unpack_content
+    from client.wire import PackError, is_packed, unpack_content
 
     for reply in replies:
         if not reply.has_content() or not is_packed(reply.content):

@@ -1,4 +1,4 @@
-"""The adapter packed into one Array on the deployment wire (common/packed.py, server/messaging.py).
+"""The adapter packed into one Array on the deployment wire (common/packed.py, client/wire.py, server/messaging.py).
 
 - packing is lossless for every wire dtype (fp32, fp16, int8 + fp32 scales), keeps order, names, shapes;
 - bad manifests/buffers raise PackError (and become failed replies on the server, never a crash);
@@ -20,7 +20,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import FederationConfig
-from common.packed import MANIFEST_RECORD, PACKED, PackError, is_packed, pack_content, unpack_content
+from client.wire import PackError, is_packed, pack_content, unpack_content
+from common.packed import MANIFEST_RECORD, PACKED
 from fed_harness import InProcessGrid
 from server import messaging
 from server.server_app import run_federation
