@@ -7,13 +7,14 @@
 #   target:  overhead - no-op round time <= 1 s
 #
 #   K=3 ROUNDS=5 bash bench/deployment_rounds.sh      [NO_WORKER=1: the old per-message processes]
+#   NOOP_BASELINE=after ...   the no-op runs after the fedvlsm run instead of before
 # Writes bench/results/deployment-rounds-<K>-sites[-no-worker].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=${K:-3}; ROUNDS=${ROUNDS:-5}
 WORK=${WORK:-$(mktemp -d -t fedvlsm-bench-XXXX)}
 start=$(date +%s)
-WORK=$WORK K=$K ROUNDS=$ROUNDS NOOP_BASELINE=1 RUN_NAME=bench \
+WORK=$WORK K=$K ROUNDS=$ROUNDS NOOP_BASELINE=${NOOP_BASELINE:-1} RUN_NAME=bench \
   RUN_CONFIG="base='arch:tiny' compare=false ${RUN_CONFIG:-}" bash scripts/deploy_loopback.sh
 suffix=""; [ "${NO_WORKER:-0}" = 1 ] && suffix="-no-worker"
 python3 - "$WORK" "$K" "$(( $(date +%s) - start ))" "bench/results/deployment-rounds-$K-sites$suffix.json" <<'PY'

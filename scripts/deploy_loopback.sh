@@ -10,6 +10,7 @@
 #   INSECURE=1 K=3 bash scripts/deploy_loopback.sh   # no TLS, no site auth: local trials only
 #   NO_WORKER=1 ...  # plain flower-supernode, a fresh ClientApp process (and imports) per message
 #   NOOP_BASELINE=1 ...  # first run bench/noop_app (Flower's own round cost) on the same federation
+#   NOOP_BASELINE=after ...  # ...or run it after the fedvlsm run
 #
 # Extra run config: RUN_CONFIG="base='arch:tiny' local-epochs=1" (appended).
 set -euo pipefail
@@ -97,7 +98,7 @@ for i in $(seq 0 $((K - 1))); do
   pids+=($!)
 done
 echo "work folder: $WORK (logs in $WORK/logs, site logs in $WORK/sites/*/logs)"
-if [ "${NOOP_BASELINE:-0}" = 1 ]; then
+noop_baseline() {
   # Flower's own cost of a round on these very SuperNodes: the no-op app, same message pattern and payload,
   # once with Flower's send_and_receive (3 s reply poll: noop_rounds.json) and once polling every 0.25 s
   # like fedvlsm's ServerApp (noop_rounds-poll.json).
@@ -108,8 +109,12 @@ if [ "${NOOP_BASELINE:-0}" = 1 ]; then
     --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 out='$WORK/noop_rounds-poll.json'" \
     >"$WORK/logs/noop-run-poll.log" 2>&1
   echo "no-op app (0.25 s reply poll): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-poll.json")"
-fi
+}
+if [ "${NOOP_BASELINE:-0}" = 1 ]; then noop_baseline; fi
 start=$(date +%s)
 flwr run "$REPO" loopback --stream \
   --run-config "rounds=$ROUNDS min-sites=$K run-name='$RUN_NAME' torch-threads=1 site-wait-timeout=300 ${RUN_CONFIG:-}"
 echo "flwr run took $(( $(date +%s) - start )) s; records: $FEDVLSM_HOME/runs/$RUN_NAME/rounds.jsonl"
+# After fedvlsm instead of before: Flower's idle SuperNodes poll every 3 s, so each run inherits the phases
+# the one before left behind; swapping the order shows what that alone does to a comparison.
+if [ "${NOOP_BASELINE:-0}" = after ]; then noop_baseline; fi
