@@ -26,7 +26,9 @@ rounds = [json.loads(l) for l in open(f"{work}/fedvlsm/runs/bench/rounds.jsonl")
 # Segments of one message's life (server/messaging.py, client/forwarder.py, client/worker.py timestamps).
 SEGMENTS = [("delivery: server push -> ClientApp process started (SuperNode 3 s poll, SuperExec 1 s poll, spawn)",
              "t-sent", "t-clientapp-start"),
-            ("flwr-clientapp start-up -> forward to worker", "t-clientapp-start", "t-forward-start"),
+            ("flwr-clientapp start-up (imports, pull, FAB) -> our ClientApp called", "t-clientapp-start",
+             "t-dispatch-start"),
+            ("our ClientApp called -> forward to worker (unpack)", "t-dispatch-start", "t-forward-start"),
             ("forward -> worker handler start (serialise, socket)", "t-forward-start", "t-handler-start"),
             ("worker handler", "t-handler-start", "t-handler-end"),
             ("handler end -> forward end (serialise back)", "t-handler-end", "t-forward-end"),

@@ -39,6 +39,7 @@ def dispatch(msg: Message, context: Context) -> Message:
     # In deployment the server packs the adapter into one Array (common/packed.py): unpack it for the
     # handlers, and pack the reply's tensors the same way (only then: a server that did not pack gets
     # the ordinary per-tensor reply).
+    t_dispatch = time.time()
     packed = msg.has_content() and is_packed(msg.content)
     if packed:
         try:
@@ -48,6 +49,9 @@ def dispatch(msg: Message, context: Context) -> Message:
 
             return error_reply(msg, context, f"protocol: the message's packed adapter is unreadable ({err})")
     reply = _dispatch(msg, context)
+    if reply.has_content() and "metrics" in reply.content.metric_records:
+        # When Flower handed this process the message (after its start-up, pull and FAB install).
+        reply.content.metric_records["metrics"]["t-dispatch-start"] = t_dispatch
     if packed and reply.has_content():
         reply.content = pack_content(reply.content)
     return reply

@@ -130,7 +130,7 @@ def _stamp(replies: list[Message], sent: float, received: float) -> None:
 
 
 # Timestamps a reply may carry (UNIX seconds), in the order they happen; the round record keeps them per site.
-TIMELINE_KEYS = ("t-sent", "t-clientapp-start", "t-forward-start", "t-handler-start", "t-handler-end",
+TIMELINE_KEYS = ("t-sent", "t-clientapp-start", "t-dispatch-start", "t-forward-start", "t-handler-start", "t-handler-end",
                  "t-forward-end", "t-received")
 
 
