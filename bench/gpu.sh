@@ -11,7 +11,9 @@
 # monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
 # ../shared/bench/anchor_clipseg_gpu.py. Time budget (H200 estimates, not measured):
 # anchor ~60 s, eager part ~90 s, compile-default ~150 s, compile-reduce-overhead ~150 s;
-# each part has its own timeout, so one slow compile cannot sink the rest.
+# each part has its own timeout, so one slow compile cannot sink the rest, and every
+# timeout is cut to what is left of BUDGET_S (default 450 s) for all parts together,
+# so the whole script ends within 8 minutes (a part that no longer fits is skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import monai" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,6 +24,9 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKEN
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 rm -f "$OUT"/fast-*.json "$OUT"/anchor.json
 START=$(date +%s)
+BUDGET_S=${BUDGET_S:-450}
+# A part's timeout: its own limit, or what is left of the budget (minus 10 s for the table), if less.
+part_limit() { local left=$(( BUDGET_S - ($(date +%s) - START) - 10 )); echo $(( left < $1 ? left : $1 )); }
 if [ -z "${TINY:-}" ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
@@ -33,12 +38,14 @@ for a in .devcarry/anchor_clipseg_gpu.py ../shared/bench/anchor_clipseg_gpu.py /
 done
 if [ -n "$ANCHOR" ] && [ -z "${SKIP_ANCHOR:-}" ]; then
     echo "== anchor ($ANCHOR)"
-    OUT=$OUT COMPILE=0 timeout 150 python3 "$ANCHOR" 2>&1 | grep -v '^{' | tee "$OUT/anchor.log"
+    OUT=$OUT COMPILE=0 timeout "$(part_limit 150)" python3 "$ANCHOR" 2>&1 | grep -v '^{' | tee "$OUT/anchor.log"
 else
     echo "== anchor not found or skipped: ratios will be missing"
 fi
 for part in eager compile-default compile-reduce-overhead; do
     limit=150; [ "$part" = eager ] && limit=180
+    limit=$(part_limit $limit)
+    if [ "$limit" -lt 30 ]; then echo "== ours: $part skipped (the ${BUDGET_S}s budget is spent)"; continue; fi
     echo "== ours: $part (timeout ${limit}s)"
     OUT=$OUT PART=$part timeout $limit python3 bench/bench_fast.py 2>&1 | grep -v "^\s*warnings.warn" | tail -20 \
         | tee "$OUT/fast-$part.log"
