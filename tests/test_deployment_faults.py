@@ -185,6 +185,14 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
           f"round 2 served by worker pid {new['pid']} (was {before['pid']})")
 
 
+def flwr_ls(d: Deployment) -> list[dict]:
+    """`flwr ls loopback --format json`: the SuperLink's runs (run-id, status, ...)."""
+    out = subprocess.run([FLWR, "ls", "loopback", "--format", "json"], env=d.env, cwd=d.tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    return json.loads(out.stdout)["runs"]
+
+
 def _superlink_cmd(d: Deployment) -> list[str]:
     return [SUPERLINK, "--ssl-ca-certfile", str(d.certs / "ca.crt"), "--ssl-certfile", str(d.certs / "server.pem"),
             "--ssl-keyfile", str(d.certs / "server.key"), "--enable-supernode-auth",
@@ -234,6 +242,17 @@ def test_the_superlink_killed_mid_run_then_a_resume_reaches_the_uninterrupted_ad
     # The sites' SuperNodes reconnect by themselves (same keys, registrations kept in the database).
     sites = [n for n in ("site-0", "site-1", "site-2-rejoin") if n in dep.popens]
     assert all(dep.popens[n].poll() is None for n in sites), "a site gave up on the SuperLink"
+    # Flower keeps the killed run "running" in the restarted SuperLink's database (nothing runs it): the
+    # runbook's `flwr stop <run-id>` ends it.
+    orphans = [r for r in flwr_ls(dep) if r["status"] == "running"]
+    assert len(orphans) == 1, orphans
+    stop = subprocess.run([FLWR, "stop", orphans[0]["run-id"], "loopback"], env=dep.env, cwd=dep.tmp,
+                          capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0, (stop.stdout + stop.stderr)[-2000:]
+    wait_for(lambda: {r["run-id"]: r["status"] for r in flwr_ls(dep)}[orphans[0]["run-id"]].startswith("finished"),
+             60, "the orphaned run to be stopped")
+    print(f"orphaned run after the SuperLink restart: {orphans[0]['status']}; after flwr stop: "
+          f"{ {r['run-id']: r['status'] for r in flwr_ls(dep)}[orphans[0]['run-id']] }")
     out = flwr_run(dep, f"{cfg} run-name='{run}' resume=true", f"{run}-resume")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     rounds = rounds_of(dep, run)
