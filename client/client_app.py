@@ -36,7 +36,7 @@ def worker_address(context: Context) -> str:
 
 
 def dispatch(msg: Message, context: Context) -> Message:
-    # In deployment the server packs the adapter into one Array (common/packed.py): unpack it for the
+    # In deployment the server packs the adapter into one Array (client/wire.py): unpack it for the
     # handlers, and pack the reply's tensors the same way (only then: a server that did not pack gets
     # the ordinary per-tensor reply).
     t_dispatch = time.time()
