@@ -18,7 +18,7 @@ WORK=$WORK K=$K ROUNDS=$ROUNDS NOOP_BASELINE=${NOOP_BASELINE:-1} RUN_NAME=bench 
   RUN_CONFIG="base='arch:tiny' compare=false ${RUN_CONFIG:-}" bash scripts/deploy_loopback.sh
 suffix=""; [ "${NO_WORKER:-0}" = 1 ] && suffix="-no-worker"
 python3 - "$WORK" "$K" "$(( $(date +%s) - start ))" "bench/results/deployment-rounds-$K-sites$suffix.json" <<'PY'
-import json, statistics as st, sys, platform, os
+import contextlib, json, statistics as st, sys, platform, os
 work, k, wall, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 noop = json.load(open(f"{work}/noop_rounds.json"))["round_seconds"]
 noop_poll = json.load(open(f"{work}/noop_rounds-poll.json"))["round_seconds"]
@@ -46,11 +46,10 @@ for r in rounds:
            "base_loads": {n: s.get("base_loads") for n, s in r["sites"].items()},
            "process_messages": {n: s.get("process_messages") for n, s in r["sites"].items()},
            "timeline": {"train": tl, "evaluate": vtl}}
-    try:  # server-side time between the last train reply and the evaluate messages' push
+    # Server-side time between the last train reply and the evaluate messages' push (absent if a phase has no timeline).
+    with contextlib.suppress(KeyError, ValueError):
         row["server_gap_train_to_evaluate_seconds"] = (max(v["t-sent"] for v in vtl.values())
                                                       - max(v["t-received"] for v in tl.values()))
-    except (KeyError, ValueError):
-        pass
     rows.append(row)
     if r["round"] > 1:
         for phase, t in (("train", tl), ("evaluate", vtl)):

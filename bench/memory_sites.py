@@ -17,6 +17,7 @@ Writes bench/results/cpu-<host>-memory_sites.json (or $OUT/...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -49,11 +50,9 @@ def child(sites: int, home: str) -> None:
 def tree_rss(proc: psutil.Process) -> tuple[int, int]:
     total, count = 0, 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: nothing to count
             total += p.memory_info().rss
             count += 1
-        except psutil.Error:
-            pass
     return total, count
 
 

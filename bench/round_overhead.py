@@ -77,6 +77,9 @@ def part_noop(out: Path, poll: float = 0.0) -> None:
 
     from simulations.simulate import quiet_logs
 
+    sys.path.insert(0, str(ROOT / "bench" / "noop_app"))
+    from noop.apps import exchange  # poll 0: Flower's send_and_receive; else push, pull every `poll` s
+
     quiet_logs()
     wire = payload()
     arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in wire.items()})
@@ -105,7 +108,7 @@ def part_noop(out: Path, poll: float = 0.0) -> None:
             t = time.perf_counter()
             for kind in ("train", "evaluate"):
                 msgs = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=kind) for n in nodes]
-                replies = exchange(grid, msgs, poll)
+                replies = exchange(grid, msgs, poll)  # the deployment bench's no-op app's exchange
                 assert len(replies) == len(nodes) and all(not r.has_error() for r in replies), "no-op round failed"
             rounds.append(time.perf_counter() - t)
 
@@ -117,20 +120,6 @@ def part_noop(out: Path, poll: float = 0.0) -> None:
     out.write_text(json.dumps({"round_seconds": rounds, "total_seconds": total,
                                "payload_bytes": int(sum(np.asarray(v).nbytes for v in wire.values())),
                                "tensors": len(wire), "main_after_seconds": marks.get("main", start) - start}))
-
-
-def exchange(grid, msgs: list, poll: float) -> list:
-    """poll = 0: Flower's send_and_receive (InMemoryGrid: a 0.1 s pull interval); else push, pull every `poll` s."""
-    if poll <= 0:
-        return list(grid.send_and_receive(msgs))
-    pending, out = set(grid.push_messages(msgs)), []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        out += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(poll)
-    return out
 
 
 def part_fedvlsm(out: Path) -> None:

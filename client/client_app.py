@@ -24,7 +24,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.worker_protocol import ENV_WORKER, NODE_WORKER
+from client.worker_protocol import ENV_WORKER, NODE_WORKER, stamp
 from client.wire import PackError, is_packed, pack_content, unpack_content
 
 app = ClientApp()
@@ -49,9 +49,8 @@ def dispatch(msg: Message, context: Context) -> Message:
 
             return error_reply(msg, context, f"protocol: the message's packed adapter is unreadable ({err})")
     reply = _dispatch(msg, context)
-    if reply.has_content() and "metrics" in reply.content.metric_records:
-        # When Flower handed this process the message (after its start-up, pull and FAB install).
-        reply.content.metric_records["metrics"]["t-dispatch-start"] = t_dispatch
+    # When Flower handed this process the message (after its start-up, pull and FAB install).
+    stamp(reply, t_dispatch_start=t_dispatch)
     if packed and reply.has_content():
         reply.content = pack_content(reply.content)
     return reply
@@ -67,10 +66,7 @@ def _dispatch(msg: Message, context: Context) -> Message:
 
     t_start = time.time()
     reply = handle(msg, context)
-    # The same timestamps the worker adds (client/worker.py): the round record's timeline.
-    if reply.has_content() and "metrics" in reply.content.metric_records:
-        m = reply.content.metric_records["metrics"]
-        m["t-handler-start"], m["t-handler-end"] = t_start, time.time()
+    stamp(reply, t_handler_start=t_start, t_handler_end=time.time())  # as the worker does (client/worker.py)
     return reply
 
 

@@ -15,7 +15,7 @@ import time
 import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, REC_SITE, REC_STATUS, decode, encode
+from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, REC_SITE, REC_STATUS, decode, encode, stamp
 
 # A message can legitimately take long (a big site's epochs); the round's own
 # timeout on the server bounds it. This only catches a worker that vanished:
@@ -42,14 +42,11 @@ def forward(address: str, msg: Message, context: Context) -> Message:
     reply, new_context = decode(data)
     # What the handler changed in the node's per-run state must reach the SuperNode.
     context.state = new_context.state
-    if reply.has_content() and "metrics" in reply.content.metric_records:
-        m = reply.content.metric_records["metrics"]
-        m["forward-seconds"] = time.perf_counter() - start
-        # Timestamps (UNIX seconds) for the round's timeline (server/messaging.py); the worker adds its own.
-        m["t-forward-start"], m["t-forward-end"] = t_start, time.time()
-        started = process_start_time()
-        if started is not None:
-            m["t-clientapp-start"] = started
+    # Timestamps (UNIX seconds) for the round's timeline (server/messaging.py); the worker adds its own.
+    stamp(reply, forward_seconds=time.perf_counter() - start, t_forward_start=t_start, t_forward_end=time.time())
+    started = process_start_time()
+    if started is not None:
+        stamp(reply, t_clientapp_start=started)
     return reply
 
 

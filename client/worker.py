@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, decode, encode, socket_address
+from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, decode, encode, socket_address, stamp
 
 
 class SiteWorker:
@@ -68,9 +68,7 @@ class SiteWorker:
                 reply = self.handlers.error_reply(msg, ctx, public_reason("worker", err))
             if reply.has_content() and self.handlers.Rec.STATUS in reply.content.config_records:
                 self.failed += 1
-            if reply.has_content() and "metrics" in reply.content.metric_records:
-                m = reply.content.metric_records["metrics"]
-                m["t-handler-start"], m["t-handler-end"] = t_start, time.time()
+            stamp(reply, t_handler_start=t_start, t_handler_end=time.time())
         return encode(reply, ctx)
 
     def info(self, request: bytes, context: grpc.ServicerContext) -> bytes:

@@ -36,6 +36,17 @@ NODE_WORKER = "worker"  # node-config key: the worker's address, set by `fedvlsm
 ENV_WORKER = "FEDVLSM_WORKER"  # ...or this environment variable
 
 
+def stamp(reply, **values: float) -> None:
+    """Add numbers (the round timeline's timestamps, UNIX s) to a reply's `metrics` record, if it has one.
+
+    Keyword names use underscores for the record's hyphens: t_handler_start -> "t-handler-start".
+    """
+    if reply.has_content() and "metrics" in reply.content.metric_records:
+        m = reply.content.metric_records["metrics"]
+        for key, value in values.items():
+            m[key.replace("_", "-")] = value
+
+
 def frame(first: bytes, second: bytes) -> bytes:
     return struct.pack(">Q", len(first)) + first + second
 

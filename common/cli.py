@@ -141,7 +141,7 @@ def add_dashboard_command(sub) -> None:
             print(f"fedvlsm dashboard: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            pass
+            return 0  # Ctrl-C is how the dashboard is stopped
         return 0
 
     p.set_defaults(func=cmd_dashboard)

@@ -14,6 +14,7 @@ extracted into columns for the API and the charts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -504,10 +505,8 @@ def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
             for suffix in ("-wal", "-shm"):
                 Path(f"{store.path}{suffix}").unlink(missing_ok=True)
         else:
-            try:
+            with contextlib.suppress(FileExistsError):  # another writer made it first: keep theirs
                 os.link(tmp.path, store.path)  # atomic, and never over an existing store
-            except FileExistsError:
-                pass
     finally:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{tmp.path}{suffix}").unlink(missing_ok=True)

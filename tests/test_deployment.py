@@ -16,6 +16,7 @@ which then checks that none of it (nor any descendant) is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,10 +74,8 @@ class Deployment:
 
     def remember_descendants(self) -> None:
         for p in list(self.procs):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone already: nothing to remember
                 self.procs += [c for c in p.children(recursive=True) if c not in self.procs]
-            except psutil.NoSuchProcess:
-                pass
 
     def start(self) -> None:
         from common.data import synthesize
@@ -143,12 +142,10 @@ class Deployment:
         _, alive = psutil.wait_procs([p for p in self.procs if p.is_running()], timeout=15)
         left = []
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # stopped already: not left over
                 if p.status() != psutil.STATUS_ZOMBIE:
                     left.append(" ".join(p.cmdline())[:200])
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         return left
 
 
@@ -228,11 +225,9 @@ def test_an_unregistered_key_and_a_client_without_the_ca_are_refused(deployment)
 def _flwr_serverapp(dep: Deployment) -> psutil.Process | None:
     superlink = psutil.Process(dep.popens["superlink"].pid)
     for p in superlink.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited while we looked
             if any("flwr-serverapp" in c for c in p.cmdline()):
                 return p
-        except psutil.NoSuchProcess:
-            pass
     return None
 
 

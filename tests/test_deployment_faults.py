@@ -18,6 +18,7 @@ checks that nothing started here (nor any descendant) is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
@@ -68,10 +69,8 @@ def kill_tree(d: Deployment, pid: int) -> None:
     procs = tree(pid)
     d.procs += [p for p in procs if p not in d.procs]
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # dead already
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=15)
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,10 +118,8 @@ def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # dead already
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     proc.wait(timeout=30)
     assert not (crashed / "runs" / "quick" / "final").exists(), "killed too late: the run had finished"
     config_before = json.loads((crashed / "runs" / "quick" / "config.json").read_text())

@@ -30,6 +30,7 @@ the >127 threshold of ``formats.binarize_mask``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import json
@@ -227,11 +228,9 @@ def find_sites(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    try:
+    with contextlib.suppress(DataError):  # not a single dataset: look for a multi-site root below
         detect_format(root)
         return []
-    except DataError:
-        pass
     meta = root / "sites.json"
     if meta.is_file():
         try:

@@ -42,8 +42,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def exchange(grid: Grid, msgs: list[Message], poll: float) -> list[Message]:
-    """poll = 0: Flower's own send_and_receive (a 3 s reply poll); else push + pull every `poll` s,
-    exactly what fedvlsm's server/messaging.py does."""
+    """poll = 0: Flower's own send_and_receive (a 3 s reply poll in deployment, 0.1 s in simulation);
+    else push, then pull every `poll` s, exactly what fedvlsm's server/messaging.py does."""
     sent = time.time()
     if poll <= 0:
         out = list(grid.send_and_receive(msgs, timeout=600))
