@@ -14,9 +14,9 @@ per-process counters every reply reports (`base-loads`,
 Each message runs the same handler code as the in-process path
 (`client.handlers.handle`), one at a time. A failing handler becomes an
 error reply with a short public reason (details in the site's log) and the
-next message is served; a message the worker cannot even decode gets a gRPC
-error, which the forwarder turns into an error reply. The protocol is in
-client/worker_protocol.py.
+next message is served; a message the worker cannot even decode is refused
+with a short reason, which the forwarder turns into an error reply. The
+protocol is in client/worker_protocol.py.
 
 Listens only on a Unix socket (mode 0600, created under umask 077): no
 network interface, only the site's own user can connect.
@@ -28,15 +28,14 @@ import argparse
 import json
 import os
 import signal
+import socketserver
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
-import grpc
-
-from client.worker_protocol import CHANNEL_OPTIONS, HANDLE, INFO, decode, encode, socket_address, stamp
+from client.worker_protocol import (HANDLE, INFO, OK, REFUSED, ProtocolError, call, decode, encode, receive, send,
+                                    socket_address, stamp)
 
 
 class SiteWorker:
@@ -52,11 +51,12 @@ class SiteWorker:
         self.failed = 0
         self._lock = threading.Lock()  # one message at a time (a SuperNode sends one at a time anyway)
 
-    def handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def handle(self, request: bytes | bytearray) -> tuple[bytes, bytes]:
+        """(status, reply frame) for one forwarded message; (REFUSED, reason) if it cannot be decoded."""
         try:
             msg, ctx = decode(request)
         except Exception as err:  # noqa: BLE001 - a garbled request must not take the worker down
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode the message ({type(err).__name__})")
+            return REFUSED, f"cannot decode the message ({type(err).__name__})".encode()
         with self._lock:
             self.served += 1
             t_start = time.time()
@@ -69,9 +69,9 @@ class SiteWorker:
             if reply.has_content() and self.handlers.Rec.STATUS in reply.content.config_records:
                 self.failed += 1
             stamp(reply, t_handler_start=t_start, t_handler_end=time.time())
-        return encode(reply, ctx)
+        return OK, encode(reply, ctx)
 
-    def info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def info(self) -> bytes:
         from client import site
 
         return json.dumps({
@@ -80,26 +80,41 @@ class SiteWorker:
         }).encode()
 
 
-class _Service(grpc.GenericRpcHandler):
-    def __init__(self, worker: SiteWorker) -> None:
-        self._methods = {HANDLE: worker.handle, INFO: worker.info}
+class _Server(socketserver.ThreadingUnixStreamServer):
+    """One thread per connection (an `INFO` is answered while a message trains); one request per connection."""
 
-    def service(self, handler_call_details):
-        fn = self._methods.get(handler_call_details.method)
-        # No serializers: bytes in, bytes out (no .proto codegen needed).
-        return grpc.unary_unary_rpc_method_handler(fn) if fn else None
+    daemon_threads = True  # a stop does not wait for a long handler (see serve)
+
+    def __init__(self, path: str, worker: SiteWorker) -> None:
+        self.worker = worker
+        super().__init__(path, _Request)
+
+
+class _Request(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        worker: SiteWorker = self.server.worker  # type: ignore[attr-defined]
+        try:
+            kind, payload = receive(self.request)
+        except (ProtocolError, OSError):
+            return  # not our protocol, or the peer went away: nothing to answer
+        if kind == HANDLE:
+            status, out = worker.handle(payload)
+        elif kind == INFO:
+            status, out = OK, worker.info()
+        else:
+            status, out = REFUSED, b"unknown request kind"
+        try:
+            send(self.request, status, out)
+        except OSError:
+            pass  # the ClientApp process was stopped (e.g. its run ended) before the reply: nobody to tell
 
 
 def worker_alive(address: str, timeout: float = 1.0) -> dict | None:
-    """The worker's info if one answers at `address`, else None."""
+    """The worker's info if one answers at `address` within `timeout` s, else None."""
     try:
-        # wait_for_ready + deadline rather than grpc.channel_ready_future, whose
-        # connectivity watch makes the channel's close block ~0.2 s.
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            data = channel.unary_unary(INFO, request_serializer=None, response_deserializer=None)(
-                b"", wait_for_ready=True, timeout=timeout)
-            return json.loads(data)
-    except (grpc.RpcError, ValueError):
+        status, data = call(address, INFO, b"", connect_timeout=timeout, timeout=timeout)
+        return json.loads(bytes(data)) if status == OK else None
+    except (OSError, ValueError):  # includes WorkerNotRunning and ProtocolError
         return None
 
 
@@ -117,17 +132,16 @@ def serve(socket_path: Path, preload_base: str = "", ready_file: Path | None = N
         from client import site
 
         site.base(preload_base)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((_Service(worker),))
     old = os.umask(0o077)  # the socket is created 0600 (owner only)
     try:
-        if server.add_insecure_port(address) == 0:
-            print(f"fedvlsm worker: cannot listen on {address}", file=sys.stderr)
-            return 2
-        server.start()
+        server = _Server(str(socket_path), worker)
+    except OSError as err:
+        print(f"fedvlsm worker: cannot listen on {address} ({err.strerror})", file=sys.stderr)
+        return 2
     finally:
         os.umask(old)
     os.chmod(socket_path, 0o600)
+    threading.Thread(target=server.serve_forever, name="worker-accept", daemon=True).start()
     stop = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -140,7 +154,11 @@ def serve(socket_path: Path, preload_base: str = "", ready_file: Path | None = N
     if ready_file is not None:
         ready_file.write_text(json.dumps({"pid": os.getpid(), "address": address}))
     stop.wait()
-    server.stop(grace=5).wait()
+    server.shutdown()  # no new connections
+    # Give a message in progress up to 5 s to finish and reply (its handler holds the lock).
+    if worker._lock.acquire(timeout=5):
+        worker._lock.release()
+    server.server_close()
     socket_path.unlink(missing_ok=True)
     print(f"fedvlsm worker: stopped after {worker.served} message(s)", flush=True)
     return 0

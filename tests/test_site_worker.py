@@ -178,3 +178,36 @@ def test_a_missing_worker_gives_an_error_reply_not_an_exception(tmp_path, monkey
     assert reply.content.config_records["status"]["error"] == (
         "worker: the site worker is not running (no answer on its socket)")
     assert reply.content.config_records["site"]["name"] == "h9"
+
+
+def test_the_worker_refuses_what_is_not_its_protocol_and_keeps_serving(worker):
+    import socket as so
+
+    from client import worker_protocol as wp
+    from client.worker import worker_alive
+
+    address, proc, _ = worker
+    before = worker_alive(address)
+    path = wp.socket_path(address)
+    # Bytes that are not a frame at all: the worker drops the connection without an answer.
+    with so.socket(so.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 32)
+        s.settimeout(10)
+        try:
+            answer = s.recv(1)
+        except ConnectionResetError:  # closed with our unread bytes still queued: a reset, not an answer
+            answer = b""
+        assert answer == b""
+    # A frame of an unknown kind, and a HANDLE whose payload is no message: refused with a short reason.
+    assert wp.call(address, b"Z", b"", connect_timeout=5, timeout=10) == (wp.REFUSED, bytearray(b"unknown request kind"))
+    status, reason = wp.call(address, wp.HANDLE, b"\x00" * 3, connect_timeout=5, timeout=10)
+    assert status == wp.REFUSED and bytes(reason).startswith(b"cannot decode the message ("), reason
+    # A peer that stops mid-frame (announces 1 MB, sends 3 bytes): the worker is not stuck on it.
+    with so.socket(so.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(wp._HEADER.pack(wp.MAGIC, wp.HANDLE, 1 << 20) + b"abc")
+    after = worker_alive(address)
+    assert after is not None and after["pid"] == before["pid"] == proc.pid
+    assert after["messages"] == before["messages"]  # none of that reached a handler
+    assert proc.poll() is None
