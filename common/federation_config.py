@@ -105,6 +105,10 @@ class FederationConfig:
     finetune_epochs: int = 2  # final local fine-tuning of the global adapter at each site
     seed: int = 0
     round_timeout: float = 3600.0
+    # Deployment: push round r+1's train messages with round r's evaluate
+    # messages, so a SuperNode finds its next message at once instead of after
+    # its 3 s idle poll (server/server_app.py `pushes_ahead`; off under DP).
+    pipeline_rounds: bool = True
     # torch intra-op threads in each site process and the server (0: torch's
     # default, all cores). On small CPUs shared by several processes (a
     # simulation's actors, SuperNodes on one host) more threads than free

@@ -100,8 +100,8 @@ done
 echo "work folder: $WORK (logs in $WORK/logs, site logs in $WORK/sites/*/logs)"
 noop_baseline() {
   # Flower's own cost of a round on these very SuperNodes: the no-op app, same message pattern and payload,
-  # once with Flower's send_and_receive (3 s reply poll: noop_rounds.json) and once polling every 0.25 s
-  # like fedvlsm's ServerApp (noop_rounds-poll.json).
+  # once with Flower's send_and_receive (3 s reply poll: noop_rounds.json), once polling every 0.25 s
+  # like fedvlsm's ServerApp (noop_rounds-poll.json), once more with pipelined rounds.
   flwr run "$REPO/bench/noop_app" loopback --stream \
     --run-config "rounds=$ROUNDS min-sites=$K out='$WORK/noop_rounds.json'" >"$WORK/logs/noop-run.log" 2>&1
   echo "no-op app (Flower's send_and_receive): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds.json")"
@@ -109,6 +109,12 @@ noop_baseline() {
     --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 out='$WORK/noop_rounds-poll.json'" \
     >"$WORK/logs/noop-run-poll.log" 2>&1
   echo "no-op app (0.25 s reply poll): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-poll.json")"
+  # ...and with round r+1's train messages pushed with round r's evaluate messages, as fedvlsm's
+  # pipeline-rounds (the default) does (noop_rounds-pipeline.json).
+  flwr run "$REPO/bench/noop_app" loopback --stream \
+    --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 pipeline=true out='$WORK/noop_rounds-pipeline.json'" \
+    >"$WORK/logs/noop-run-pipeline.log" 2>&1
+  echo "no-op app (0.25 s reply poll, pipelined): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-pipeline.json")"
 }
 if [ "${NOOP_BASELINE:-0}" = 1 ]; then noop_baseline; fi
 start=$(date +%s)

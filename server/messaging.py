@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -62,32 +63,68 @@ def _is_simulation_grid(grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-def send_and_receive(grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Replies to `messages` received within `timeout` seconds (a missing reply is simply absent)."""
+@dataclass
+class Pushed:
+    """Messages on their way: what `push` sent (or, on a grid without push/pull, will send at `collect`)."""
+
+    messages: list[Message]
+    ids: set[str] = field(default_factory=set)  # ids of the pushed messages (deployment and simulation grids)
+    sent: float = 0.0  # UNIX time of the push
+    mode: str = "grid"  # "deployment" | "simulation" | "grid" (the grid's own send_and_receive, at collect)
+
+
+def can_push_ahead(grid) -> bool:
+    """Whether messages pushed now wait their turn at each node (a deployment SuperNode takes one at a time).
+
+    Not in simulation: Flower's simulation may run two messages for one node
+    at once on different actors, and a site's state is not built for that.
+    """
+    return _is_deployment_grid(grid)
+
+
+def push(grid, messages: Iterable[Message]) -> Pushed:
+    """Send `messages` now (deployment: packed); their replies are taken with `collect`."""
     messages = list(messages)
+    if _is_deployment_grid(grid):
+        mode = "deployment"
+    elif _is_simulation_grid(grid):
+        mode = "simulation"
+    else:
+        return Pushed(messages)
+    if mode == "deployment":
+        _pack(messages)
     sent = time.time()
-    deployment = _is_deployment_grid(grid)
-    if not deployment and not _is_simulation_grid(grid):
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return Pushed(messages, {i for i in grid.push_messages(messages) if i}, sent, mode)
+
+
+def collect(grid, pushed: Pushed, timeout: float) -> list[Message]:
+    """Replies to `pushed` received within `timeout` seconds from now (a missing reply is simply absent)."""
+    if pushed.mode == "grid":
+        sent = time.time()
+        replies = list(grid.send_and_receive(pushed.messages, timeout=timeout))
         _stamp(replies, sent, time.time())
         return replies
+    deployment = pushed.mode == "deployment"
     poll = reply_poll_seconds() if deployment else SIMULATION_POLL_SECONDS
-    if deployment:
-        _pack(messages)
-    pending = {i for i in grid.push_messages(messages) if i}
+    pending = set(pushed.ids)
     end = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
         if deployment:
             _unpack(got)
-        _stamp(got, sent, time.time())
+        _stamp(got, pushed.sent, time.time())
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= end:
             break
         time.sleep(min(poll, max(0.0, end - time.monotonic())))
     return replies
+
+
+def send_and_receive(grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Replies to `messages` received within `timeout` seconds (a missing reply is simply absent)."""
+    return collect(grid, push(grid, messages), timeout)
 
 
 def _pack(messages: list[Message]) -> None:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any
@@ -57,7 +58,7 @@ from common.payload import (
 from common.privacy import PrivacyReport, clip_update_fp32, update_norm
 from server.hooks import RunHooks
 from server.privacy import server_budget_check, server_epsilon
-from server.messaging import send_and_receive, timeline
+from server.messaging import Pushed, can_push_ahead, collect, push, timeline
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -65,7 +66,7 @@ app = ServerApp()
 
 # Keys a resumed run takes from the new launch instead of its saved config.json.
 RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
-                      "max_skipped_rounds", "compare", "dashboard_port")
+                      "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
 
 
 @app.main()
@@ -130,6 +131,7 @@ def _run(
     names = SiteNames()
     skipped_in_a_row = 0
     ended_early = ""
+    ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
     for server_round in range(start_round, cfg.rounds + 1):
         if cfg.dp == "client":
             within, why = server_budget_check(strategy)
@@ -137,7 +139,8 @@ def _run(
                 ended_early = why
                 say(f"stopping before round {server_round}: {why}")
                 break
-        global_arrays, record = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared), names)
+        global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared), names,
+                                                 ahead)
         arrays, state = strategy_state(strategy)
         if config_to_save is not None:
             # A resumed run's config.json changes (its new round count) only
@@ -237,6 +240,42 @@ def _k(key: str) -> str:
     return key.replace("-", "_")
 
 
+@dataclass
+class TrainAhead:
+    """A round's train messages, pushed while the previous round's evaluation runs (`pipeline-rounds`)."""
+
+    server_round: int
+    messages: list[Message]
+    down: dict[int, int]
+    pushed: Pushed
+
+
+def pushes_ahead(cfg: FederationConfig, grid: Grid, server_round: int) -> bool:
+    """Push round r+1's train messages together with round r's evaluate messages?
+
+    In deployment an idle SuperNode pulls every 3 s, and a site that has just
+    replied has just pulled: its next message waits up to 3 s for it. Pushed
+    together, a SuperNode that has answered the evaluate message finds the
+    next train message at its next pull (right after its reply): one such
+    wait less per round. Both carry the same global adapter, and the site's
+    evaluation does not depend on having trained first (personal parts are
+    kept per round). Not under DP: a round pushed ahead spends privacy budget
+    at the sites even if the run were to end before it.
+    """
+    return cfg.pipeline_rounds and cfg.dp == "off" and server_round < cfg.rounds and can_push_ahead(grid)
+
+
+def train_messages_for(grid: Grid, strategy: Strategy, cfg: FederationConfig, server_round: int,
+                       global_arrays: dict[str, np.ndarray]) -> tuple[list[Message], dict[int, int]]:
+    """The round's train messages (sites sampled), adapter in the downlink dtype; bytes per node."""
+    # Flower samples sites with the global `random` module: seed it per round
+    # so that a resumed run samples the same sites as an uninterrupted one.
+    random.seed(f"{cfg.seed}:{server_round}")
+    fit_minimums_to_connected(strategy, grid, cfg)
+    messages = list(strategy.configure_train(server_round, _record(global_arrays), message_config(cfg), grid))
+    return messages, _put_on_wire(messages, downlink_dtype(cfg.payload_dtype))
+
+
 def run_round(
     grid: Grid,
     strategy: Strategy,
@@ -245,19 +284,22 @@ def run_round(
     global_arrays: dict[str, np.ndarray],
     shared_names: set[str],
     names: SiteNames | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One federated round; returns the new global adapter (fp32) and the round's record."""
+    ahead: TrainAhead | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
+    """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
+
+    The round's time counts from the end of the previous round, also when its
+    train messages were pushed earlier (`ahead`, see `pushes_ahead`).
+    """
     names = names or SiteNames()
     start = time.perf_counter()
-    # Flower samples sites with the global `random` module: seed it per round
-    # so that a resumed run samples the same sites as an uninterrupted one.
-    random.seed(f"{cfg.seed}:{server_round}")
     config = message_config(cfg)
-
-    fit_minimums_to_connected(strategy, grid, cfg)
-    train_messages = list(strategy.configure_train(server_round, _record(global_arrays), config, grid))
-    down = _put_on_wire(train_messages, downlink_dtype(cfg.payload_dtype))
-    ok, failures = exchange(grid, train_messages, cfg, "train", names)
+    if ahead is not None and ahead.server_round == server_round:
+        train_messages, down, pushed = ahead.messages, ahead.down, ahead.pushed
+    else:
+        train_messages, down = train_messages_for(grid, strategy, cfg, server_round, global_arrays)
+        pushed = push(grid, train_messages)
+    ok, failures = exchange(grid, pushed, cfg, "train", names)
     accepted, excluded = _check_train_replies(ok, global_arrays, cfg, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
     accepted.sort(key=lambda pair: names.of(pair[0]))
@@ -296,11 +338,17 @@ def run_round(
     train_seconds = time.perf_counter() - start
 
     eval_replies: list[Message] = []
+    next_ahead: TrainAhead | None = None
     if status == "ok":
         fit_minimums_to_connected(strategy, grid, cfg)
         eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
-        eval_replies, eval_failures = exchange(grid, eval_messages, cfg, "evaluate", names)
+        eval_pushed = push(grid, eval_messages)
+        if pushes_ahead(cfg, grid, server_round):
+            # After configure_evaluate: the global `random` is used in the same order as without pipelining.
+            messages, next_down = train_messages_for(grid, strategy, cfg, server_round + 1, new_global)
+            next_ahead = TrainAhead(server_round + 1, messages, next_down, push(grid, messages))
+        eval_replies, eval_failures = exchange(grid, eval_pushed, cfg, "evaluate", names)
         failures += eval_failures
         eval_replies, eval_excluded = _check_eval_replies(eval_replies, names)
         failures += eval_excluded
@@ -342,7 +390,7 @@ def run_round(
     elif cfg.dp == "client":
         spent_server = server_epsilon(strategy)
         record["epsilon_server"], record["delta"] = spent_server if spent_server else (0.0, cfg.dp_delta)
-    return new_global, record
+    return new_global, record, next_ahead
 
 
 def fit_minimums_to_connected(strategy: Strategy, grid: Grid, cfg: FederationConfig) -> None:
@@ -414,11 +462,12 @@ _FLOWER_ERRORS = {
 }
 
 
-def exchange(grid: Grid, messages: list[Message], cfg: FederationConfig, phase: str,
+def exchange(grid: Grid, pushed: Pushed, cfg: FederationConfig, phase: str,
              names: SiteNames) -> tuple[list[Message], list[dict]]:
-    """Send, receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
+    """Receive, split; a site that never replied (crashed, cut off) is a failure too, by name."""
     # Flower's deployment grid polls replies every 3 s; ours every 0.25 s (server/messaging.py).
-    replies = send_and_receive(grid, messages, cfg.round_timeout)
+    replies = collect(grid, pushed, cfg.round_timeout)
+    messages = pushed.messages
     dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     ok, failures = split_replies(replies, phase, names, dst_by_id)
     answered = {dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}

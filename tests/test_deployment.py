@@ -190,6 +190,13 @@ def test_two_rounds_with_tls_and_site_authentication(deployment):
     for r in rounds:
         assert sorted(r["sites"]) == [f"hospital-{i}" for i in range(K)]
         assert r["failures"] == [] and r["excluded"] == []
+    # pipeline-rounds (default): round 2's train messages went out with round 1's evaluate messages,
+    # before round 1's evaluate replies were in (t-sent / t-received: the server's clock).
+    r1, r2 = rounds
+    eval_sent = {s["val_timeline"]["t-sent"] for s in r1["sites"].values()}
+    train2_sent = {s["timeline"]["t-sent"] for s in r2["sites"].values()}
+    assert len(eval_sent) == len(train2_sent) == 1, (eval_sent, train2_sent)
+    assert min(eval_sent) <= min(train2_sent) < min(s["val_timeline"]["t-received"] for s in r1["sites"].values())
     last = rounds[-1]["sites"].values()
     # Served by each site's warm worker: one base load, messages counted across rounds.
     assert all(s["served_by_worker"] and s["base_loads"] == 1 for s in last)

@@ -154,7 +154,9 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
     worker = next(c for c in launcher.children() if "client.worker" in cmdline(c))
     assert worker.pid == before["pid"]
     # Local training long enough (30 tiny epochs) that the kill lands inside the handler.
-    flwr_run(dep, f"rounds=2 local-epochs=30 run-name='{run}' min-replies=2 round-timeout=120", run, wait=False)
+    # pipeline-rounds=false: one phase after the other (the e2e test covers the default, pushed ahead).
+    flwr_run(dep, f"rounds=2 local-epochs=30 run-name='{run}' min-replies=2 round-timeout=120 pipeline-rounds=false",
+             run, wait=False)
     # The worker counts a message when its handler starts: kill it then (round 1's train message).
     wait_for(lambda: (worker_alive(address, timeout=0.5) or {}).get("messages", 0) > before["messages"], 300,
              "hospital-1's worker to start round 1's train message", poll=0.05)
@@ -175,6 +177,9 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
     # `fedvlsm site start` restarted the worker; the next round was served by the new one.
     assert "restarting it (1/3)" in dep.log("site-1")
     r2 = rounds[1]["sites"]["hospital-1"]
+    # Without pipelining, round 2's train messages left after round 1's last evaluate reply came in.
+    assert min(s["timeline"]["t-sent"] for s in rounds[1]["sites"].values()) >= max(
+        s["val_timeline"]["t-received"] for s in r1["sites"].values() if "val_timeline" in s)
     assert rounds[1]["failures"] == [] and "num_examples" in r2, rounds[1]["failures"]
     new = worker_alive(address)
     assert new is not None and new["pid"] != before["pid"] and new["started"] > killed_at

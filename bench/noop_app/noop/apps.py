@@ -22,14 +22,28 @@ def main(grid: Grid, context: Context) -> None:
     while len(nodes := sorted(grid.get_node_ids())) < need:
         time.sleep(1)
     arrays = ArrayRecord({"w": Array(np.zeros(int(rc["payload-floats"]), np.float16))})
-    times, timelines = [], []
-    for r in range(1, int(rc["rounds"]) + 1):
+    poll, rounds = float(rc["reply-poll"]), int(rc["rounds"])
+    # pipeline (needs reply-poll > 0): round r+1's train messages go out with round r's evaluate
+    # messages, as fedvlsm's `pipeline-rounds` does in deployment.
+    pipeline = bool(rc["pipeline"]) and poll > 0
+
+    def messages(kind: str, r: int) -> list[Message]:
+        return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}),
+                        dst_node_id=n, message_type=kind) for n in nodes]
+
+    times, timelines, ahead = [], [], None
+    for r in range(1, rounds + 1):
         start = time.perf_counter()
         timelines.append({})
         for kind in ("train", "evaluate"):
-            msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}),
-                            dst_node_id=n, message_type=kind) for n in nodes]
-            replies = exchange(grid, msgs, float(rc["reply-poll"]))
+            if kind == "train" and ahead is not None:
+                replies = collect(grid, *ahead, poll)
+            elif kind == "evaluate" and pipeline:
+                pushed = push(grid, messages(kind, r))
+                ahead = push(grid, messages("train", r + 1)) if r < rounds else None
+                replies = collect(grid, *pushed, poll)
+            else:
+                replies = exchange(grid, messages(kind, r), poll)
             assert all(not x.has_error() for x in replies), [x.error for x in replies if x.has_error()]
             # The same timestamps fedvlsm's round records keep (server/messaging.py), per node.
             timelines[-1][kind] = {str(x.metadata.src_node_id): {k: float(v) for k, v in x.content["metrics"].items()
@@ -50,7 +64,17 @@ def exchange(grid: Grid, msgs: list[Message], poll: float) -> list[Message]:
         for m in out:  # Flower's send_and_receive: only the end of the exchange is known
             m.content["metrics"]["t-sent"], m.content["metrics"]["t-received"] = sent, time.time()
         return out
-    pending = {i for i in grid.push_messages(msgs) if i}
+    return collect(grid, *push(grid, msgs), poll)
+
+
+def push(grid: Grid, msgs: list[Message]) -> tuple[set[str], float]:
+    sent = time.time()
+    return {i for i in grid.push_messages(msgs) if i}, sent
+
+
+def collect(grid: Grid, pending: set[str], sent: float, poll: float) -> list[Message]:
+    """Pull the replies to `pending` every `poll` s (up to 600 s), stamped with push and pull times."""
+    pending = set(pending)
     end, out = time.monotonic() + 600, []
     while pending and time.monotonic() < end:
         got = list(grid.pull_messages(pending))
