@@ -21,10 +21,12 @@ cd "$(dirname "$0")/.."
 K=${K:-3}; ROUNDS=${ROUNDS:-5}
 WORK=${WORK:-$(mktemp -d -t fedvlsm-bench-XXXX)}
 start=$(date +%s)
-WORK=$WORK K=$K ROUNDS=$ROUNDS NOOP_BASELINE=${NOOP_BASELINE:-1} RUN_NAME=bench \
+# ANALYSE_ONLY=1 WORK=<folder of an earlier run>: only the tables (e.g. after changing this analysis).
+[ "${ANALYSE_ONLY:-0}" = 1 ] || WORK=$WORK K=$K ROUNDS=$ROUNDS NOOP_BASELINE=${NOOP_BASELINE:-1} RUN_NAME=bench \
   RUN_CONFIG="base='arch:tiny' compare=false ${RUN_CONFIG:-}" bash scripts/deploy_loopback.sh
+[ "${ANALYSE_ONLY:-0}" = 1 ] || echo $(( $(date +%s) - start )) >"$WORK/wall_seconds"
 suffix=""; [ "${NO_WORKER:-0}" = 1 ] && suffix="-no-worker"
-python3 - "$WORK" "$K" "$(( $(date +%s) - start ))" "bench/results/deployment-rounds-$K-sites$suffix.json" <<'PY'
+python3 - "$WORK" "$K" "$(cat "$WORK/wall_seconds")" "bench/results/deployment-rounds-$K-sites$suffix.json" <<'PY'
 import contextlib, json, statistics as st, sys, platform, os
 work, k, wall, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 noop = json.load(open(f"{work}/noop_rounds.json"))["round_seconds"]
@@ -82,10 +84,11 @@ def common_segments(timelines):  # timelines: one {phase: {node: stamps}} per ro
                     if a in stamps and b in stamps:
                         out[phase][n].append(stamps[b] - stamps[a])
     return out
-noop_tl = json.load(open(f"{work}/noop_rounds-poll.json")).get("timelines", [])
+# Side by side with the no-op run that has fedvlsm's message pattern (pipelined or not).
+noop_tl = json.load(open(f"{work}/noop_rounds-{'pipeline' if pipelined else 'poll'}.json")).get("timelines", [])
 ours_tl = [{"train": {n: s.get("timeline", {}) for n, s in r["sites"].items()},
             "evaluate": {n: s.get("val_timeline", {}) for n, s in r["sites"].items()}} for r in rounds]
-side_by_side = {"noop_poll_025": common_segments(noop_tl), "fedvlsm": common_segments(ours_tl)}
+side_by_side = {"noop_matching": common_segments(noop_tl), "fedvlsm": common_segments(ours_tl)}
 later = rows[1:] or rows  # round 1 includes the first base load at each site
 med = lambda xs: st.median(xs) if xs else float("nan")
 res = {"sites": k, "rounds": len(rows), "no_worker": os.environ.get("NO_WORKER") == "1", "wall_seconds": wall,
@@ -120,11 +123,12 @@ for name, _, _ in SEGMENTS:
     lines.append(f"  {seg and res['median_segment_seconds_after_round_1']['train'][name]:6.2f} | "
                  f"{res['median_segment_seconds_after_round_1']['evaluate'][name]:6.2f}  {name}")
 lines.append(f"  server between last train reply and evaluate push: {res['median_server_gap_train_to_evaluate_seconds']:.2f}")
-lines.append("median per message after round 1, no-op (0.25 s poll) vs fedvlsm, train | evaluate, seconds:")
+lines.append(f"median per message after round 1, no-op (0.25 s poll{', pipelined' if pipelined else ''}) vs fedvlsm, "
+             "train | evaluate, seconds:")
 cs = res["median_common_segment_seconds_after_round_1"]
 for name, _, _ in COMMON:
-    lines.append(f"  {cs['noop_poll_025']['train'][name]:6.2f} vs {cs['fedvlsm']['train'][name]:6.2f} | "
-                 f"{cs['noop_poll_025']['evaluate'][name]:6.2f} vs {cs['fedvlsm']['evaluate'][name]:6.2f}  {name}")
+    lines.append(f"  {cs['noop_matching']['train'][name]:6.2f} vs {cs['fedvlsm']['train'][name]:6.2f} | "
+                 f"{cs['noop_matching']['evaluate'][name]:6.2f} vs {cs['fedvlsm']['evaluate'][name]:6.2f}  {name}")
 lines.append(f"median after round 1: overhead {res['median_overhead_seconds_after_round_1']:.1f}s vs no-op "
              f"{res['median_noop_round_seconds_after_round_1']:.1f}s (Flower's poll): {res['overhead_minus_noop_seconds']:+.1f}s, "
              f"ratio {res['overhead_over_noop_ratio']:.2f}; vs no-op with the same 0.25 s poll "
