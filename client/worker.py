@@ -76,6 +76,7 @@ class SiteWorker:
 
         return json.dumps({
             "pid": os.getpid(), "started": self.started, "messages": self.served, "failed": self.failed,
+            "busy": self._lock.locked(),  # a handler is running
             "import_seconds": self.import_seconds, "bases": sorted(site._BASES), **site.process_stats(),
         }).encode()
 

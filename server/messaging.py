@@ -14,6 +14,10 @@ between pulls, against rounds of well under a second on `arch:tiny`
 pulls are in-memory, so it is polled every `SIMULATION_POLL_SECONDS` (0.02 s).
 Other grids (the tests' in-process grids) keep their own `send_and_receive`.
 
+`push` and `collect` are the two halves, so that the round loop can have
+two phases' messages on their way at once (pipelined rounds in deployment,
+server/server_app.py `pushes_ahead`); `send_and_receive` is both in a row.
+
 In deployment the adapter also travels as ONE Array per message
 (common/packed.py, client/wire.py): Flower moves every Array as its own object with its own
 HTTP request per hop, and 28 tensors cost seconds per round on a loaded
@@ -110,13 +114,17 @@ def collect(grid, pushed: Pushed, timeout: float) -> list[Message]:
     end = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
+        started = time.monotonic()
         got = list(grid.pull_messages(pending))
         if deployment:
             _unpack(got)
         _stamp(got, pushed.sent, time.time())
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or time.monotonic() >= end:
+        # Stop only after a pull that began at or after the deadline: one pull can block far past it
+        # (Flower's HttpGrid retries the objects of a reply whose site died while uploading it, until
+        # the upload session expires: 164 s measured), and replies that came in meanwhile count.
+        if not pending or started >= end:
             break
         time.sleep(min(poll, max(0.0, end - time.monotonic())))
     return replies

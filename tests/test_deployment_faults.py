@@ -41,9 +41,10 @@ def dep(deployment):
     return deployment
 
 
-def flwr_run(d: Deployment, run_config: str, name: str, wait: bool = True):
+def flwr_run(d: Deployment, run_config: str, name: str, wait: bool = True, common: str = COMMON):
+    # flwr refuses a key given twice: `common` is what run_config may not repeat.
     cmd = [FLWR, "run", str(REPO), "loopback", "--stream",
-           "--run-config", f"{COMMON} home='{d.home}' {run_config}"]
+           "--run-config", f"{common} home='{d.home}' {run_config}"]
     if not wait:
         return d.spawn(name, cmd)
     return subprocess.run(cmd, env=d.env, cwd=d.tmp, capture_output=True, text=True, timeout=400)
@@ -96,15 +97,25 @@ def status(d: Deployment, run: str) -> dict:
 
 def test_a_site_killed_mid_round_is_named_and_rejoins_later(dep):
     run = "killed-site"
-    flwr_run(dep, f"rounds=6 local-epochs=1 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False)
-    wait_for(lambda: len(rounds_of(dep, run)) >= 1, 300, "round 1")
+    from client.worker import worker_alive
+
+    address = f"unix:{dep.tmp / 'sites' / 'h2' / 'worker.sock'}"
+    before = wait_for(lambda: worker_alive(address), 120, "hospital-2's worker")
+    # 3 local epochs: a train handler long enough for the kill to land inside it (lr lowered to match:
+    # 5 epochs at lr 0.01 diverged to inf by round 6).
+    assert "lr=0.01" in COMMON
+    flwr_run(dep, f"rounds=6 local-epochs=3 run-name='{run}' min-replies=2 round-timeout=25", run, wait=False,
+             common=COMMON.replace("lr=0.01", "lr=0.002"))
     site = dep.popens["site-2"]
 
-    def serving() -> bool:  # hospital-2's SuperNode has pulled round 2's train message and runs a ClientApp
-        return any("flwr-clientapp" in cmdline(p) for p in tree(site.pid)[1:])
+    def training_round_2() -> bool:  # hospital-2's worker runs its 3rd message of the run: round 2's train
+        info = worker_alive(address, timeout=0.5) or {}
+        return info.get("messages", 0) >= before["messages"] + 3 and bool(info.get("busy"))
 
-    wait_for(serving, 120, "hospital-2's ClientApp in round 2", poll=0.05)
-    assert len(rounds_of(dep, run)) == 1
+    # With pipelined rounds, round 2's train message reaches a site right after its evaluate reply, so
+    # round 1's record may not be written yet: the kill lands in round 2's train handler either way.
+    wait_for(training_round_2, 300, "hospital-2's worker to train round 2", poll=0.05)
+    assert len(rounds_of(dep, run)) <= 1
     kill_tree(dep, site.pid)  # the whole site: launcher, worker, SuperNode, SuperExec, the ClientApp
     killed_at = time.monotonic()
     dep.start_site(2, name="site-2-rejoin")  # started again at once
@@ -148,8 +159,7 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
 
     run = "worker-killed"
     address = f"unix:{dep.tmp / 'sites' / 'h1' / 'worker.sock'}"
-    before = worker_alive(address)
-    assert before is not None
+    before = wait_for(lambda: worker_alive(address), 120, "hospital-1's worker")
     launcher = psutil.Process(dep.popens["site-1"].pid)
     worker = next(c for c in launcher.children() if "client.worker" in cmdline(c))
     assert worker.pid == before["pid"]
