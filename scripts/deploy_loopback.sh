@@ -98,23 +98,19 @@ for i in $(seq 0 $((K - 1))); do
   pids+=($!)
 done
 echo "work folder: $WORK (logs in $WORK/logs, site logs in $WORK/sites/*/logs)"
+noop_run() {  # noop_run NAME "RUN CONFIG" "what it is": one no-op run, round times in $WORK/noop_rounds<NAME>.json
+  flwr run "$REPO/bench/noop_app" loopback --stream \
+    --run-config "rounds=$ROUNDS min-sites=$K $2 out='$WORK/noop_rounds$1.json'" >"$WORK/logs/noop-run$1.log" 2>&1
+  echo "no-op app ($3): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds$1.json")"
+}
 noop_baseline() {
   # Flower's own cost of a round on these very SuperNodes: the no-op app, same message pattern and payload,
-  # once with Flower's send_and_receive (3 s reply poll: noop_rounds.json), once polling every 0.25 s
-  # like fedvlsm's ServerApp (noop_rounds-poll.json), once more with pipelined rounds.
-  flwr run "$REPO/bench/noop_app" loopback --stream \
-    --run-config "rounds=$ROUNDS min-sites=$K out='$WORK/noop_rounds.json'" >"$WORK/logs/noop-run.log" 2>&1
-  echo "no-op app (Flower's send_and_receive): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds.json")"
-  flwr run "$REPO/bench/noop_app" loopback --stream \
-    --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 out='$WORK/noop_rounds-poll.json'" \
-    >"$WORK/logs/noop-run-poll.log" 2>&1
-  echo "no-op app (0.25 s reply poll): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-poll.json")"
-  # ...and with round r+1's train messages pushed with round r's evaluate messages, as fedvlsm's
-  # pipeline-rounds (the default) does (noop_rounds-pipeline.json).
-  flwr run "$REPO/bench/noop_app" loopback --stream \
-    --run-config "rounds=$ROUNDS min-sites=$K reply-poll=0.25 pipeline=true out='$WORK/noop_rounds-pipeline.json'" \
-    >"$WORK/logs/noop-run-pipeline.log" 2>&1
-  echo "no-op app (0.25 s reply poll, pipelined): $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["round_seconds"])' "$WORK/noop_rounds-pipeline.json")"
+  # once with Flower's send_and_receive (3 s reply poll), once polling every 0.25 s like fedvlsm's
+  # ServerApp, once more with round r+1's train messages pushed with round r's evaluate messages, as
+  # fedvlsm's pipeline-rounds (the default) does.
+  noop_run "" "" "Flower's send_and_receive"
+  noop_run -poll "reply-poll=0.25" "0.25 s reply poll"
+  noop_run -pipeline "reply-poll=0.25 pipeline=true" "0.25 s reply poll, pipelined"
 }
 if [ "${NOOP_BASELINE:-0}" = 1 ]; then noop_baseline; fi
 start=$(date +%s)

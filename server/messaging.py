@@ -5,8 +5,8 @@ messages, then pulls replies and sleeps a fixed **3 s** between pulls
 (flwr/superlink/grid/http_grid.py). A reply that reaches the SuperLink just
 after a pull waits up to 3 s before the ServerApp sees it, and a fedvlsm
 round has two such waits (train, then evaluate): about 3 s per round on
-average, for nothing. `send_and_receive` here does the same push and pull
-through the Grid's public `push_messages`/`pull_messages` and polls every
+average, for nothing. `push` + `collect` here do the same push and pull
+through the Grid's public `push_messages`/`pull_messages` and poll every
 `REPLY_POLL_SECONDS` (0.25 s; `$FEDVLSM_REPLY_POLL_SECONDS` to change it, 3
 reproduces Flower's). Flower's simulation grid (`InMemoryGrid`) sleeps 0.1 s
 between pulls, against rounds of well under a second on `arch:tiny`
@@ -14,9 +14,9 @@ between pulls, against rounds of well under a second on `arch:tiny`
 pulls are in-memory, so it is polled every `SIMULATION_POLL_SECONDS` (0.02 s).
 Other grids (the tests' in-process grids) keep their own `send_and_receive`.
 
-`push` and `collect` are the two halves, so that the round loop can have
-two phases' messages on their way at once (pipelined rounds in deployment,
-server/server_app.py `pushes_ahead`); `send_and_receive` is both in a row.
+They are two calls, so that the round loop can have two phases' messages
+on their way at once (pipelined rounds in deployment, server/server_app.py
+`pushes_ahead`).
 
 In deployment the adapter also travels as ONE Array per message
 (common/packed.py, client/wire.py): Flower moves every Array as its own object with its own
@@ -91,12 +91,11 @@ def push(grid, messages: Iterable[Message]) -> Pushed:
     messages = list(messages)
     if _is_deployment_grid(grid):
         mode = "deployment"
+        _pack(messages)
     elif _is_simulation_grid(grid):
         mode = "simulation"
     else:
         return Pushed(messages)
-    if mode == "deployment":
-        _pack(messages)
     sent = time.time()
     return Pushed(messages, {i for i in grid.push_messages(messages) if i}, sent, mode)
 
@@ -128,11 +127,6 @@ def collect(grid, pushed: Pushed, timeout: float) -> list[Message]:
             break
         time.sleep(min(poll, max(0.0, end - time.monotonic())))
     return replies
-
-
-def send_and_receive(grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Replies to `messages` received within `timeout` seconds (a missing reply is simply absent)."""
-    return collect(grid, push(grid, messages), timeout)
 
 
 def _pack(messages: list[Message]) -> None:
