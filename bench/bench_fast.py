@@ -8,6 +8,8 @@ Parts (PART=..., each a separate process so a slow compile cannot sink the other
   at the same weights (bf16 tolerance), a whole fast epoch with data loading
   from a real site cache (workers, pinned memory), shallow-vlc plain step vs
   epochs on cached activations, inference plain vs fast.
+- ``real``: ``common.api.train_site`` (the user's path: fit with validation) on the demo base,
+  plain vs fast vs fast + CUDA graphs: validation Dice of each, same data and seed.
 - ``compile-default`` / ``compile-reduce-overhead``: the fast dense-vl step
   under torch.compile (mode default / CUDA graphs).
 - ``--table``: merges $OUT/fast-*.json with $OUT/anchor.json (the shared
@@ -131,7 +133,23 @@ def fast_step_bench(base, device, batch, n, warmup, compile_mode: str) -> dict:
     return {"img_per_s": batch / dt, "s_per_step": dt, "first_step_s": first, "compile": compile_mode}
 
 
-def part_eager(base, device, batch, n, warmup) -> dict:
+class Rows(dict):
+    """A part's results, rewritten to $OUT/fast-<part>.json at every row: a part cut by its
+    timeout still hands back the rows it measured (the device run is one shot)."""
+
+    def __init__(self, part: str, meta: dict) -> None:
+        super().__init__()
+        self.path, self.meta = OUT / f"fast-{part}.json", meta
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        OUT.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self, **self.meta}, indent=1))
+        tmp.replace(self.path)
+
+
+def part_eager(base, device, batch, n, warmup, res: dict) -> dict:
     from common import activation_cache, fast
     from common.config import TrainConfig, autocast_dtype
     from common.evaluate import make_loss
@@ -139,7 +157,6 @@ def part_eager(base, device, batch, n, warmup) -> dict:
 
     from common.bases import load_base
 
-    res: dict = {}
     amp = autocast_dtype("auto", device)
     # The plain rows run on their own fp32 copy of the base: the fast path
     # casts `base`'s frozen weights to bf16 in place (as sites sharing it do).
@@ -275,6 +292,32 @@ def part_eager(base, device, batch, n, warmup) -> dict:
     return res
 
 
+def part_real(device: torch.device, res: dict) -> None:
+    """The user's path on the card: common.api.train_site (fit: validation, schedule, early stop) on the
+    demo base and a synthetic site, plain vs fast (vs fast + CUDA graphs), same data and seed. The
+    demo base is small, so the times say little; the validation Dice says whether the fast path
+    trains as well as the plain one on this card."""
+    from common.api import train_site
+    from common.config import TrainConfig
+    from common.data import synthesize
+
+    variants = [("dense-vl", "off", "off"), ("dense-vl", "on", "off"), ("shallow-vlc", "off", "off"),
+                ("shallow-vlc", "on", "off")]
+    if device.type == "cuda":
+        variants.append(("dense-vl", "on", "reduce-overhead"))
+    with tempfile.TemporaryDirectory() as tmp:
+        site = synthesize(Path(tmp) / "d", sites=1, per_site=40 if TINY else 200, seed=3)[0]
+        for spec, fast_mode, compile_mode in variants:
+            cfg = TrainConfig(epochs=2 if TINY else 10, batch_size=8 if TINY else 16, device=device.type,
+                              fast=fast_mode, compile=compile_mode, progress=False, seed=0)
+            r = train_site(site, "demo", spec, cfg, cache_dir=Path(tmp) / "cache")
+            key = f"real_{spec}_fast-{fast_mode}_compile-{compile_mode}"
+            res[key] = {"best_val_dice": r.best_val_dice, "best_epoch": r.best_epoch, "seconds": r.seconds}
+            print(f"{key:<45} best val Dice {r.best_val_dice:.4f} (epoch {r.best_epoch}) {r.seconds:6.1f} s",
+                  flush=True)
+            _free(device)
+
+
 def _free(device: torch.device) -> None:
     import gc
 
@@ -290,20 +333,19 @@ def card(device: torch.device) -> str:
 def run_part(part: str) -> None:
     device, base, batch, n, warmup = setup()
     torch.manual_seed(0)
+    res = Rows(part, dict(device=card(device), torch=torch.__version__, batch=batch,
+                          image_size=base.image_size, base=base.base_id))
     if part == "eager":
-        res = part_eager(base, device, batch, n, warmup)
+        part_eager(base, device, batch, n, warmup, res)
+    elif part == "real":
+        part_real(device, res)
     elif part.startswith("compile-"):
         mode = part.removeprefix("compile-")
-        res = {f"dense-vl_fast_{part}": fast_step_bench(base, device, batch, n, warmup, mode)}
-        row = res[f"dense-vl_fast_{part}"]
+        row = res[f"dense-vl_fast_{part}"] = fast_step_bench(base, device, batch, n, warmup, mode)
         print(f"dense-vl fast {part}: {row['img_per_s']:.1f} img/s (first step {row['first_step_s']:.1f} s)",
               flush=True)
     else:
         raise SystemExit(f"unknown PART {part!r}")
-    res.update(device=card(device), torch=torch.__version__, batch=batch, image_size=base.image_size,
-               base=base.base_id)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"fast-{part}.json").write_text(json.dumps(res, indent=1))
 
 
 def table() -> None:
@@ -340,6 +382,9 @@ def table() -> None:
         share = rows["dense-vl_fast_epoch"]["img_per_s"] / rows["dense-vl_fast"]["img_per_s"]
         out["epoch_vs_step"] = share
         print(f"fast epoch (data loading included) / fast step: {share:.2f} (target >= 0.85)")
+    for key, row in rows.items():
+        if key.startswith("real_"):
+            print(f"{key:<45} best val Dice {row['best_val_dice']:.4f} (epoch {row['best_epoch']}), {row['seconds']:.1f} s")
     if "loss_check" in rows:
         print(f"loss at the same weights: plain {rows['loss_check']['plain']:.5f}, fast {rows['loss_check']['fast']:.5f}"
               f" (relative difference {rows['loss_check']['rel_diff']:.1e})")
