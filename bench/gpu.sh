@@ -9,8 +9,9 @@
 #
 # Expects (as bench/gpu_check.sh): monai's wheel in .whl/ (installed to /tmp/site if
 # monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
-# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, eager, real (fit on the demo base),
-# the documented train/eval commands on the card, then the two torch.compile parts;
+# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager, real =
+# fit on the demo base, cli = the documented train/eval commands on the card, the compiled
+# dense step with CUDA graphs, shallow epochs with CUDA graphs, profile, compile-default);
 # each part has its own timeout, so one slow compile cannot sink the rest, and every
 # timeout is cut to what is left of BUDGET_S (default 450 s) for all parts together,
 # so the whole script ends within 8 minutes (a part that no longer fits is skipped).
@@ -50,20 +51,27 @@ ours() {  # one bench_fast.py part in its own process, cut to its limit or what 
     OUT=$OUT PART=$part timeout "$limit" python3 bench/bench_fast.py 2>&1 | grep -v "^\s*warnings.warn" \
         | tee "$OUT/fast-$part.log" | tail -30
 }
-ours eager 180
-ours real 100
-# The documented site commands, verbatim, on the card (the fast path is on by default on CUDA).
-limit=$(part_limit 60)
-if [ "$limit" -ge 20 ]; then
+cli_check() {  # the documented site commands, verbatim, on the card (the fast path is on by default on CUDA)
+    local limit D
+    limit=$(part_limit 60)
+    if [ "$limit" -lt 20 ]; then echo "== cli skipped (the ${BUDGET_S}s budget is spent)"; return; fi
     echo "== fedvlsm train / eval on the card"
     D=$(mktemp -d); [ -n "${TINY:-}" ] && CLI_DEVICE=${CLI_DEVICE:-cpu}
     timeout "$limit" bash -c "python3 -m common.cli data synth $D/data --sites 1 --per-site 60 --seed 3 >/dev/null &&
         python3 -m common.cli train $D/data/site-0 --base demo --adapter dense-vl --out $D/adapter --epochs 10 \
             --device ${CLI_DEVICE:-cuda} --quiet && python3 -m common.cli eval $D/data/site-0 --adapter-dir $D/adapter \
             --device ${CLI_DEVICE:-cuda}" 2>&1 | tee "$OUT/cli.log"
-fi
-ours compile-reduce-overhead 150
-ours compile-default 150
+}
+# PARTS picks and orders the parts (each with its own cap in seconds); the default is all of them.
+for part in ${PARTS:-eager real cli compile-reduce-overhead shallow-compiled profile compile-default}; do
+    case $part in
+        cli) cli_check ;;
+        eager) ours eager 180 ;;
+        real) ours real 100 ;;
+        profile) ours profile 60 ;;
+        *) ours "$part" 150 ;;
+    esac
+done
 echo "== table"
 OUT=$OUT python3 bench/bench_fast.py --table | tee "$OUT/table.txt"
 if [ -z "${TINY:-}" ]; then

@@ -245,15 +245,31 @@ class _Range(Dataset):
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator,
-                  wrap: Callable[[Any], Any] = lambda it: it) -> list[list[int]]:
+                  wrap: Callable[[Any], Any] = lambda it: it, drop_last: bool = False) -> list[list[int]]:
     """The batches ``wrap(DataLoader(shuffle=True, generator=generator))`` would draw.
 
     The same generator use as fit's plain loop, wrapper included: tqdm.auto
     makes an iterator of what it wraps when it is created (one more draw
     from the generator per epoch), so `fit` passes its progress wrapper.
+    `drop_last` drops a last short batch (the permutation drawn is the same).
     """
-    loader = DataLoader(_Range(n), batch_size=batch_size, shuffle=True, generator=generator, collate_fn=list)
+    loader = DataLoader(_Range(n), batch_size=batch_size, shuffle=True, generator=generator, collate_fn=list,
+                        drop_last=drop_last)
     return [list(b) for b in wrap(loader)]
+
+
+def configure_compile() -> None:
+    """Inductor settings the compiled step needs.
+
+    Layout optimisation off: with it, Inductor makes the decoder's
+    ConvTranspose2d chain channels-last and expects channels-last input
+    gradients, cuDNN returns contiguous ones, and the first backward fails
+    with ``assert_size_stride ... convolution_backward`` (seen on an H200,
+    torch 2.11; pytorch/pytorch#171622). Process-wide, as Inductor's config is.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.layout_optimization = False
 
 
 def supports(ds: Any) -> bool:
@@ -295,7 +311,21 @@ class FastEpochs:
             self.cache = ShallowFeatures.for_site(model, train_ds, self.tokens, device, self.amp)
         self._loader: DataLoader | None = None
         step = self._step_cached if self.cache is not None else self._step
-        self.step = torch.compile(step, mode=cfg.compile, dynamic=False) if cfg.compile != "off" else step
+        if cfg.compile != "off":
+            configure_compile()
+            step = torch.compile(step, mode=cfg.compile, dynamic=False)
+        self._compiled = step
+        # Compiled shapes are static: a last short batch would compile (and, with
+        # CUDA graphs, record) the whole step again, so it is dropped; the
+        # permutation, hence which items an epoch sees in expectation, is unchanged.
+        self.drop_last = cfg.compile != "off" and len(train_ds) > cfg.batch_size
+        self._graphs = cfg.compile == "reduce-overhead"
+
+    def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, batch Dice sum) of one batch; the backward and update are `_update`'s."""
+        if self._graphs:  # a new training iteration: CUDA-graph outputs of the last one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled(*args)
 
     # -- the differentiable part of one step (what torch.compile may take whole)
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +370,8 @@ class FastEpochs:
             return DataLoader(PixelItems(self.ds), batch_sampler=batches, **common)
         if self._loader is None:
             self._loader = DataLoader(PixelItems(self.ds), batch_size=self.cfg.batch_size, shuffle=True,
-                                      generator=self.generator, persistent_workers=self.workers > 0, **common)
+                                      generator=self.generator, persistent_workers=self.workers > 0,
+                                      drop_last=self.drop_last, **common)
         return self._loader
 
     def run_epoch(self, bar: Callable[[Any], Any]) -> tuple[float, float, int]:
@@ -358,7 +389,7 @@ class FastEpochs:
                 steps += 1
                 items += len(index)
         else:
-            batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar)
+            batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar, self.drop_last)
             self.cache.fill(batches, self.loader)
             for batch in batches:
                 acts, cond, taps, masks = self.cache.batch(batch, [self.ds.prompt_for(i) for i in batch])

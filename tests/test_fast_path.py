@@ -199,3 +199,29 @@ def test_fast_config_is_validated():
     assert TrainConfig(prompt_buckets=[77, 16]).prompt_buckets == (16, 77)
     assert not fast.fast_enabled(TrainConfig(), torch.device("cpu"))
     assert fast.fast_enabled(TrainConfig(fast="on"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("variant", ["dense-vl", "shallow-vlc"])
+def test_compiled_step_drops_the_short_batch_and_matches_eager(tiny_base, site, variant):
+    """`compile` (here Inductor's default mode on CPU; CUDA graphs need a GPU) trains the same batches
+    as the eager fast path when that one drops the same last short batch: one compile, static shapes."""
+    ds = _ds(site, tiny_base)
+    batch = 4
+    assert len(ds) % batch, "the test needs a last short batch"
+    losses, steps = {}, {}
+    for mode in ("off", "default"):
+        activation_cache.clear_memory()
+        torch.manual_seed(0)
+        model = build_model(tiny_base, variant)
+        cfg = TrainConfig(batch_size=batch, progress=False, fast="on", compile=mode)
+        params = model.trainable_parameters()
+        opt = fast.make_optimizer(params, 1e-3, cfg.weight_decay, torch.device("cpu"))
+        runner = fast.FastEpochs(model, ds, tiny_base.tokenizer, cfg, torch.device("cpu"), opt,
+                                 torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator().manual_seed(0),
+                                 None)
+        assert runner.drop_last == (mode != "off")
+        runner.drop_last = True  # the eager reference drops the same batch
+        losses[mode], _, steps[mode] = runner.run_epoch(lambda it: it)
+        fast.restore_fp32(model)
+    assert steps["off"] == steps["default"] == len(ds) // batch
+    assert losses["default"] == pytest.approx(losses["off"], rel=1e-4)
