@@ -26,6 +26,10 @@ here removes one measured cost, and none changes the maths:
   the right, and the "mask can be dropped" decision made in the collate, so
   shapes are static and the step has no graph break (``torch.compile``,
   CUDA graphs: ``TrainConfig.compile``);
+- under ``torch.compile``, the decoder's transposed convolutions whose
+  kernel equals their stride run as a matmul and a pixel shuffle
+  (``PatchConvTranspose2d``: the same maths, and a backward that Inductor
+  can take; see there);
 - DataLoader workers that read the site cache's uint8 arrays (4x fewer
   bytes than float32), pinned memory, non-blocking copies, normalisation
   on the device.
@@ -104,6 +108,51 @@ class FastForward:
         return x + pos
 
 
+class PatchConvTranspose2d(nn.ConvTranspose2d):
+    """A ConvTranspose2d whose kernel equals its stride, as one matmul and a pixel shuffle.
+
+    With kernel == stride (and no padding, dilation or groups) every input
+    pixel writes its own k x k output patch: ``out[b, o, i*k+u, j*k+v] =
+    bias[o] + sum_c x[b, c, i, j] * W[c, o, u, v]``. CLIPSeg's decoder ends in
+    two such layers (k = 4). The same maths without cuDNN's transposed
+    convolution: under ``torch.compile`` on an H200 (torch 2.11) the first
+    backward failed because Inductor expected a channels-last input gradient
+    from ``convolution_backward`` of the last one (32 -> 1 channels, whose
+    weight's strides are ambiguous) and cuDNN returned a contiguous one
+    (bench/results/h200-gpu_sh-run2-table.txt; turning Inductor's layout
+    optimisation off did not help). Parameters and their names are the
+    module's own (the class is swapped in place), so state dicts and the
+    base fingerprint are unchanged.
+    """
+
+    @staticmethod
+    def eligible(module: nn.Module) -> bool:
+        return (isinstance(module, nn.ConvTranspose2d) and tuple(module.kernel_size) == tuple(module.stride)
+                and tuple(module.padding) == (0, 0) and tuple(module.output_padding) == (0, 0)
+                and tuple(module.dilation) == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        o = self.out_channels
+        y = torch.matmul(x.permute(0, 2, 3, 1), self.weight.reshape(c, o * kh * kw))  # (b, h, w, o*kh*kw)
+        y = y.reshape(b, h, w, o, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(b, o, h * kh, w * kw)
+        return y + self.bias.view(1, o, 1, 1).to(y.dtype) if self.bias is not None else y
+
+
+def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
+    """Swap `module`'s eligible ConvTranspose2d layers to (on) or back from (off) PatchConvTranspose2d."""
+    n = 0
+    for m in module.modules():
+        if on and type(m) is nn.ConvTranspose2d and PatchConvTranspose2d.eligible(m):
+            m.__class__ = PatchConvTranspose2d
+            n += 1
+        elif not on and type(m) is PatchConvTranspose2d:
+            m.__class__ = nn.ConvTranspose2d
+            n += 1
+    return n
+
+
 def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
     """Cast the frozen weights of `clipseg`'s matmul modules to `dtype` in place; returns how many tensors.
 
@@ -130,6 +179,7 @@ def restore_fp32(model: nn.Module) -> None:
     """Undo the fast path on `model` before a plain (fp32, maybe no autocast) forward."""
     model.fast = None
     clipseg = model.clipseg
+    use_patch_transposed_convs(clipseg, False)
     if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
         warnings.warn("the frozen base was cast to "
                       f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
@@ -258,19 +308,6 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator,
     return [list(b) for b in wrap(loader)]
 
 
-def configure_compile() -> None:
-    """Inductor settings the compiled step needs.
-
-    Layout optimisation off: with it, Inductor makes the decoder's
-    ConvTranspose2d chain channels-last and expects channels-last input
-    gradients, cuDNN returns contiguous ones, and the first backward fails
-    with ``assert_size_stride ... convolution_backward`` (seen on an H200,
-    torch 2.11; pytorch/pytorch#171622). Process-wide, as Inductor's config is.
-    """
-    import torch._inductor.config as inductor_config
-
-    inductor_config.layout_optimization = False
-
 
 def supports(ds: Any) -> bool:
     """The fast loop needs a SegDataset-like dataset (uint8 arrays and prompts by index)."""
@@ -312,7 +349,9 @@ class FastEpochs:
         self._loader: DataLoader | None = None
         step = self._step_cached if self.cache is not None else self._step
         if cfg.compile != "off":
-            configure_compile()
+            # Only when compiling: eager, cuDNN's transposed convolution is fine, and the
+            # matmul form's rounding differs slightly (see PatchConvTranspose2d).
+            use_patch_transposed_convs(model.clipseg, True)
             step = torch.compile(step, mode=cfg.compile, dynamic=False)
         self._compiled = step
         # Compiled shapes are static: a last short batch would compile (and, with

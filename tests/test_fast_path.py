@@ -225,3 +225,43 @@ def test_compiled_step_drops_the_short_batch_and_matches_eager(tiny_base, site, 
         fast.restore_fp32(model)
     assert steps["off"] == steps["default"] == len(ds) // batch
     assert losses["default"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,k", [(64, 32, 4), (32, 1, 4), (8, 3, 2)])
+def test_patch_transposed_conv_is_the_same_maths(cin, cout, k):
+    """kernel == stride: a matmul and a pixel shuffle give the convolution's output and gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose2d(cin, cout, k, stride=k)
+    x = torch.randn(2, cin, 5, 7, requires_grad=True)
+    ref = conv(x)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    expected = (x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    x.grad = conv.weight.grad = conv.bias.grad = None
+    assert fast.use_patch_transposed_convs(conv, True) == 1
+    assert type(conv) is fast.PatchConvTranspose2d
+    out = conv(x)
+    out.backward(grad)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6)
+    for got, want in zip((x.grad, conv.weight.grad, conv.bias.grad), expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert fast.use_patch_transposed_convs(conv, False) == 1 and type(conv) is torch.nn.ConvTranspose2d
+    # not eligible: overlapping kernels stay cuDNN's
+    assert fast.use_patch_transposed_convs(torch.nn.ConvTranspose2d(4, 4, 3, stride=2), True) == 0
+
+
+def test_compiled_fast_path_swaps_the_decoder_transposed_convs_and_back(tiny_base, site):
+    model = build_model(tiny_base, "dense-vl")
+    names = {n for n, m in model.clipseg.decoder.named_modules() if isinstance(m, torch.nn.ConvTranspose2d)}
+    assert names, "the tiny base's decoder has transposed convolutions"
+    keys = set(model.clipseg.state_dict())
+    params = model.trainable_parameters()
+    cpu = torch.device("cpu")
+    fast.FastEpochs(model, _ds(site, tiny_base), tiny_base.tokenizer, TrainConfig(fast="on", compile="default"), cpu,
+                    fast.make_optimizer(params, 1e-3, 0.0, cpu), torch.amp.GradScaler("cpu", enabled=False), params,
+                    torch.Generator(), None)
+    swapped = {n for n, m in model.clipseg.decoder.named_modules() if type(m) is fast.PatchConvTranspose2d}
+    assert swapped == names
+    assert set(model.clipseg.state_dict()) == keys  # same parameter names: state dicts, fingerprints unchanged
+    fast.restore_fp32(model)
+    assert not any(type(m) is fast.PatchConvTranspose2d for m in model.clipseg.modules())
