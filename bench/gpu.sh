@@ -9,9 +9,10 @@
 #
 # Expects (as bench/gpu_check.sh): monai's wheel in .whl/ (installed to /tmp/site if
 # monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
-# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager, real =
-# fit on the demo base, cli = the documented train/eval commands on the card, the compiled
-# dense step with CUDA graphs, shallow epochs with CUDA graphs, profile, compile-default);
+# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager, cli =
+# the documented train/eval commands on the card, profile, the compiled dense step with
+# CUDA graphs, the same with the decoder left eager, shallow epochs with CUDA graphs,
+# real = fit on the demo base plain vs fast, compile-default);
 # each part has its own timeout, so one slow compile cannot sink the rest, and every
 # timeout is cut to what is left of BUDGET_S (default 450 s) for all parts together,
 # so the whole script ends within 8 minutes (a part that no longer fits is skipped).
@@ -64,7 +65,7 @@ cli_check() {  # the documented site commands, verbatim, on the card (the fast p
     echo "cli exit code ${PIPESTATUS[0]} (124: cut by the timeout)" | tee -a "$OUT/cli.log"
 }
 # PARTS picks and orders the parts (each with its own cap in seconds); the default is all of them.
-for part in ${PARTS:-eager real cli compile-reduce-overhead shallow-compiled profile compile-default}; do
+for part in ${PARTS:-eager cli profile compile-reduce-overhead compile-reduce-overhead-eager-decoder shallow-compiled real compile-default}; do
     case $part in
         cli) cli_check ;;
         eager) ours eager 180 ;;
