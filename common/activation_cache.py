@@ -19,7 +19,8 @@ process (a deployment's next round) starts warm. Any change of base, dtype,
 preprocessing or data changes a namespace or key: the old entry is simply
 never read again (a miss recomputes it; a damaged file is a miss). Text
 features are kept per prompt in memory only (small; the text tower is ~8%
-of the step).
+of the step); an epoch's new prompts are encoded together before its steps
+(``warm_text``).
 
 On CPU the features are kept in fp32, so the cached path gives the plain
 path's loss (tests/test_fast_path.py); on a GPU in the autocast dtype
@@ -197,20 +198,34 @@ class ShallowFeatures:
         return entry
 
     # --------------------------------------------------------------- text
+    def warm_text(self, prompts: list[str], chunk: int = 256) -> None:
+        """Encode the prompts not yet cached, `chunk` at a time, before an epoch's steps.
+
+        An epoch draws new prompt variants; encoded batch by batch, every batch
+        that met a new one ran the whole text trunk (a dozen layers of small
+        launches on a host-bound GPU step). Here they cost one pass per chunk.
+        """
+        todo = sorted({p for p in prompts if (self.text_ns, p) not in _TEXT})
+        for start in range(0, len(todo), chunk):
+            self._encode_text(todo[start:start + chunk])
+
+    def _encode_text(self, todo: list[str]) -> None:
+        self.stats["text_misses"] += len(todo)
+        ids = self.tokens(todo).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            cond, taps = self.model.text_trunk(ids, None)
+        taps_t = torch.stack(taps, dim=1) if taps else cond.new_zeros(len(todo), 0, 1)
+        if len(_TEXT) + len(todo) > _TEXT_MAX:
+            _TEXT.clear()
+        for j, p in enumerate(todo):
+            _TEXT[(self.text_ns, p)] = {"cond": cond[j].to(self.dtype).clone(),
+                                        "taps": taps_t[j].to(self.dtype).clone()}
+
     def _text(self, prompts: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         todo = sorted({p for p in prompts if (self.text_ns, p) not in _TEXT})
         self.stats["text_hits"] += len(prompts) - sum(1 for p in prompts if p in todo)
-        if todo:
-            self.stats["text_misses"] += len(todo)
-            ids = self.tokens(todo).to(self.device)
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                cond, taps = self.model.text_trunk(ids, None)
-            taps_t = torch.stack(taps, dim=1) if taps else cond.new_zeros(len(todo), 0, 1)
-            if len(_TEXT) + len(todo) > _TEXT_MAX:
-                _TEXT.clear()
-            for j, p in enumerate(todo):
-                _TEXT[(self.text_ns, p)] = {"cond": cond[j].to(self.dtype).clone(),
-                                            "taps": taps_t[j].to(self.dtype).clone()}
+        if todo:  # none after warm_text, unless the store was cleared meanwhile
+            self._encode_text(todo)
         rows = [_TEXT[(self.text_ns, p)] for p in prompts]
         cond = torch.stack([r["cond"] for r in rows])
         taps = torch.stack([r["taps"] for r in rows])  # (B, T, D)

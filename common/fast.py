@@ -430,8 +430,10 @@ class FastEpochs:
         else:
             batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar, self.drop_last)
             self.cache.fill(batches, self.loader)
-            for batch in batches:
-                acts, cond, taps, masks = self.cache.batch(batch, [self.ds.prompt_for(i) for i in batch])
+            prompts = [[self.ds.prompt_for(i) for i in batch] for batch in batches]
+            self.cache.warm_text([p for batch in prompts for p in batch])
+            for batch, batch_prompts in zip(batches, prompts):
+                acts, cond, taps, masks = self.cache.batch(batch, batch_prompts)
                 loss, dice = self.step(acts, cond, taps, masks)
                 self._update(loss)
                 total += torch.stack([loss.detach(), dice])

@@ -265,3 +265,30 @@ def test_compiled_fast_path_swaps_the_decoder_transposed_convs_and_back(tiny_bas
     assert set(model.clipseg.state_dict()) == keys  # same parameter names: state dicts, fingerprints unchanged
     fast.restore_fp32(model)
     assert not any(type(m) is fast.PatchConvTranspose2d for m in model.clipseg.modules())
+
+
+def test_cached_epoch_encodes_new_prompts_once_before_its_steps(tiny_base, site):
+    """warm_text: the epoch's new prompts go through the text trunk in one pass, not batch by batch."""
+    activation_cache.clear_memory()
+    ds = _ds(site, tiny_base)
+    model = build_model(tiny_base, "shallow-vlc")
+    params = model.trainable_parameters()
+    cpu = torch.device("cpu")
+    runner = fast.FastEpochs(model, ds, tiny_base.tokenizer, TrainConfig(fast="on", batch_size=2), cpu,
+                             fast.make_optimizer(params, 1e-3, 0.0, cpu), torch.amp.GradScaler("cpu", enabled=False),
+                             params, torch.Generator().manual_seed(0), None)
+    calls = []
+    encode = runner.cache._encode_text
+    runner.cache._encode_text = lambda todo: (calls.append(set(todo)), encode(todo))[1]
+    before: set[str] = set()
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        calls.clear()
+        drawn = {ds.prompt_for(i) for i in range(len(ds))}
+        _, _, steps = runner.run_epoch(lambda it: it)
+        assert steps > 1
+        new = drawn - before
+        # all of the epoch's new prompts in one pass (the site is small: one chunk), none batch by batch
+        assert calls == ([new] if new else []), (epoch, calls, new)
+        before |= drawn
+    fast.restore_fp32(model)
