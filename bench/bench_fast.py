@@ -110,6 +110,22 @@ def runner_for(base, variant, ds, cfg, device):
     return model, r
 
 
+def synthetic_step(base, device, batch, cfg):
+    """The fast dense-vl step (forward, loss, backward, update) on one fixed device-resident batch."""
+    ds = Synthetic(batch, base.image_size)
+    _, r = runner_for(base, "dense-vl", ds, cfg, device)
+    images = torch.from_numpy(ds.images).to(device)
+    masks = torch.from_numpy(ds.masks).to(device)
+    ids = r.tokens([ds.prompt_for(i) for i in range(batch)]).to(device)
+
+    def step() -> torch.Tensor:
+        loss, _ = r.step(images, masks, ids)
+        r._update(loss)
+        return loss
+
+    return step
+
+
 def fast_step_bench(base, device, batch, n, warmup, compile_mode: str, eager_decoder: bool = False) -> dict:
     """Pure fast dense-vl step on device-resident tensors (what the epoch loop calls per batch).
 
@@ -118,21 +134,15 @@ def fast_step_bench(base, device, batch, n, warmup, compile_mode: str, eager_dec
     """
     from common.config import TrainConfig
 
-    ds = Synthetic(batch, base.image_size)
-    cfg = TrainConfig(fast="on", compile=compile_mode, activation_cache="off")
     if eager_decoder:
         base.model.decoder.forward = torch.compiler.disable(base.model.decoder.forward)
-    model, r = runner_for(base, "dense-vl", ds, cfg, device)
-    images = torch.from_numpy(ds.images).to(device)
-    masks = torch.from_numpy(ds.masks).to(device)
-    ids = r.tokens([ds.prompt_for(i) for i in range(batch)]).to(device)
+    one_step = synthetic_step(base, device, batch, TrainConfig(fast="on", compile=compile_mode,
+                                                               activation_cache="off"))
     total = torch.zeros((), device=device)
 
     def step():
         nonlocal total
-        loss, _ = r.step(images, masks, ids)
-        r._update(loss)
-        total = total + loss.detach()
+        total = total + one_step().detach()  # read before the next step (CUDA-graph outputs are reused)
 
     t0 = time.perf_counter()
     step()
@@ -140,6 +150,32 @@ def fast_step_bench(base, device, batch, n, warmup, compile_mode: str, eager_dec
     first = time.perf_counter() - t0  # includes compilation when compiled
     dt = timed(step, n, warmup, device)
     return {"img_per_s": batch / dt, "s_per_step": dt, "first_step_s": first, "compile": compile_mode}
+
+
+def epoch_site(tmp: str, base, cache_dir: Path | None):
+    """A synthetic site's training set as SegDataset (EPOCH_IMAGES images before the split)."""
+    from common.data import SegDataset, load_items, synthesize
+
+    per_site = int(os.environ.get("EPOCH_IMAGES", "12" if TINY else "460"))
+    site = synthesize(Path(tmp) / "d", sites=1, per_site=per_site, seed=0, image_size=64 if TINY else 160)[0]
+    return SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=cache_dir)
+
+
+def cached_epochs(r, sds, device, epochs: int) -> tuple[float, list[float], int]:
+    """(first epoch's seconds: the trunks run once per item, and any compile; the next `epochs`
+    epochs' seconds; steps per epoch) of a shallow runner on cached activations."""
+    t = time.perf_counter()
+    r.run_epoch(lambda it: it)
+    _sync(device)
+    first = time.perf_counter() - t
+    times = []
+    for e in range(1, epochs + 1):
+        sds.set_epoch(e)
+        t = time.perf_counter()
+        _, _, steps = r.run_epoch(lambda it: it)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return first, times, steps
 
 
 class Rows(dict):
@@ -158,7 +194,7 @@ class Rows(dict):
         tmp.replace(self.path)
 
 
-def part_eager(base, device, batch, n, warmup, res: dict) -> dict:
+def part_eager(base, device, batch, n, warmup, res: dict) -> None:
     from common import activation_cache, fast
     from common.config import TrainConfig, autocast_dtype
     from common.evaluate import make_loss
@@ -224,12 +260,8 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> dict:
     _free(device)
 
     # --- a whole fast epoch, data loading included, from a real site cache (second epoch: npz cache warm)
-    from common.data import SegDataset, load_items, synthesize
-
     with tempfile.TemporaryDirectory() as tmp:
-        per_site = int(os.environ.get("EPOCH_IMAGES", "12" if TINY else "460"))
-        site = synthesize(Path(tmp) / "d", sites=1, per_site=per_site, seed=0, image_size=64 if TINY else 160)[0]
-        sds = SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=Path(tmp) / "c")
+        sds = epoch_site(tmp, base, Path(tmp) / "c")
         model, r = runner_for(base, "dense-vl", sds, TrainConfig(fast="on", batch_size=batch,
                                                                   activation_cache="off"), device)
         t = time.perf_counter()
@@ -260,17 +292,7 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> dict:
         activation_cache.clear_memory()
         sds.cache_dir = None  # memory only: the timing is the cached epoch itself
         model, r = runner_for(base, "shallow-vlc", sds, TrainConfig(fast="on", batch_size=batch), device)
-        t = time.perf_counter()
-        r.run_epoch(lambda it: it)  # epoch 1: trunks run once per item
-        _sync(device)
-        first = time.perf_counter() - t
-        times = []
-        for e in (1, 2):
-            sds.set_epoch(e)
-            t = time.perf_counter()
-            r.run_epoch(lambda it: it)
-            _sync(device)
-            times.append(time.perf_counter() - t)
+        first, times, _ = cached_epochs(r, sds, device, 2)
         dt = min(times)
         res["shallow-vlc_cached_epoch"] = {"img_per_s": len(sds) / dt, "first_epoch_img_per_s": len(sds) / first,
                                            "items": len(sds), "stats": r.cache.stats}
@@ -298,7 +320,6 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> dict:
     dt = timed(infer_fast, n, warmup, device)
     res["inference_fast"] = {"img_per_s": batch / dt}
     print(f"inference plain {res['inference_plain']['img_per_s']:.1f} fast {batch / dt:.1f} img/s", flush=True)
-    return res
 
 
 def part_profile(base, device, batch, res: dict) -> None:
@@ -308,15 +329,7 @@ def part_profile(base, device, batch, res: dict) -> None:
 
     from common.config import TrainConfig
 
-    ds = Synthetic(batch, base.image_size)
-    model, r = runner_for(base, "dense-vl", ds, TrainConfig(fast="on", activation_cache="off"), device)
-    images, masks = torch.from_numpy(ds.images).to(device), torch.from_numpy(ds.masks).to(device)
-    ids = r.tokens([ds.prompt_for(i) for i in range(batch)]).to(device)
-
-    def step():
-        loss, _ = r.step(images, masks, ids)
-        r._update(loss)
-
+    step = synthetic_step(base, device, batch, TrainConfig(fast="on", activation_cache="off"))
     steps = 2 if TINY else 5
     for _ in range(3):
         step()
@@ -352,26 +365,13 @@ def part_shallow_compiled(base, device, batch, res: dict) -> None:
     """shallow-vlc epochs on cached activations with the cached step compiled (CUDA graphs)."""
     from common import activation_cache
     from common.config import TrainConfig
-    from common.data import SegDataset, load_items, synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
-        per_site = int(os.environ.get("EPOCH_IMAGES", "12" if TINY else "460"))
-        site = synthesize(Path(tmp) / "d", sites=1, per_site=per_site, seed=0, image_size=64 if TINY else 160)[0]
-        sds = SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=None)
+        sds = epoch_site(tmp, base, None)
         activation_cache.clear_memory()
         mode = "default" if TINY else "reduce-overhead"
         model, r = runner_for(base, "shallow-vlc", sds, TrainConfig(fast="on", batch_size=batch, compile=mode), device)
-        t = time.perf_counter()
-        r.run_epoch(lambda it: it)  # trunks once per item, and the compile
-        _sync(device)
-        first = time.perf_counter() - t
-        times = []
-        for e in (1, 2, 3):
-            sds.set_epoch(e)
-            t = time.perf_counter()
-            _, _, steps = r.run_epoch(lambda it: it)
-            _sync(device)
-            times.append(time.perf_counter() - t)
+        first, times, steps = cached_epochs(r, sds, device, 3)
         dt = min(times)
         items = steps * batch if r.drop_last else len(sds)
         res[f"shallow-vlc_cached_epoch_compile-{mode}"] = {

@@ -308,7 +308,6 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator,
     return [list(b) for b in wrap(loader)]
 
 
-
 def supports(ds: Any) -> bool:
     """The fast loop needs a SegDataset-like dataset (uint8 arrays and prompts by index)."""
     return all(hasattr(ds, a) for a in ("arrays", "prompt_for", "cache_key"))
