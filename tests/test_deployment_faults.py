@@ -191,7 +191,9 @@ def test_a_worker_killed_mid_message_fails_the_message_and_is_restarted(dep):
     assert min(s["timeline"]["t-sent"] for s in rounds[1]["sites"].values()) >= max(
         s["val_timeline"]["t-received"] for s in r1["sites"].values() if "val_timeline" in s)
     assert rounds[1]["failures"] == [] and "num_examples" in r2, rounds[1]["failures"]
-    new = worker_alive(address)
+    # One 1 s Info call can go unanswered on a loaded machine (seen once under the full suite on 2 cores,
+    # the restarted worker alive): wait for the answer as the test does at its start.
+    new = wait_for(lambda: worker_alive(address), 60, "hospital-1's restarted worker to answer")
     assert new is not None and new["pid"] != before["pid"] and new["started"] > killed_at
     assert r2["served_by_worker"] and r2["base_loads"] == 1 and r2["process_messages"] <= new["messages"] <= 3, r2
     assert dep.popens["site-1"].poll() is None
