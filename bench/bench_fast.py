@@ -161,6 +161,21 @@ def epoch_site(tmp: str, base, cache_dir: Path | None):
     return SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=cache_dir)
 
 
+def epoch_syncs(r) -> dict:
+    """Host syncs in one epoch of runner `r`, from CUDA's sync debug mode: count and call sites."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            r.run_epoch(lambda it: it)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(sites), "sites": sorted(set(sites))}
+
+
 def cached_epochs(r, sds, device, epochs: int) -> tuple[float, list[float], int]:
     """(first epoch's seconds: the trunks run once per item, and any compile; the next `epochs`
     epochs' seconds; steps per epoch) of a shallow runner on cached activations."""
@@ -273,9 +288,15 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> None:
         _, _, steps = r.run_epoch(lambda it: it)
         _sync(device)
         dt = time.perf_counter() - t
+        resident = r.pixels is not None  # common/resident_pixels.py: loaded once, indexed on the device
+        if device.type == "cuda":  # host syncs inside an epoch: the final read of the sums should be the only one
+            sds.set_epoch(2)
+            res["dense-vl_fast_epoch_syncs"] = epoch_syncs(r)
+            print(f"host syncs in one fast epoch: {res['dense-vl_fast_epoch_syncs']}", flush=True)
         res["dense-vl_fast_epoch"] = {"img_per_s": len(sds) / dt, "items": len(sds), "steps": steps,
-                                      "workers": r.workers, "first_epoch_s": first}
-        print(f"dense-vl fast epoch   {len(sds) / dt:9.1f} img/s ({len(sds)} items, {r.workers} workers)", flush=True)
+                                      "workers": r.workers, "resident_pixels": resident, "first_epoch_s": first}
+        print(f"dense-vl fast epoch   {len(sds) / dt:9.1f} img/s ({len(sds)} items, {r.workers} workers, "
+              f"resident pixels {resident})", flush=True)
         del model, r
         _free(device)
 
@@ -297,6 +318,10 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> None:
         res["shallow-vlc_cached_epoch"] = {"img_per_s": len(sds) / dt, "first_epoch_img_per_s": len(sds) / first,
                                            "items": len(sds), "stats": r.cache.stats}
         print(f"shallow-vlc cached    {len(sds) / dt:9.1f} img/s (epoch 1: {len(sds) / first:.1f})", flush=True)
+        if device.type == "cuda":
+            sds.set_epoch(9)
+            res["shallow-vlc_cached_epoch_syncs"] = epoch_syncs(r)
+            print(f"host syncs in one cached epoch: {res['shallow-vlc_cached_epoch_syncs']}", flush=True)
         del model, r
         activation_cache.clear_memory()
         _free(device)
@@ -477,6 +502,9 @@ def table() -> None:
         share = rows["dense-vl_fast_epoch"]["img_per_s"] / rows["dense-vl_fast"]["img_per_s"]
         out["epoch_vs_step"] = share
         print(f"fast epoch (data loading included) / fast step: {share:.2f} (target >= 0.85)")
+    for key in ("dense-vl_fast_epoch_syncs", "shallow-vlc_cached_epoch_syncs"):
+        if key in rows:
+            print(f"{key}: {rows[key]['count']} host syncs in one epoch at {', '.join(rows[key]['sites'])}")
     for key, row in rows.items():
         if key.startswith("real_"):
             print(f"{key:<45} best val Dice {row['best_val_dice']:.4f} (epoch {row['best_epoch']}), {row['seconds']:.1f} s")

@@ -313,10 +313,17 @@ def supports(ds: Any) -> bool:
     return all(hasattr(ds, a) for a in ("arrays", "prompt_for", "cache_key"))
 
 
+_NORM: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), as SegDataset does on the host."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images_u8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    # mean/std made once per device: torch.tensor(..., device="cuda") is a blocking
+    # host-to-device copy, i.e. two host syncs in every step (and illegal in a CUDA graph).
+    if images_u8.device not in _NORM:
+        _NORM[images_u8.device] = tuple(torch.tensor(v, device=images_u8.device, dtype=torch.float32).view(1, 3, 1, 1)
+                                        for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORM[images_u8.device]
     x = images_u8.permute(0, 3, 1, 2).float() / 255.0
     return (x - mean) / std
 
@@ -345,6 +352,11 @@ class FastEpochs:
             from common.activation_cache import ShallowFeatures
 
             self.cache = ShallowFeatures.for_site(model, train_ds, self.tokens, device, self.amp)
+        self.pixels = None  # dense (and uncached shallow) epochs: the site's pixels on the device if they fit
+        if self.cache is None and hasattr(train_ds, "image_size"):
+            from common.resident_pixels import ResidentPixels
+
+            self.pixels = ResidentPixels.for_site(train_ds, device)
         self._loader: DataLoader | None = None
         step = self._step_cached if self.cache is not None else self._step
         if cfg.compile != "off":
@@ -416,16 +428,13 @@ class FastEpochs:
         """(mean batch loss, mean batch Dice, steps) of one epoch; one host sync, at the end."""
         total = torch.zeros(2, device=self.device)  # loss sum over batches, Dice sum over items
         steps = items = 0
-        nb = self.cuda
         if self.cache is None:
-            for index, images, masks in bar(self.loader()):
-                ids = self.tokens([self.ds.prompt_for(int(i)) for i in index]).to(self.device, non_blocking=nb)
-                loss, dice = self.step(images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb),
-                                       ids)
+            for n, images, masks, ids in self._pixel_batches(bar):
+                loss, dice = self.step(images, masks, ids)
                 self._update(loss)
                 total += torch.stack([loss.detach(), dice])
                 steps += 1
-                items += len(index)
+                items += n
         else:
             batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar, self.drop_last)
             self.cache.fill(batches, self.loader)
@@ -440,6 +449,40 @@ class FastEpochs:
                 items += len(batch)
         loss_sum, dice_sum = total.tolist()
         return (loss_sum / steps if steps else math.nan), (dice_sum / items if items else math.nan), steps
+
+    def _ids(self, indices: Sequence[int]) -> torch.Tensor:
+        ids = self.tokens([self.ds.prompt_for(int(i)) for i in indices])
+        if self.cuda:  # from pageable memory a "non-blocking" copy may still wait for the stream
+            return ids.pin_memory().to(self.device, non_blocking=True)
+        return ids
+
+    def _pixel_batches(self, bar: Callable[[Any], Any]):
+        """(items, uint8 images, uint8 masks, prompt ids) on the device, per batch of the epoch.
+
+        With resident pixels (common/resident_pixels.py) an epoch whose items
+        are all held indexes them on the device; otherwise (the first epoch)
+        it trains on the loader's batches and keeps them. Without (too big
+        for the budget): the persistent loader's batches, copied over.
+        """
+        nb = self.cuda
+        if self.pixels is None:
+            for index, images, masks in bar(self.loader()):
+                yield len(index), images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb), \
+                    self._ids(index)
+            return
+        batches = index_batches(len(self.ds), self.cfg.batch_size, self.generator, bar, self.drop_last)
+        if self.pixels.holds(batches):
+            order = self.pixels.order(batches)
+            start = 0
+            for batch in batches:
+                images, masks = self.pixels.gather(order[start:start + len(batch)])
+                start += len(batch)
+                yield len(batch), images, masks, self._ids(batch)
+            return
+        for index, images, masks in self.loader(batches):
+            images, masks = images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb)
+            self.pixels.put(index, images, masks)
+            yield len(index), images, masks, self._ids(index)
 
 
 # ------------------------------------------------------------------ batching for evaluation

@@ -12,13 +12,17 @@ import os
 import pytest
 import torch
 
-from common import activation_cache, fast
+from common import activation_cache, fast, resident_pixels
 from common.config import TrainConfig
 from common.data import SegDataset, load_items
 from common.data.dataset import collate_fn
 from common.evaluate import make_loss
 from common.model import build_model
+from common.resident_pixels import ResidentPixels
 from common.train import fit
+
+
+_GATHER = ResidentPixels.gather
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +84,16 @@ def test_fast_forward_logits_equal_plain(tiny_base, site, variant):
     assert torch.equal(quick, again)
 
 
-@pytest.mark.parametrize("variant,cache", [("dense-vl", "off"), ("shallow-vlc", "off"), ("shallow-vlc", "on")])
-def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, variant, cache):
+@pytest.mark.parametrize("variant,cache,pixels", [("dense-vl", "off", "resident"), ("dense-vl", "off", "loader"),
+                                                  ("shallow-vlc", "off", "resident"), ("shallow-vlc", "on", None)])
+def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, monkeypatch, variant, cache, pixels):
     activation_cache.clear_memory()
+    resident_pixels.clear()
+    gathers = []
+    monkeypatch.setattr(ResidentPixels, "gather", lambda self, rows: (gathers.append(len(rows)),
+                                                                       _GATHER(self, rows))[1])
+    if pixels == "loader":  # a site whose pixels exceed the budget trains from the loader
+        monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", "0")
     results = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
@@ -103,6 +114,50 @@ def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, variant, cache):
         assert torch.allclose(quick_state[name], tensor, rtol=0, atol=1e-3), name
     if cache == "on":
         assert (tmp_path / "cache" / "activations").is_dir()
+    # resident: epoch 1 trains on the loader's batches and keeps them, epoch 2 takes every batch from the store
+    assert sum(gathers) == (len(_ds(site, tiny_base)) if pixels == "resident" else 0)
+
+
+def test_resident_pixels_are_read_once_per_process(tiny_base, site, tmp_path, monkeypatch):
+    """A 3-epoch fit reads each item from the site cache once (3 times without the store), a next
+    fit on the same data (a warm worker's next round) none, and one on changed data its items again."""
+    import shutil
+
+    resident_pixels.clear()
+    data = tmp_path / "site"
+    shutil.copytree(site, data)
+
+    def reads() -> int:
+        ds = _ds(data, tiny_base, tmp_path / "cache")
+        arrays, count = ds.arrays, [0]
+        ds.arrays = lambda i: (count.__setitem__(0, count[0] + 1), arrays(i))[1]
+        cfg = TrainConfig(epochs=3, batch_size=4, progress=False, fast="on", select_best=False)
+        fit(build_model(tiny_base, "dense-vl"), ds, None, tiny_base.tokenizer, cfg)
+        return count[0]
+
+    n = len(_ds(data, tiny_base))
+    assert reads() == n
+    assert reads() == 0
+    image = _ds(data, tiny_base).items[0].image
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # one file changed: a new site key
+    assert reads() == n
+    monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", "0")
+    assert reads() == 3 * n
+
+
+def test_resident_pixels_budget(tiny_base, site, monkeypatch):
+    resident_pixels.clear()
+    ds = _ds(site, tiny_base)
+    cpu = torch.device("cpu")
+    need = ResidentPixels.nbytes(len(ds), tiny_base.image_size)
+    monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", str(need / 2**30))
+    assert ResidentPixels.for_site(ds, cpu) is not None
+    monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", str((need - 1) / 2**30))
+    assert ResidentPixels.for_site(ds, cpu) is None
+    monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", "lots")
+    with pytest.raises(ValueError, match="FEDVLSM_RESIDENT_PIXELS_GB"):
+        ResidentPixels.for_site(ds, cpu)
 
 
 def test_activation_cache_hit_miss_invalidation(tiny_base, site, tmp_path):
