@@ -12,6 +12,8 @@ Parts (PART=..., each a separate process so a slow compile cannot sink the other
   plain vs fast vs fast + CUDA graphs: validation Dice of each, same data and seed.
 - ``profile``: the fast eager dense-vl step under torch.profiler (wall vs GPU kernel time per step).
 - ``shallow-compiled``: shallow-vlc epochs on cached activations, the cached step under CUDA graphs.
+- ``cuda-graph``: TrainConfig.compile='cuda-graph' (the whole eager step, backward and AdamW
+  included, captured with torch.cuda.graph): dense step, dense epoch, shallow cached epochs, host syncs.
 - ``compile-default`` / ``compile-reduce-overhead``: the fast dense-vl step
   under torch.compile (mode default / CUDA graphs); ``...-eager-decoder``:
   the same with the decoder left out of the graph (a fallback measurement).
@@ -119,8 +121,7 @@ def synthetic_step(base, device, batch, cfg):
     ids = r.tokens([ds.prompt_for(i) for i in range(batch)]).to(device)
 
     def step() -> torch.Tensor:
-        loss, _ = r.step(images, masks, ids)
-        r._update(loss)
+        loss, _ = r.train_step(images, masks, ids)
         return loss
 
     return step
@@ -404,9 +405,42 @@ def part_shallow_compiled(base, device, batch, res: dict) -> None:
         print(f"shallow-vlc cached, compiled ({mode}) {items / dt:9.1f} img/s (first epoch {first:.1f} s)", flush=True)
 
 
+def part_cuda_graph(base, device, batch, n, warmup, res: dict) -> None:
+    """TrainConfig.compile='cuda-graph' (common/graphed_step.py: the whole eager step captured with
+    torch.cuda.graph): the dense-vl step, a whole dense epoch (resident pixels; epoch 2, after the
+    capture), shallow-vlc epochs on cached activations, and the host syncs of one epoch of each.
+    TINY (CPU): the same code with compile off (CUDA graphs need a GPU)."""
+    from common import activation_cache, resident_pixels
+    from common.config import TrainConfig
+
+    mode = "off" if TINY else "cuda-graph"
+    row = res[f"dense-vl_fast_{mode}"] = fast_step_bench(base, device, batch, n, warmup, mode)
+    print(f"dense-vl fast {mode}: {row['img_per_s']:.1f} img/s (first step {row['first_step_s']:.1f} s)", flush=True)
+    _free(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        sds = epoch_site(tmp, base, Path(tmp) / "c")
+        for variant in ("dense-vl", "shallow-vlc"):
+            resident_pixels.clear()
+            activation_cache.clear_memory()
+            model, r = runner_for(base, variant, sds, TrainConfig(fast="on", batch_size=batch, compile=mode), device)
+            first, times, steps = cached_epochs(r, sds, device, 2)  # epoch 1: loading/trunks, warm-up, capture
+            items = steps * batch if r.drop_last else len(sds)
+            key = f"{variant}_fast_epoch_{mode}" if variant == "dense-vl" else f"shallow-vlc_cached_epoch_{mode}"
+            res[key] = {"img_per_s": items / min(times), "items": items, "first_epoch_s": first, "epoch_s": times,
+                        "replays": getattr(r.graphed, "replays", 0), "graphs": len(getattr(r.graphed, "graphs", {}))}
+            print(f"{key}: {items / min(times):.1f} img/s (first epoch {first:.1f} s)", flush=True)
+            if device.type == "cuda":
+                sds.set_epoch(7)
+                res[f"{key}_syncs"] = epoch_syncs(r)
+                print(f"host syncs in one epoch: {res[f'{key}_syncs']}", flush=True)
+            del model, r
+            _free(device)
+
+
 def part_real(device: torch.device, res: dict) -> None:
     """The user's path on the card: common.api.train_site (fit: validation, schedule, early stop) on the
-    demo base and a synthetic site, plain vs fast (vs fast + CUDA graphs), same data and seed. The
+    demo base and a synthetic site, plain vs fast (vs fast + whole-step CUDA graphs, vs fast +
+    torch.compile with CUDA graphs), same data and seed. The
     demo base is small, so the times say little; the validation Dice says whether the fast path
     trains as well as the plain one on this card."""
     from common.api import train_site
@@ -416,7 +450,8 @@ def part_real(device: torch.device, res: dict) -> None:
     variants = [("dense-vl", "off", "off"), ("dense-vl", "on", "off"), ("shallow-vlc", "off", "off"),
                 ("shallow-vlc", "on", "off")]
     if device.type == "cuda":
-        variants.append(("dense-vl", "on", "reduce-overhead"))
+        variants += [("dense-vl", "on", "cuda-graph"), ("shallow-vlc", "on", "cuda-graph"),
+                     ("dense-vl", "on", "reduce-overhead")]
     with tempfile.TemporaryDirectory() as tmp:
         site = synthesize(Path(tmp) / "d", sites=1, per_site=40 if TINY else 200, seed=3)[0]
         for spec, fast_mode, compile_mode in variants:
@@ -455,6 +490,8 @@ def run_part(part: str) -> None:
         part_profile(base, device, batch, res)
     elif part == "shallow-compiled":
         part_shallow_compiled(base, device, batch, res)
+    elif part == "cuda-graph":
+        part_cuda_graph(base, device, batch, n, warmup, res)
     elif part.startswith("compile-"):
         mode = part.removeprefix("compile-")
         eager_decoder = mode.endswith("-eager-decoder")
@@ -482,7 +519,7 @@ def table() -> None:
         "dense-vl_fast": 3.0, "dense-vl_fast_compile-default": 3.0, "dense-vl_fast_compile-reduce-overhead": 3.0,
         "dense-vl_fast_compile-reduce-overhead-eager-decoder": 3.0,
         "shallow-vlc_cached_epoch": 10.0, "shallow-vlc_cached_epoch_compile-reduce-overhead": 10.0,
-        "inference_fast": 2.0,
+        "inference_fast": 2.0, "dense-vl_fast_cuda-graph": 3.0, "shallow-vlc_cached_epoch_cuda-graph": 10.0,
     }
     print(f"\n{meta.get('device')} | torch {meta.get('torch')} | batch {meta.get('batch')} at "
           f"{meta.get('image_size')} px | base {meta.get('base')}")
@@ -498,13 +535,14 @@ def table() -> None:
         row["x_ref"] = ratio
         tgt = targets.get(key)
         print(f"{key:<52} {row['img_per_s']:>9.1f} {ratio:>7.2f} {('>= %.0fx' % tgt) if tgt else '':>7}")
-    if "dense-vl_fast_epoch" in rows and "dense-vl_fast" in rows:
-        share = rows["dense-vl_fast_epoch"]["img_per_s"] / rows["dense-vl_fast"]["img_per_s"]
-        out["epoch_vs_step"] = share
-        print(f"fast epoch (data loading included) / fast step: {share:.2f} (target >= 0.85)")
-    for key in ("dense-vl_fast_epoch_syncs", "shallow-vlc_cached_epoch_syncs"):
-        if key in rows:
-            print(f"{key}: {rows[key]['count']} host syncs in one epoch at {', '.join(rows[key]['sites'])}")
+    for suffix in ("", "_cuda-graph"):
+        epoch, step = rows.get(f"dense-vl_fast_epoch{suffix}"), rows.get(f"dense-vl_fast{suffix}")
+        if epoch and step:
+            share = epoch["img_per_s"] / step["img_per_s"]
+            out[f"epoch_vs_step{suffix}"] = share
+            print(f"fast epoch{suffix} (data loading included) / fast step{suffix}: {share:.2f} (target >= 0.85)")
+    for key in [k for k in rows if k.endswith("_syncs")]:
+        print(f"{key}: {rows[key]['count']} host syncs in one epoch at {', '.join(rows[key]['sites'])}")
     for key, row in rows.items():
         if key.startswith("real_"):
             print(f"{key:<45} best val Dice {row['best_val_dice']:.4f} (epoch {row['best_epoch']}), {row['seconds']:.1f} s")

@@ -9,8 +9,9 @@
 #
 # Expects (as bench/gpu_check.sh): monai's wheel in .whl/ (installed to /tmp/site if
 # monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
-# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager, cli =
-# the documented train/eval commands on the card, profile, the compiled dense step with
+# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager,
+# cuda-graph = the whole step captured with torch.cuda.graph (dense step and epoch, shallow
+# cached epochs), cli = the documented train/eval commands on the card, profile, the compiled dense step with
 # CUDA graphs, the same with the decoder left eager, shallow epochs with CUDA graphs,
 # real = fit on the demo base plain vs fast, compile-default);
 # each part has its own timeout, so one slow compile cannot sink the rest, and every
@@ -65,11 +66,12 @@ cli_check() {  # the documented site commands, verbatim, on the card (the fast p
     echo "cli exit code ${PIPESTATUS[0]} (124: cut by the timeout)" | tee -a "$OUT/cli.log"
 }
 # PARTS picks and orders the parts (each with its own cap in seconds); the default is all of them.
-for part in ${PARTS:-eager cli profile compile-reduce-overhead compile-reduce-overhead-eager-decoder shallow-compiled real compile-default}; do
+for part in ${PARTS:-eager cuda-graph cli profile compile-reduce-overhead compile-reduce-overhead-eager-decoder shallow-compiled real compile-default}; do
     case $part in
         cli) cli_check ;;
         eager) ours eager 180 ;;
         real) ours real 100 ;;
+        cuda-graph) ours cuda-graph 120 ;;
         profile) ours profile 60 ;;
         *) ours "$part" 150 ;;
     esac

@@ -42,7 +42,9 @@ class TrainConfig:
     # "on" forces it (CPU tests compare it with the plain path), "off" never.
     fast: str = "auto"
     # torch.compile of the fast step's forward + loss: off | default |
-    # reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs.
+    # reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs; or
+    # cuda-graph: the whole eager step (backward and AdamW too) captured with
+    # torch.cuda.graph, CUDA only (common/graphed_step.py).
     compile: str = "off"
     # Fast path: prompts are padded to the smallest of these lengths that
     # holds the batch's longest prompt, so shapes are static (few buckets).
@@ -66,7 +68,7 @@ class TrainConfig:
         if self.num_workers < -1:
             raise ValueError(f"TrainConfig.num_workers must be >= -1 (-1: auto), got {self.num_workers}")
         choices = {"fast": ("auto", "on", "off"), "activation_cache": ("auto", "on", "off"),
-                   "compile": ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")}
+                   "compile": ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graph")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")

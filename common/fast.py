@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import TrainConfig, autocast_dtype
+from common.graphed_step import GraphedStep, LrTensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -342,6 +343,12 @@ class FastEpochs:
         self.optimizer, self.scaler, self.params, self.generator = optimizer, scaler, params, generator
         self.reference = reference
         self.amp = autocast_dtype(cfg.amp, device)
+        if cfg.compile == "cuda-graph":
+            if device.type != "cuda":
+                raise ValueError(f"TrainConfig.compile='cuda-graph' needs a CUDA device, got {device}")
+            if self.amp == torch.float16:
+                raise ValueError("TrainConfig.compile='cuda-graph' needs amp 'bf16' or 'off': fp16's GradScaler "
+                                 "checks for infs on the host, which a CUDA graph cannot do")
         prepare_model(model, device, self.amp)
         max_len = int(model.clipseg.config.text_config.max_position_embeddings)
         self.tokens = PromptTokens(tokenizer, cfg.prompt_buckets, min(77, max_len))
@@ -359,7 +366,7 @@ class FastEpochs:
             self.pixels = ResidentPixels.for_site(train_ds, device)
         self._loader: DataLoader | None = None
         step = self._step_cached if self.cache is not None else self._step
-        if cfg.compile != "off":
+        if cfg.compile not in ("off", "cuda-graph"):
             # Only when compiling: eager, cuDNN's transposed convolution is fine, and the
             # matmul form's rounding differs slightly (see PatchConvTranspose2d).
             use_patch_transposed_convs(model.clipseg, True)
@@ -370,6 +377,23 @@ class FastEpochs:
         # permutation, hence which items an epoch sees in expectation, is unchanged.
         self.drop_last = cfg.compile != "off" and len(train_ds) > cfg.batch_size
         self._graphs = cfg.compile == "reduce-overhead"
+        self._autocast_cache = cfg.compile != "cuda-graph"  # a captured step may not keep autocast's casts
+        self.graphed: GraphedStep | None = None
+        self.lr: LrTensor | None = None
+        if cfg.compile == "cuda-graph":
+            self.lr = LrTensor(optimizer, device)
+            self.graphed = GraphedStep(self.step, self._update, optimizer)
+
+    def train_step(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step on a batch (forward, loss, backward, update): (loss, batch Dice sum).
+
+        With compile='cuda-graph' both are the graph's static outputs: read them before the next step.
+        """
+        if self.graphed is not None:
+            return self.graphed(*args)
+        loss, dice = self.step(*args)
+        self._update(loss)
+        return loss, dice
 
     def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, batch Dice sum) of one batch; the backward and update are `_update`'s."""
@@ -393,14 +417,16 @@ class FastEpochs:
 
     def _step(self, images_u8: torch.Tensor, mask_u8: torch.Tensor, ids: torch.Tensor):
         mask = mask_u8.unsqueeze(1).float()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=self._autocast_cache):
             logits = self.model(normalize(images_u8), ids, None)
         return self._loss(logits, mask)
 
     def _step_cached(self, acts: list[torch.Tensor], cond: torch.Tensor, taps: list[torch.Tensor],
                      mask_u8: torch.Tensor):
         mask = mask_u8.unsqueeze(1).float()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=self._autocast_cache):
             logits = self.model.head([a.float() for a in acts], cond.float(), [t.float() for t in taps])
         return self._loss(logits, mask)
 
@@ -428,10 +454,11 @@ class FastEpochs:
         """(mean batch loss, mean batch Dice, steps) of one epoch; one host sync, at the end."""
         total = torch.zeros(2, device=self.device)  # loss sum over batches, Dice sum over items
         steps = items = 0
+        if self.lr is not None:
+            self.lr.sync()  # a scheduler's new learning rate, into the tensor the graphs read
         if self.cache is None:
             for n, images, masks, ids in self._pixel_batches(bar):
-                loss, dice = self.step(images, masks, ids)
-                self._update(loss)
+                loss, dice = self.train_step(images, masks, ids)
                 total += torch.stack([loss.detach(), dice])
                 steps += 1
                 items += n
@@ -442,8 +469,7 @@ class FastEpochs:
             self.cache.warm_text([p for batch in prompts for p in batch])
             for batch, batch_prompts in zip(batches, prompts):
                 acts, cond, taps, masks = self.cache.batch(batch, batch_prompts)
-                loss, dice = self.step(acts, cond, taps, masks)
-                self._update(loss)
+                loss, dice = self.train_step(acts, cond, taps, masks)
                 total += torch.stack([loss.detach(), dice])
                 steps += 1
                 items += len(batch)

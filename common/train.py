@@ -164,7 +164,7 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
         if runner is None:
             train_loss = float(np.mean(losses))
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
 
         if val_ds is not None:
             val = evaluate(model, val_ds, tokenizer, cfg, device)
