@@ -99,7 +99,9 @@ class GraphedStep:
         """Record (not run) one step on the static inputs: (graph, its static outputs)."""
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
+        # thread_local: the first epoch's loader pins batches in a thread of its own meanwhile
+        # (cudaHostAlloc); "global" would fail the capture for it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss, dice = self.step(*static)
             self.update(loss)
         return graph, (loss, dice)
