@@ -162,6 +162,16 @@ def epoch_site(tmp: str, base, cache_dir: Path | None):
     return SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0, cache_dir=cache_dir)
 
 
+def record_syncs(res: dict, key: str, r, sds, epoch: int, device: torch.device) -> None:
+    """On CUDA, res[key] = the host syncs of runner `r`'s epoch `epoch` (the final read of the sums
+    should be the only one)."""
+    if device.type != "cuda":
+        return
+    sds.set_epoch(epoch)
+    res[key] = epoch_syncs(r)
+    print(f"host syncs in one epoch ({key}): {res[key]}", flush=True)
+
+
 def epoch_syncs(r) -> dict:
     """Host syncs in one epoch of runner `r`, from CUDA's sync debug mode: count and call sites."""
     import warnings
@@ -290,10 +300,7 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> None:
         _sync(device)
         dt = time.perf_counter() - t
         resident = r.pixels is not None  # common/resident_pixels.py: loaded once, indexed on the device
-        if device.type == "cuda":  # host syncs inside an epoch: the final read of the sums should be the only one
-            sds.set_epoch(2)
-            res["dense-vl_fast_epoch_syncs"] = epoch_syncs(r)
-            print(f"host syncs in one fast epoch: {res['dense-vl_fast_epoch_syncs']}", flush=True)
+        record_syncs(res, "dense-vl_fast_epoch_syncs", r, sds, 2, device)
         res["dense-vl_fast_epoch"] = {"img_per_s": len(sds) / dt, "items": len(sds), "steps": steps,
                                       "workers": r.workers, "resident_pixels": resident, "first_epoch_s": first}
         print(f"dense-vl fast epoch   {len(sds) / dt:9.1f} img/s ({len(sds)} items, {r.workers} workers, "
@@ -319,10 +326,7 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> None:
         res["shallow-vlc_cached_epoch"] = {"img_per_s": len(sds) / dt, "first_epoch_img_per_s": len(sds) / first,
                                            "items": len(sds), "stats": r.cache.stats}
         print(f"shallow-vlc cached    {len(sds) / dt:9.1f} img/s (epoch 1: {len(sds) / first:.1f})", flush=True)
-        if device.type == "cuda":
-            sds.set_epoch(9)
-            res["shallow-vlc_cached_epoch_syncs"] = epoch_syncs(r)
-            print(f"host syncs in one cached epoch: {res['shallow-vlc_cached_epoch_syncs']}", flush=True)
+        record_syncs(res, "shallow-vlc_cached_epoch_syncs", r, sds, 9, device)
         del model, r
         activation_cache.clear_memory()
         _free(device)
@@ -429,10 +433,7 @@ def part_cuda_graph(base, device, batch, n, warmup, res: dict) -> None:
             res[key] = {"img_per_s": items / min(times), "items": items, "first_epoch_s": first, "epoch_s": times,
                         "replays": getattr(r.graphed, "replays", 0), "graphs": len(getattr(r.graphed, "graphs", {}))}
             print(f"{key}: {items / min(times):.1f} img/s (first epoch {first:.1f} s)", flush=True)
-            if device.type == "cuda":
-                sds.set_epoch(7)
-                res[f"{key}_syncs"] = epoch_syncs(r)
-                print(f"host syncs in one epoch: {res[f'{key}_syncs']}", flush=True)
+            record_syncs(res, f"{key}_syncs", r, sds, 7, device)
             del model, r
             _free(device)
 

@@ -30,7 +30,6 @@ path's loss (tests/test_fast_path.py); on a GPU in the autocast dtype
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -40,17 +39,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
+from common.resident_pixels import device_budget
 
 ACT_VERSION = 1  # bump when what the trunks compute changes
 
 
 def budget_bytes(device: torch.device) -> int:
-    env = os.environ.get("FEDVLSM_ACTIVATION_CACHE_GB")
-    if env:
-        return int(float(env) * 2**30)
-    if device.type == "cuda":
-        return int(0.3 * torch.cuda.get_device_properties(device).total_memory)
-    return 2 * 2**30
+    return device_budget("FEDVLSM_ACTIVATION_CACHE_GB", device, 0.3, 2 * 2**30)
 
 
 class _Store:

@@ -33,17 +33,22 @@ from typing import Any
 import torch
 
 
-def budget_bytes(device: torch.device) -> int:
-    env = os.environ.get("FEDVLSM_RESIDENT_PIXELS_GB")
-    if env:
+def device_budget(env: str, device: torch.device, gpu_fraction: float, other_bytes: int) -> int:
+    """Bytes a device-side store may hold: $`env` in GiB if set, else a fraction of the GPU's memory
+    on CUDA, `other_bytes` elsewhere (shared with common/activation_cache.py)."""
+    value = os.environ.get(env)
+    if value:
         try:
-            gb = float(env)
+            return int(float(value) * 2**30)
         except ValueError:
-            raise ValueError(f"FEDVLSM_RESIDENT_PIXELS_GB must be a number of GiB, got {env!r}") from None
-        return int(gb * 2**30)
+            raise ValueError(f"{env} must be a number of GiB, got {value!r}") from None
     if device.type == "cuda":
-        return int(0.1 * torch.cuda.get_device_properties(device).total_memory)
-    return 2**30
+        return int(gpu_fraction * torch.cuda.get_device_properties(device).total_memory)
+    return other_bytes
+
+
+def budget_bytes(device: torch.device) -> int:
+    return device_budget("FEDVLSM_RESIDENT_PIXELS_GB", device, 0.1, 2**30)
 
 
 def site_key(ds: Any) -> str:
