@@ -40,8 +40,6 @@ from pathlib import Path
 
 import psutil
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -51,6 +49,7 @@ from flwr.app import (
 from flwr.common.logger import log
 
 from client import site as sites
+from client.arrays import to_numpy, to_record
 from common.adapters import AdapterSpec
 from common.bases import Base
 from common.evaluate import evaluate as evaluate_model
@@ -160,7 +159,7 @@ def _received(msg: Message) -> tuple[dict, int]:
     """The global adapter sent with `msg` as fp32 torch tensors, and its payload bytes."""
     if Rec.ARRAYS not in msg.content:
         return {}, 0
-    wire = {k: a.numpy() for k, a in msg.content[Rec.ARRAYS].items()}
+    wire = {k: to_numpy(a) for k, a in msg.content[Rec.ARRAYS].items()}
     return to_torch(from_wire(wire)), payload_bytes(wire)
 
 
@@ -193,7 +192,7 @@ def _reply(msg: Message, site: sites.Site, metrics: dict[str, float], arrays: di
         }
     )
     if arrays is not None:
-        content[Rec.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        content[Rec.ARRAYS] = to_record(arrays)
     return Message(content, reply_to=msg)
 
 
@@ -210,38 +209,38 @@ def train(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
     shared_in, bytes_down = _received(msg)
-    model = site.model(frozen, shared_in, site.load_personal(run_name, server_round))
-    # The update's reference: the shared adapter this site starts from (the
-    # global one it received, or the common initial one if none was sent).
-    start_shared = {k: v.detach().clone() for k, v in split_personal(model.adapter_state(), cfg.personal)[0].items()}
-    mu = float(msg.content[Rec.CONFIG].get(Cfg.PROX_MU, 0.0))
-    seed = _local_seed(cfg, server_round, site.name)
-    train_ds = site.dataset("train", frozen, train=True, seed=seed)
-    train_cfg = _train_config(cfg, cfg.local_epochs, seed, prox_mu=mu)
-    privacy: dict[str, float] = {}
-    if cfg.dp == "sample":
-        # DP-SGD (Opacus) with this site's accountant, kept in its site folder
-        # across processes, rounds and resumes; a round that would exceed the
-        # budget is refused before any image is read.
-        from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
+    with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round)) as model:
+        # The update's reference: the shared adapter this site starts from (the
+        # global one it received, or the common initial one if none was sent).
+        start_shared = split_personal(model.adapter_state(), cfg.personal)[0]  # adapter_state clones
+        mu = float(msg.content[Rec.CONFIG].get(Cfg.PROX_MU, 0.0))
+        seed = _local_seed(cfg, server_round, site.name)
+        train_ds = site.dataset("train", frozen, train=True, seed=seed)
+        train_cfg = _train_config(cfg, cfg.local_epochs, seed, prox_mu=mu)
+        privacy: dict[str, float] = {}
+        if cfg.dp == "sample":
+            # DP-SGD (Opacus) with this site's accountant, kept in its site folder
+            # across processes, rounds and resumes; a round that would exceed the
+            # budget is refused before any image is read.
+            from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
 
-        try:
-            result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
-                                         site_state_path(site.site_dir, run_name), server_round=server_round,
-                                         prox_reference=shared_in if mu > 0 else None)
-        except BudgetExhausted as err:
-            raise SiteRefusal(err.reason) from err
-        privacy = report.as_metrics()
-    else:
-        result = fit(
-            model,
-            train_ds,
-            None,  # validation is the evaluate round's job, on the global adapter
-            frozen.tokenizer,
-            train_cfg,
-            prox_reference=shared_in if mu > 0 else None,
-        )
-    shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
+            try:
+                result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
+                                             site_state_path(site.site_dir, run_name), server_round=server_round,
+                                             prox_reference=shared_in if mu > 0 else None)
+            except BudgetExhausted as err:
+                raise SiteRefusal(err.reason) from err
+            privacy = report.as_metrics()
+        else:
+            result = fit(
+                model,
+                train_ds,
+                None,  # validation is the evaluate round's job, on the global adapter
+                frozen.tokenizer,
+                train_cfg,
+                prox_reference=shared_in if mu > 0 else None,
+            )
+        shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
     site.save_personal(run_name, server_round, personal_out)
     # The update (local - received global) in fp32, then encoded: int8's
     # stochastic rounding is seeded like the training, so a resumed run
@@ -277,13 +276,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     val_ds = site.dataset("val", frozen, train=False)
     train_cfg = _train_config(cfg, 1, cfg.seed)
     # The round record keeps Dice and loss only: skip HD95 (the costliest metric by far).
-    global_result = evaluate_model(site.model(frozen, shared_in), val_ds, frozen.tokenizer, train_cfg, hd95=False)
+    with site.leased_model(frozen, shared_in) as model:
+        global_result = evaluate_model(model, val_ds, frozen.tokenizer, train_cfg, hd95=False)
     personal = site.load_personal(run_name, server_round + 1)
-    personal_result = (
-        evaluate_model(site.model(frozen, shared_in, personal), val_ds, frozen.tokenizer, train_cfg, hd95=False)
-        if personal
-        else global_result
-    )
+    personal_result = global_result
+    if personal:
+        with site.leased_model(frozen, shared_in, personal) as model:
+            personal_result = evaluate_model(model, val_ds, frozen.tokenizer, train_cfg, hd95=False)
     metrics = {
         "num-examples": global_result.n,
         "dice": global_result.dice,

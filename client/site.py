@@ -15,13 +15,18 @@ So anything worth keeping must live somewhere that outlives the message:
   never leave the site, and a resumed run finds them again.
 - A small per-run history in Flower's ``context.state`` (rounds trained),
   which the SuperNode keeps across messages of one run.
+- Idle adapter models (``Site.leased_model``): building one walks the base
+  and initialises every adapter module, about 5 ms on ``arch:tiny`` and paid
+  twice per evaluate message; a warm process (Ray actor, site worker) resets
+  an idle one to the initial adapter instead.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,14 @@ from common.site_errors import SiteRefusal
 # thing that must outlive one ClientApp object (and nothing else lives here).
 _BASES: dict[str, Base] = {}
 _STATS: dict[str, float] = {"base-loads": 0, "base-load-seconds": 0.0, "process-messages": 0}
+
+# (what the site reads, fingerprints of its data as checked) -> its items. A warm process
+# (Ray actor, site worker) lists a site's files once per change, not once per message.
+_ITEMS: dict[tuple, dict[str, list[Item]]] = {}
+
+# (base, adapter spec, seed) -> idle models of this process, each with its initial adapter state.
+_IDLE_MODELS: dict[tuple, list[tuple[Base, AdaptedCLIPSeg, dict[str, torch.Tensor]]]] = {}
+_MAX_IDLE = 3  # a final evaluation holds three models at once; more are never idle together
 
 _PERSONAL_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
 
@@ -87,6 +100,9 @@ class Site:
         self.identity = SiteIdentity.from_node_config(node_config, cfg)
         self._items: dict[str, list[Item]] | None = None
         self._sim_root: Path | None = None
+        self._sim_folders: list[Path] | None = None
+        # Set by ensure_data_ok: the data fingerprints its verdict is for (keys the items memo).
+        self._checked: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -99,7 +115,17 @@ class Site:
     # ------------------------------------------------------------------ data
     def items(self, split: str) -> list[Item]:
         if self._items is None:
-            self._items = self._load_items()
+            if self._checked is None:  # no data check in this message: nothing vouches for a memo
+                self._items = self._load_items()
+            else:
+                ident = self.identity
+                key = (str(self.data_to_check()), ident.partition_id, ident.num_partitions,
+                       self.cfg.partition, self.cfg.seed, self.cfg.partition_alpha, self._checked)
+                if key not in _ITEMS:
+                    if len(_ITEMS) >= 64:  # sites x data versions seen by one process: keep it bounded
+                        _ITEMS.pop(next(iter(_ITEMS)))
+                    _ITEMS[key] = self._load_items()
+                self._items = _ITEMS[key]
         items = self._items[split]
         return items[: self.cfg.max_images] if self.cfg.max_images else items
 
@@ -130,12 +156,11 @@ class Site:
 
     def _find_simulation_data_root(self) -> Path:
         from simulations.demo_data import prepare_data  # simulation only
-        from simulations.partition import site_folders
 
         assert self.identity.num_partitions is not None
         root = prepare_data(self.cfg, self.identity.num_partitions)
         if self.cfg.partition == "natural":
-            folders = site_folders(root)
+            folders = self._site_folders(root)
             if len(folders) != self.identity.num_partitions:
                 raise SiteRefusal(
                     f"simulation: the data has {len(folders)} site folder(s) for {self.identity.num_partitions} "
@@ -149,11 +174,17 @@ class Site:
             return ident.data_path
         root = self.simulation_data_root()
         if self.cfg.partition == "natural":
+            assert ident.partition_id is not None
+            return self._site_folders(root)[ident.partition_id]
+        return root
+
+    def _site_folders(self, root: Path) -> list[Path]:
+        """`site_folders(root)`, listed once per message (it tests every folder's format)."""
+        if self._sim_folders is None:
             from simulations.partition import site_folders
 
-            assert ident.partition_id is not None
-            return site_folders(root)[ident.partition_id]
-        return root
+            self._sim_folders = site_folders(root)
+        return self._sim_folders
 
     def ensure_data_ok(self) -> None:
         """Refuse to serve on data that fails `fedvlsm data check` (cached by a fingerprint of the data).
@@ -167,14 +198,17 @@ class Site:
         sources = [folder]
         if self.identity.data_path is None and self.cfg.partition != "natural":
             # A partitioned simulation pools a multi-site root: check each source dataset (one cache each).
-            from simulations.partition import is_dataset, site_folders
+            from simulations.partition import is_dataset
 
-            sources = [folder] if is_dataset(folder) else site_folders(folder)
+            sources = [folder] if is_dataset(folder) else self._site_folders(folder)
+        fingerprints = []
         for k, source in enumerate(sources):
             cache = self.site_dir / "cache" if source == folder else self.site_dir / "cache" / f"source-{k}"
             result = site_data_check(source, cache)
             if not result.ok:
                 raise SiteRefusal(result.summary, "\n".join(result.details))
+            fingerprints.append(result.fingerprint)
+        self._checked = tuple(fingerprints)
 
     def dataset(self, split: str, frozen: Base, train: bool, seed: int = 0) -> SegDataset:
         return SegDataset(
@@ -216,7 +250,42 @@ class Site:
         personal: Mapping[str, torch.Tensor] | None = None,
     ) -> AdaptedCLIPSeg:
         """Fresh adapters on the cached base, then the global (shared) and personal tensors."""
-        model = self.cfg.initial_model(frozen)
+        return self._load(self.cfg.initial_model(frozen), shared, personal)
+
+    @contextmanager
+    def leased_model(
+        self,
+        frozen: Base,
+        shared: Mapping[str, torch.Tensor] | None = None,
+        personal: Mapping[str, torch.Tensor] | None = None,
+    ) -> Iterator[AdaptedCLIPSeg]:
+        """`model(...)` on an idle model of this process when there is one (reset to the initial adapter).
+
+        The model goes back to the idle list when the block ends normally; one
+        left by an exception (mid-training, half-loaded) is dropped. DP-SGD
+        runs always get a fresh model: Opacus hooks into the modules.
+        """
+        key = (self.cfg.adapter_spec(), self.cfg.seed, frozen.base_id)
+        reuse = self.cfg.dp != "sample"
+        idle = [e for e in _IDLE_MODELS.get(key, []) if e[0] is frozen] if reuse else []
+        if idle:
+            _, model, initial = idle[0]
+            _IDLE_MODELS[key].remove(idle[0])
+            model.load_adapter_state(initial)
+        else:
+            model = self.cfg.initial_model(frozen)
+            initial = model.adapter_state()
+        yield self._load(model, shared, personal)
+        if reuse:
+            for p in model.adapter_parameters():
+                p.grad = None
+            model.train(False)
+            pool = _IDLE_MODELS.setdefault(key, [])
+            if len(pool) < _MAX_IDLE:
+                pool.append((frozen, model, initial))
+
+    def _load(self, model: AdaptedCLIPSeg, shared: Mapping[str, torch.Tensor] | None,
+              personal: Mapping[str, torch.Tensor] | None) -> AdaptedCLIPSeg:
         if shared:
             expected, _ = split_personal(dict.fromkeys(model.adapter_names()), self.cfg.personal)
             if set(shared) != set(expected):

@@ -7,8 +7,9 @@ purpose (numpy and flwr only): the thin ClientApp imports it.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from client.arrays import to_array, to_numpy, to_record
 from common.packed import ARRAYS, MANIFEST_RECORD, PACKED, PackError, pack_tensors, unpack_tensors
 
 __all__ = ["PackError", "is_packed", "pack_content", "unpack_content"]
@@ -22,9 +23,9 @@ def pack_content(content: RecordDict) -> RecordDict:
     """`content` with its `arrays` record as one uint8 Array and a manifest (unchanged if there is none)."""
     if ARRAYS not in content.array_records or is_packed(content):
         return content
-    buffer, manifest = pack_tensors({k: a.numpy() for k, a in content.array_records[ARRAYS].items()})
+    buffer, manifest = pack_tensors({k: to_numpy(a) for k, a in content.array_records[ARRAYS].items()})
     out = RecordDict({k: v for k, v in content.items() if k != ARRAYS})
-    out[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+    out[ARRAYS] = ArrayRecord({PACKED: to_array(buffer)})
     out[MANIFEST_RECORD] = ConfigRecord({"manifest": manifest})
     return out
 
@@ -38,11 +39,11 @@ def unpack_content(content: RecordDict) -> RecordDict:
         record = content.array_records[ARRAYS]
         if list(record.keys()) != [PACKED]:
             raise PackError("packed record must hold exactly one array")
-        buffer = record[PACKED].numpy()
+        buffer = to_numpy(record[PACKED])
     except PackError:
         raise
     except Exception as err:  # noqa: BLE001 - missing records, undecodable bytes
         raise PackError(f"packed payload unreadable ({type(err).__name__})") from err
     out = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, MANIFEST_RECORD)})
-    out[ARRAYS] = ArrayRecord({k: Array(v) for k, v in unpack_tensors(buffer, manifest).items()})
+    out[ARRAYS] = to_record(unpack_tensors(buffer, manifest))
     return out

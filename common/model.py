@@ -40,7 +40,11 @@ class AdaptedCLIPSeg(nn.Module):
         self.adapters: AdapterSet = build_adapter_set(spec, self.clipseg.config)
         self.adapters.requires_grad_(True)
         self.extract_layers = list(self.clipseg.config.extract_layers)
-        self._trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        # Name -> parameter, walked once: the state calls below run several times per message,
+        # and walking the whole base each time cost more than the copies (a parameter keeps
+        # its identity through .to(), Opacus and torch.compile).
+        self._trainable_index = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        self._trainable = list(self._trainable_index)
         # The fast forward (common/fast.py): set by fast.prepare_model, None for the plain one.
         self.fast = None
 
@@ -48,18 +52,22 @@ class AdaptedCLIPSeg(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The parameters behind `adapter_names`, in that order (no walk of the base)."""
+        return list(self._trainable_index.values())
+
     def adapter_names(self) -> list[str]:
         """Names of the tensors that make up the adapter state (what trains, what travels)."""
         return list(self._trainable)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors only, detached, on the CPU, in their own dtype."""
-        params = dict(self.named_parameters())
+        params = self._trainable_index
         return {n: params[n].detach().cpu().clone() for n in self._trainable}
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Copy `state` into the adapter tensors; with strict, names/shapes must match exactly."""
-        params = dict(self.named_parameters())
+        params = self._trainable_index
         expected = set(self._trainable)
         given = set(state)
         problems = []

@@ -34,11 +34,12 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from client.arrays import to_numpy, to_record
 from common.adapter_io import adapter_config
 from common.bases import load_base
 from common.federation_config import ConfigError, FederationConfig
@@ -332,7 +333,7 @@ def run_round(
         skip_reason = "the strategy aggregated nothing"
     status = "ok" if aggregated is not None else "skipped"
     new_global = (
-        {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in aggregated.items()}
+        {k: np.asarray(to_numpy(a), dtype=np.float32) for k, a in aggregated.items()}
         if aggregated is not None else global_arrays
     )
     train_seconds = time.perf_counter() - start
@@ -576,7 +577,7 @@ def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: F
     wire: dict[str, np.ndarray] = {}
     for name in sorted(arrays.keys()):
         try:
-            a = arrays[name].numpy()
+            a = to_numpy(arrays[name])
         except Exception as err:  # noqa: BLE001 - undecodable bytes
             raise ReplyRejected(f"a tensor cannot be decoded ({type(err).__name__})") from None
         wire[name] = a
@@ -676,7 +677,7 @@ def wait_for_sites(grid: Grid, cfg: FederationConfig, simulation: bool, poll: fl
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return to_record(arrays)
 
 
 def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
@@ -688,7 +689,7 @@ def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
             continue
         arrays = msg.content[Rec.ARRAYS]
         if id(arrays) not in encoded:  # strategies share one record across messages
-            wire = to_wire({k: a.numpy() for k, a in arrays.items()}, dtype)
+            wire = to_wire({k: to_numpy(a) for k, a in arrays.items()}, dtype)
             encoded[id(arrays)] = (_record(wire), payload_bytes(wire))
         record, size = encoded[id(arrays)]
         msg.content = RecordDict({**{k: v for k, v in msg.content.items() if k != Rec.ARRAYS}, Rec.ARRAYS: record})
@@ -700,7 +701,7 @@ def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
     """Per-site record of an accepted train reply."""
     arrays = reply.content[Rec.ARRAYS]
     names = set(arrays.keys())
-    wire = {k: a.numpy() for k, a in arrays.items()}
+    wire = {k: to_numpy(a) for k, a in arrays.items()}
     m = reply.content[Rec.METRICS]
     return {
         "node_id": reply.metadata.src_node_id,

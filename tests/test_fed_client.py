@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +156,56 @@ def test_the_base_is_loaded_once_per_process(data, tmp_path):
     assert sites.process_stats()["base-loads"] == loads  # a second message, another site: no reload
     m = reply.content["metrics"]
     assert m["base-loads"] == loads and m["base-load-seconds"] >= 0 and m["import-seconds"] > 0
+
+
+def test_a_reused_model_trains_exactly_like_a_fresh_one(data, tmp_path, monkeypatch):
+    # A warm process reuses idle adapter models (Site.leased_model). A model another site
+    # has just trained (its personal parts included) must give exactly what a fresh one gives.
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",), payload_dtype="fp32", lr=0.01)
+    messages = {run: train_message(dataclasses.replace(cfg, run_name=run), shift=shift)[0]
+                for run, shift in (("a", 0.0), ("b", 0.05), ("c", 0.0))}
+    builds = []
+    real_initial = FederationConfig.initial_model
+    monkeypatch.setattr(FederationConfig, "initial_model", lambda self, base: builds.append(1) or real_initial(self, base))
+    monkeypatch.setattr(sites, "_IDLE_MODELS", {})
+
+    def train(pid: int, run: str):
+        reply = client_app.train(messages[run], context(cfg, pid))
+        assert "status" not in reply.content, reply.content
+        personal = sites.Site(cfg, {"partition-id": pid, "num-partitions": 2}).load_personal(run, before_round=2)
+        return {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}, personal
+
+    fresh, fresh_personal = train(0, "a")
+    train(1, "b")  # dirties the idle model: other site, other global, trained personal parts
+    reused, reused_personal = train(0, "c")
+    assert len(builds) == 1  # the second and third messages reused the first model
+    assert fresh.keys() == reused.keys() and all(np.array_equal(fresh[k], reused[k]) for k in fresh)
+    assert fresh_personal.keys() == reused_personal.keys()
+    assert all(torch.equal(fresh_personal[k], reused_personal[k]) for k in fresh_personal)
+
+
+def test_a_sites_items_are_listed_once_per_data_change(tmp_path, monkeypatch):
+    # A warm process keeps a site's items while its checked data is unchanged; any change re-lists them.
+    root = tmp_path / "data"
+    synthesize(root, sites=2, per_site=6, seed=0, image_size=32)
+    cfg = FederationConfig(base="arch:tiny", data=str(root), home=str(tmp_path / "home"), run_name="memo")
+    listed = []
+    real = sites.Site._load_items
+    monkeypatch.setattr(sites.Site, "_load_items", lambda self: listed.append(1) or real(self))
+    monkeypatch.setattr(sites, "_ITEMS", {})
+
+    def train_items(pid: int = 0) -> list:
+        site = sites.Site(cfg, {"partition-id": pid, "num-partitions": 2})
+        site.ensure_data_ok()
+        return site.items("train")
+
+    first = train_items()
+    assert train_items() == first and len(listed) == 1  # second message: from the memo
+    assert train_items(1) != first and len(listed) == 2  # another site: its own entry
+    ann = root / "site-0" / "anns" / "train.json"
+    records = json.loads(ann.read_text())
+    ann.write_text(json.dumps(records[:-1]))  # one training item fewer
+    assert len(train_items()) == len(first) - 1 and len(listed) == 3
 
 
 def test_evaluate_and_final_report_global_and_personalised_dice(data, tmp_path):

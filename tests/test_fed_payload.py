@@ -56,6 +56,21 @@ def test_fp16_wire_decodes_to_fp32_close_to_the_original(model):
         np.testing.assert_array_equal(exact[name], t.numpy())
 
 
+def test_fp16_conversions_give_numpys_bytes_subnormals_and_edges_included():
+    # The wire casts through torch for speed (common.payload.cast); the bytes must be numpy's.
+    rng = np.random.default_rng(0)
+    scales = (1e-8, 1e-6, 1e-4, 1.0, 1e3)
+    x = np.concatenate([rng.standard_normal(5000).astype(np.float32) * s for s in scales]
+                       + [np.array([65504, 65519, -0.0, 6e-8, 3e-8, 2.9e-8, 0.0], np.float32)])
+    assert to_wire({"t": x}, "fp16")["t"].tobytes() == x.astype(np.float16).tobytes()
+    half = x.astype(np.float16)
+    assert from_wire({"t": half})["t"].tobytes() == half.astype(np.float32).tobytes()
+    assert decode_update({"t": half})["t"].tobytes() == half.astype(np.float32).tobytes()
+    frozen = half.copy()
+    frozen.flags.writeable = False  # e.g. an np.frombuffer view of a packed payload
+    assert from_wire({"t": frozen})["t"].tobytes() == half.astype(np.float32).tobytes()
+
+
 def test_fp16_overflow_is_refused_with_the_tensor_name():
     with pytest.raises(PayloadError, match="'big'.*fp16"):
         to_wire({"big": torch.tensor([1e6])}, "fp16")

@@ -5,7 +5,8 @@
 - a whole federation over a grid that *is* Flower's deployment grid (HttpGrid, push/pull overridden to
   deliver in-process) packs every adapter message both ways, and ends with exactly the adapter of the
   unpacked in-process run;
-- the ClientApp packs its reply only when the message it got was packed.
+- the ClientApp packs its reply only when the message it got was packed;
+- client/arrays.py's fast numpy <-> Array gives Flower's own bytes and arrays, and Flower's errors.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import FederationConfig
+from client.arrays import to_array, to_numpy, to_record
 from client.wire import PackError, is_packed, pack_content, unpack_content
 from common.packed import MANIFEST_RECORD, PACKED
 from fed_harness import InProcessGrid
@@ -153,3 +155,34 @@ def test_the_client_app_packs_its_reply_only_when_the_message_was_packed(tmp_pat
     reply = dispatch(msg, ctx)  # unknown type: an error reply with no arrays, so nothing to pack
     assert "arrays" not in reply.content and reply.content["status"]["error"].startswith("protocol")
     assert not is_packed(msg.content) and list(msg.content["arrays"].keys()) == ["w"]  # handler saw it unpacked
+
+
+def _odd_arrays() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((3, 4)).astype(np.float16), rng.standard_normal(5).astype(np.float32),
+            np.array(3.5, np.float32), np.zeros((0, 3), np.int8), rng.integers(-127, 127, (7, 9)).astype(np.int8),
+            np.arange(12, dtype=">f4").reshape(3, 4), np.asfortranarray(rng.standard_normal((3, 4))),
+            rng.standard_normal((4, 6))[:, ::2], np.array([True, False]), np.frombuffer(b"\x01\x02\x03\x04", np.uint8)]
+
+
+@pytest.mark.parametrize("x", _odd_arrays(), ids=lambda x: f"{x.dtype}{x.shape}")
+def test_fast_arrays_equal_flowers_own(x):
+    mine, flowers = to_array(x), Array(x)
+    assert (mine.dtype, mine.shape, mine.stype, mine.data) == (flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    for _ in range(2):  # the second call takes the parsed header from the cache
+        got, want = to_numpy(flowers), flowers.numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert got.flags.writeable and got.flags.f_contiguous == want.flags.f_contiguous
+    assert list(to_record({"a": x, "b": x}).keys()) == ["a", "b"]
+
+
+def test_fast_arrays_give_flowers_errors_on_bad_bytes():
+    good = Array(np.arange(6, dtype=np.float32))
+    for bad in (Array(dtype="float32", shape=(6,), stype="numpy.ndarray", data=good.data[:-4]),  # truncated
+                Array(dtype="float32", shape=(6,), stype="numpy.ndarray", data=b"not an npy file at all"),
+                Array(dtype="object", shape=(1,), stype="numpy.ndarray",
+                      data=good.data.replace(b"'<f4'", b"'|O' "))):  # a pickle would be needed
+        with pytest.raises(Exception) as flowers:
+            bad.numpy()
+        with pytest.raises(type(flowers.value)):
+            to_numpy(bad)

@@ -287,13 +287,15 @@ class SiteCheck:
     train/val/test show as ``other``, problems of no split as ``all``.
     ``summary``: one line of kinds and counts only - never a file name, path
     or exception text - safe to send to the server. ``details``: the full
-    messages, for the site's own log only.
+    messages, for the site's own log only. ``fingerprint``: the
+    ``data_fingerprint`` the verdict is for (set by ``site_data_check``).
     """
 
     ok: bool
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     summary: str = "data check: OK"
     details: list[str] = field(default_factory=list)
+    fingerprint: str = ""
 
 
 def _public_split(split: str | None) -> str:
@@ -344,14 +346,14 @@ def data_fingerprint(data_path: str | Path, exclude: str | Path | None = None) -
                 continue
             rel = here.relative_to(root).parts
             for name in filenames:
-                path = here / name
-                if not (is_supported(path) or path.suffix.lower() in _FINGERPRINT_EXTS):
+                if file_ext(name) not in _FINGERPRINT_EXTS:
                     continue
-                if path.is_symlink() and (not path.is_file() or (
-                        skip is not None and path.resolve().is_relative_to(skip))):
+                full = os.path.join(dirpath, name)  # strings, not Paths: this loop is the hot part
+                if os.path.islink(full) and (not os.path.isfile(full) or (
+                        skip is not None and Path(full).resolve().is_relative_to(skip))):
                     continue
                 try:
-                    st = path.stat()
+                    st = os.stat(full)
                 except OSError:
                     continue
                 found.append(((*rel, name), st))
@@ -373,9 +375,9 @@ def site_data_check(data_path: Path, cache_dir: Path) -> SiteCheck:
     try:
         cached = json.loads(cache.read_text(encoding="utf-8"))
         if cached.get("fingerprint") == fingerprint:
-            return SiteCheck(**cached["result"])
+            return replace(SiteCheck(**cached["result"]), fingerprint=fingerprint)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache yet, or an unreadable one: check again
     result = summarize(check_dataset(data_path))
     write_json_atomic(cache, {"fingerprint": fingerprint, "result": result.__dict__})
-    return result
+    return replace(result, fingerprint=fingerprint)

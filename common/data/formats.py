@@ -54,6 +54,7 @@ import csv
 import functools
 import hashlib
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -124,11 +125,16 @@ class Problem:
 
 
 def file_ext(path: str | Path) -> str:
-    """Lower-case extension, treating ``.nii.gz`` as one extension."""
-    name = Path(path).name.lower()
+    """Lower-case extension, treating ``.nii.gz`` as one extension (``Path.suffix`` otherwise).
+
+    String operations, not Path objects: the data fingerprint calls this for
+    every file of a site at every message.
+    """
+    name = os.path.basename(os.fspath(path)).lower()
     if name.endswith(".nii.gz"):
         return ".nii.gz"
-    return Path(name).suffix
+    ext = os.path.splitext(name)[1]
+    return "" if ext == "." else ext
 
 
 def file_stem(path: str | Path) -> str:
