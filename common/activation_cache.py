@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
-from common.resident_pixels import device_budget
+from common.budget import device_budget
 
 ACT_VERSION = 1  # bump when what the trunks compute changes
 

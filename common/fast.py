@@ -142,7 +142,13 @@ class PatchConvTranspose2d(nn.ConvTranspose2d):
 
 
 def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
-    """Swap `module`'s eligible ConvTranspose2d layers to (on) or back from (off) PatchConvTranspose2d."""
+    """Swap `module`'s eligible ConvTranspose2d layers to (on) or back from (off) PatchConvTranspose2d.
+
+    Records on `module` whether any is swapped, so that switching off an
+    unswapped base (every plain evaluate and fit) skips the walk.
+    """
+    if not on and not getattr(module, "_fedvlsm_patched_convs", True):
+        return 0
     n = 0
     for m in module.modules():
         if on and type(m) is nn.ConvTranspose2d and PatchConvTranspose2d.eligible(m):
@@ -151,6 +157,7 @@ def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
         elif not on and type(m) is PatchConvTranspose2d:
             m.__class__ = nn.ConvTranspose2d
             n += 1
+    module._fedvlsm_patched_convs = on and n > 0
     return n
 
 

@@ -50,7 +50,8 @@ class AdaptedCLIPSeg(nn.Module):
 
     # ------------------------------------------------------------------ state
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        """The parameters that train, in `parameters()` order (from the index, not a walk of the base)."""
+        return [p for p in self._trainable_index.values() if p.requires_grad]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The parameters behind `adapter_names`, in that order (no walk of the base)."""
@@ -113,7 +114,9 @@ class AdaptedCLIPSeg(nn.Module):
         """``self.to(device)``, walking only the adapters when the (shared) base is already there."""
         probe = next(self.clipseg.parameters(), None)
         if probe is not None and probe.device == device and self.spec.variant not in ("full", "lora", "decoder"):
-            self.adapters.to(device)
+            # Adapters hold parameters only (no buffers): skip even their walk when all are there.
+            if any(p.device != device for p in self._trainable_index.values()):
+                self.adapters.to(device)
             return self
         return self.to(device)
 

@@ -26,25 +26,12 @@ the loader would give.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-
-def device_budget(env: str, device: torch.device, gpu_fraction: float, other_bytes: int) -> int:
-    """Bytes a device-side store may hold: $`env` in GiB if set, else a fraction of the GPU's memory
-    on CUDA, `other_bytes` elsewhere (shared with common/activation_cache.py)."""
-    value = os.environ.get(env)
-    if value:
-        try:
-            return int(float(value) * 2**30)
-        except ValueError:
-            raise ValueError(f"{env} must be a number of GiB, got {value!r}") from None
-    if device.type == "cuda":
-        return int(gpu_fraction * torch.cuda.get_device_properties(device).total_memory)
-    return other_bytes
+from common.budget import device_budget
 
 
 def budget_bytes(device: torch.device) -> int:

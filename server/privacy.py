@@ -56,7 +56,6 @@ from flwr.serverapp.strategy import (
 )
 
 from common.federation_config import ConfigError, FederationConfig
-from common.payload import from_wire, to_wire
 from common.privacy import clip_for_wire, clip_update_fp32, update_norm  # noqa: F401  (re-exported)
 
 DP_WEIGHT_KEY = "dp-unit-weight"

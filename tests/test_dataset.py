@@ -118,7 +118,8 @@ def test_cache_round_trip_identical_and_reused_by_a_fresh_dataset(tmp_path: Path
 
     monkeypatch.setattr(dataset_module, "read_image", no_decoding)
     monkeypatch.setattr(dataset_module, "read_mask", no_decoding)
-    fresh = SegDataset(items, 20, train=False, cache_dir=cache)  # as in a new process each round
+    dataset_module.forget_decoded()  # as in a new process each round: from the files on disk
+    fresh = SegDataset(items, 20, train=False, cache_dir=cache)
     second = [fresh[i] for i in range(len(items))]
     for a, b, c in zip(plain, first, second):
         for key in ("pixel_values", "mask", "orig_mask"):
@@ -140,7 +141,44 @@ def test_damaged_cache_file_is_rebuilt(tmp_path: Path) -> None:
     expected = ds[0]["pixel_values"]
     (cache_file,) = cache.glob("*.npz")
     cache_file.write_bytes(b"truncated")
+    dataset_module.forget_decoded()  # a new process: only the damaged file
     assert torch.equal(SegDataset([item], 12, train=False, cache_dir=cache)[0]["pixel_values"], expected)
+
+
+def test_a_warm_process_reads_each_cache_file_once_within_its_memory_budget(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_medvlsm_dataset(tmp_path / "d", n=4)
+    items = load_items(root, "train")
+    cache = tmp_path / "cache"
+    loads: list[Path] = []
+    real_load = dataset_module._load_npz
+    monkeypatch.setattr(dataset_module, "_load_npz", lambda path: loads.append(path) or real_load(path))
+    first = [SegDataset(items, 20, train=False, cache_dir=cache)[i] for i in range(len(items))]
+    again = [SegDataset(items, 20, train=False, cache_dir=cache)[i] for i in range(len(items))]
+    assert len(loads) == len(items)  # the second dataset came from memory
+    for a, b in zip(first, again):
+        assert all(torch.equal(a[k], b[k]) for k in ("pixel_values", "mask", "orig_mask"))
+    ds = SegDataset(items, 20, train=False, cache_dir=cache)
+    assert not ds.arrays(0)[0].flags.writeable  # shared entries cannot be changed in place ...
+    ds[0]["orig_mask"][0, 0] = 7  # ... and what a caller gets is its own copy
+    assert ds.arrays(0)[2][0, 0] != 7
+    # A changed file is another entry, read from its files.
+    st = items[0].image.stat()
+    os.utime(items[0].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    SegDataset(items, 20, train=False, cache_dir=cache)[0]
+    assert len(loads) == len(items) + 1
+    # Budget: 0 keeps nothing; room for one item keeps the most recently used one only.
+    one_item = max(sum(a.nbytes for a in ds.arrays(i)) for i in (0, 1))
+    for budget, order, reads in ((0, [1, 1], 2), ((one_item + 0.5) / 2**30, [0, 0, 1, 1, 0, 0], 3)):
+        monkeypatch.setenv("FEDVLSM_ITEM_MEMORY_GB", repr(budget))
+        dataset_module.forget_decoded()
+        loads.clear()
+        for i in order:
+            ds.arrays(i)
+        assert len(loads) == reads, budget
+    monkeypatch.setenv("FEDVLSM_ITEM_MEMORY_GB", "lots")
+    with pytest.raises(ValueError, match="FEDVLSM_ITEM_MEMORY_GB"):
+        SegDataset(items, 21, train=False, cache_dir=cache)[0]
 
 
 def test_collate_tokenises_and_stacks(tmp_path: Path) -> None:

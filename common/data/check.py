@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import os
 import json
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
