@@ -45,6 +45,7 @@ from common.federation_config import (
     FederationConfig,
     SiteIdentity,
 )
+from common.adapters.baselines import MUTATING
 from common.model import AdaptedCLIPSeg
 from common.payload import split_personal
 from common.site_errors import SiteRefusal
@@ -60,7 +61,7 @@ _ITEMS: dict[tuple, dict[str, list[Item]]] = {}
 
 # (base, adapter spec, seed) -> idle models of this process, each with its initial adapter state.
 _IDLE_MODELS: dict[tuple, list[tuple[Base, AdaptedCLIPSeg, dict[str, torch.Tensor]]]] = {}
-_MAX_IDLE = 3  # a final evaluation holds three models at once; more are never idle together
+_MAX_IDLE = 1  # the handlers lease one model at a time
 
 _PERSONAL_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
 
@@ -262,11 +263,14 @@ class Site:
         """`model(...)` on an idle model of this process when there is one (reset to the initial adapter).
 
         The model goes back to the idle list when the block ends normally; one
-        left by an exception (mid-training, half-loaded) is dropped. DP-SGD
-        runs always get a fresh model: Opacus hooks into the modules.
+        left by an exception (mid-training, half-loaded) is dropped. Always a
+        fresh model for DP-SGD (Opacus hooks into the modules) and for the
+        baselines that copy the base ("full", "lora", "decoder": an idle copy
+        and its initial state would hold two copies of the base).
         """
-        key = (self.cfg.adapter_spec(), self.cfg.seed, frozen.base_id)
-        reuse = self.cfg.dp != "sample"
+        spec = self.cfg.adapter_spec()
+        key = (spec, self.cfg.seed, frozen.base_id)
+        reuse = self.cfg.dp != "sample" and spec.variant not in MUTATING
         idle = [e for e in _IDLE_MODELS.get(key, []) if e[0] is frozen] if reuse else []
         if idle:
             _, model, initial = idle[0]
@@ -280,9 +284,9 @@ class Site:
             for p in model.adapter_parameters():
                 p.grad = None
             model.train(False)
-            pool = _IDLE_MODELS.setdefault(key, [])
-            if len(pool) < _MAX_IDLE:
-                pool.append((frozen, model, initial))
+            # Models on another object of the same base (reloaded) are never leased again: drop them.
+            pool = [e for e in _IDLE_MODELS.get(key, []) if e[0] is frozen]
+            _IDLE_MODELS[key] = pool + [(frozen, model, initial)] if len(pool) < _MAX_IDLE else pool
 
     def _load(self, model: AdaptedCLIPSeg, shared: Mapping[str, torch.Tensor] | None,
               personal: Mapping[str, torch.Tensor] | None) -> AdaptedCLIPSeg:

@@ -179,6 +179,12 @@ def test_a_reused_model_trains_exactly_like_a_fresh_one(data, tmp_path, monkeypa
     train(1, "b")  # dirties the idle model: other site, other global, trained personal parts
     reused, reused_personal = train(0, "c")
     assert len(builds) == 1  # the second and third messages reused the first model
+    # A base loaded again (another object) gets a model of its own, which replaces the idle one.
+    monkeypatch.setattr(sites, "_BASES", {})
+    train(0, "a")
+    assert len(builds) == 2 and [len(pool) for pool in sites._IDLE_MODELS.values()] == [1]
+    (pool,) = sites._IDLE_MODELS.values()
+    assert pool[0][0] is sites.base(cfg.base)
     assert fresh.keys() == reused.keys() and all(np.array_equal(fresh[k], reused[k]) for k in fresh)
     assert fresh_personal.keys() == reused_personal.keys()
     assert all(torch.equal(fresh_personal[k], reused_personal[k]) for k in fresh_personal)
