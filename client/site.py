@@ -281,7 +281,7 @@ class Site:
             initial = model.adapter_state()
         yield self._load(model, shared, personal)
         if reuse:
-            for p in model.adapter_parameters():
+            for p in model.trainable_parameters():
                 p.grad = None
             model.train(False)
             # Models on another object of the same base (reloaded) are never leased again: drop them.

@@ -21,7 +21,7 @@ from transformers import CLIPSegForImageSegmentation
 from transformers.masking_utils import create_causal_mask
 
 from common.adapters import AdapterSet, AdapterSpec, build_adapter_set
-from common.adapters.baselines import prepare_base
+from common.adapters.baselines import MUTATING, prepare_base
 from common.bases import Base, base_fingerprint
 
 
@@ -44,7 +44,6 @@ class AdaptedCLIPSeg(nn.Module):
         # and walking the whole base each time cost more than the copies (a parameter keeps
         # its identity through .to(), Opacus and torch.compile).
         self._trainable_index = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        self._trainable = list(self._trainable_index)
         # The fast forward (common/fast.py): set by fast.prepare_model, None for the plain one.
         self.fast = None
 
@@ -53,23 +52,18 @@ class AdaptedCLIPSeg(nn.Module):
         """The parameters that train, in `parameters()` order (from the index, not a walk of the base)."""
         return [p for p in self._trainable_index.values() if p.requires_grad]
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """The parameters behind `adapter_names`, in that order (no walk of the base)."""
-        return list(self._trainable_index.values())
-
     def adapter_names(self) -> list[str]:
         """Names of the tensors that make up the adapter state (what trains, what travels)."""
-        return list(self._trainable)
+        return list(self._trainable_index)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors only, detached, on the CPU, in their own dtype."""
-        params = self._trainable_index
-        return {n: params[n].detach().cpu().clone() for n in self._trainable}
+        return {n: p.detach().cpu().clone() for n, p in self._trainable_index.items()}
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Copy `state` into the adapter tensors; with strict, names/shapes must match exactly."""
         params = self._trainable_index
-        expected = set(self._trainable)
+        expected = set(self._trainable_index)
         given = set(state)
         problems = []
         if strict:
@@ -100,7 +94,7 @@ class AdaptedCLIPSeg(nn.Module):
     def train(self, mode: bool = True) -> "AdaptedCLIPSeg":
         # Frozen parts stay in eval mode whatever the caller does: the base is
         # shared and has no business changing behaviour during adapter training.
-        if self.spec.variant in ("full", "lora", "decoder"):
+        if self.spec.variant in MUTATING:
             return super().train(mode)
         # Not super().train(): walking the whole base twice (train, then eval)
         # cost ~4 ms per call on the tiny base, several times per message.
@@ -113,7 +107,7 @@ class AdaptedCLIPSeg(nn.Module):
     def to_device(self, device: torch.device) -> "AdaptedCLIPSeg":
         """``self.to(device)``, walking only the adapters when the (shared) base is already there."""
         probe = next(self.clipseg.parameters(), None)
-        if probe is not None and probe.device == device and self.spec.variant not in ("full", "lora", "decoder"):
+        if probe is not None and probe.device == device and self.spec.variant not in MUTATING:
             # Adapters hold parameters only (no buffers): skip even their walk when all are there.
             if any(p.device != device for p in self._trainable_index.values()):
                 self.adapters.to(device)
