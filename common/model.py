@@ -41,13 +41,25 @@ class AdaptedCLIPSeg(nn.Module):
         self.adapters.requires_grad_(True)
         self.extract_layers = list(self.clipseg.config.extract_layers)
         # Name -> parameter, walked once: the state calls below run several times per message,
-        # and walking the whole base each time cost more than the copies (a parameter keeps
-        # its identity through .to(), Opacus and torch.compile).
+        # and walking the whole base each time cost more than the copies. A parameter keeps
+        # its identity through Opacus, torch.compile and CPU <-> CUDA moves, but not through
+        # every conversion (to "meta", or with torch.__future__'s overwrite-on-conversion
+        # flag, .to() makes new Parameters): _apply re-indexes after each.
         self._trainable_index = {n: p for n, p in self.named_parameters() if p.requires_grad}
         # The fast forward (common/fast.py): set by fast.prepare_model, None for the plain one.
         self.fast = None
 
     # ------------------------------------------------------------------ state
+    def _reindex(self) -> None:
+        """Point the index at the module's current parameters (same names)."""
+        names = self._trainable_index
+        self._trainable_index = {n: p for n, p in self.named_parameters() if n in names}
+
+    def _apply(self, fn, recurse: bool = True):  # every .to()/.cuda()/.half() of the model goes through here
+        out = super()._apply(fn, recurse)
+        self._reindex()
+        return out
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train, in `parameters()` order (from the index, not a walk of the base)."""
         return [p for p in self._trainable_index.values() if p.requires_grad]
@@ -111,6 +123,7 @@ class AdaptedCLIPSeg(nn.Module):
             # Adapters hold parameters only (no buffers): skip even their walk when all are there.
             if any(p.device != device for p in self._trainable_index.values()):
                 self.adapters.to(device)
+                self._reindex()
             return self
         return self.to(device)
 

@@ -182,3 +182,27 @@ def test_padding_side_does_not_change_the_prompt_embedding(tiny_base, side):
         assert (padded[0] - alone[0]).abs().max().item() <= 1e-5
     stock = tiny_base.model.clip.get_text_features(**batch).pooler_output
     assert (padded - stock).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["dense-vl", "lora"])
+def test_trainable_parameters_follow_conversions_that_make_new_parameters(tiny_base, variant):
+    """The model indexes its trainable parameters once; a .to() that replaces them (torch's
+    overwrite-on-conversion flag here; a move to "meta" does the same) must not leave the index,
+    hence training and the adapter state, on the old tensors."""
+    import copy
+
+    from common.bases import Base
+
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    model = build_model(base, variant)
+    before = model.trainable_parameters()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    own = dict(model.named_parameters())
+    after = model.trainable_parameters()
+    assert len(after) == len(before) and all(p is not q for p, q in zip(after, before))  # really new objects
+    assert all(own[name] is p for name, p in model._trainable_index.items())
+    assert all(t.dtype == torch.float64 for t in model.adapter_state().values())
