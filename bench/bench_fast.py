@@ -124,6 +124,7 @@ def synthetic_step(base, device, batch, cfg):
         loss, _ = r.train_step(images, masks, ids)
         return loss
 
+    step.runner = r
     return step
 
 
@@ -150,7 +151,16 @@ def fast_step_bench(base, device, batch, n, warmup, compile_mode: str, eager_dec
     _sync(device)
     first = time.perf_counter() - t0  # includes compilation when compiled
     dt = timed(step, n, warmup, device)
-    return {"img_per_s": batch / dt, "s_per_step": dt, "first_step_s": first, "compile": compile_mode}
+    row = {"img_per_s": batch / dt, "s_per_step": dt, "first_step_s": first, "compile": compile_mode}
+    return {**row, **graph_stats(one_step.runner)}
+
+
+def graph_stats(r) -> dict:
+    """compile='cuda-graph': graphs captured, replays, and why a capture failed (that shape ran eagerly)."""
+    g = r.graphed
+    if g is None:
+        return {}
+    return {"graphs": len(g.graphs), "replays": g.replays, "capture_failures": list(g.failures.values())}
 
 
 def epoch_site(tmp: str, base, cache_dir: Path | None):
@@ -419,7 +429,8 @@ def part_cuda_graph(base, device, batch, n, warmup, res: dict) -> None:
 
     mode = "off" if TINY else "cuda-graph"
     row = res[f"dense-vl_fast_{mode}"] = fast_step_bench(base, device, batch, n, warmup, mode)
-    print(f"dense-vl fast {mode}: {row['img_per_s']:.1f} img/s (first step {row['first_step_s']:.1f} s)", flush=True)
+    print(f"dense-vl fast {mode}: {row['img_per_s']:.1f} img/s (first step {row['first_step_s']:.1f} s) "
+          f"{row.get('capture_failures') or ''}", flush=True)
     _free(device)
     with tempfile.TemporaryDirectory() as tmp:
         sds = epoch_site(tmp, base, Path(tmp) / "c")
@@ -431,7 +442,7 @@ def part_cuda_graph(base, device, batch, n, warmup, res: dict) -> None:
             items = steps * batch if r.drop_last else len(sds)
             key = f"{variant}_fast_epoch_{mode}" if variant == "dense-vl" else f"shallow-vlc_cached_epoch_{mode}"
             res[key] = {"img_per_s": items / min(times), "items": items, "first_epoch_s": first, "epoch_s": times,
-                        "replays": getattr(r.graphed, "replays", 0), "graphs": len(getattr(r.graphed, "graphs", {}))}
+                        **graph_stats(r)}
             print(f"{key}: {items / min(times):.1f} img/s (first epoch {first:.1f} s)", flush=True)
             record_syncs(res, f"{key}_syncs", r, sds, 7, device)
             del model, r
@@ -542,6 +553,9 @@ def table() -> None:
             share = epoch["img_per_s"] / step["img_per_s"]
             out[f"epoch_vs_step{suffix}"] = share
             print(f"fast epoch{suffix} (data loading included) / fast step{suffix}: {share:.2f} (target >= 0.85)")
+    for key, row in rows.items():
+        if isinstance(row, dict) and row.get("capture_failures"):
+            print(f"{key}: CUDA graph capture FAILED (ran eagerly): {'; '.join(row['capture_failures'])}")
     for key in [k for k in rows if k.endswith("_syncs")]:
         print(f"{key}: {rows[key]['count']} host syncs in one epoch at {', '.join(rows[key]['sites'])}")
     for key, row in rows.items():

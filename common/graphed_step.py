@@ -28,10 +28,17 @@ no GradScaler (bf16 or fp32: fp16's scaler checks for infs on the host).
 Outputs (loss, Dice sum) are the graph's static tensors: read them before
 the next call. Each shape's graph keeps its own memory pool (its
 activations: some GB at batch 32 on the full-size model).
+
+If a capture fails (an operator a card's library cannot record, say), that
+shape trains eagerly from then on, with a warning that names the reason
+(``failures``): the same maths, only without the replay's speed. Nothing ran
+during the failed capture (capturing records kernels, it does not run them),
+so no batch is lost or applied twice.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Any, Callable
 
@@ -51,6 +58,11 @@ def _shape_key(args: Inputs) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in _flat(args))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _clone_like(args: Inputs) -> Inputs:
     return tuple([t.clone() for t in a] if isinstance(a, (list, tuple)) else a.clone() for a in args)
 
@@ -64,16 +76,27 @@ class GraphedStep:
         self.seen: Counter = Counter()
         self.graphs: dict[tuple, tuple[Any, Inputs, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.replays = 0
+        self.failures: dict[tuple, str] = {}  # shape -> why its capture failed (it trains eagerly)
         self._side: Any = None
 
     def __call__(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         key = _shape_key(inputs)
         if key not in self.graphs:
             self.seen[key] += 1
-            if self.seen[key] <= self.warmup:
+            if self.seen[key] <= self.warmup or key in self.failures:
                 return self._eager(inputs)
             static = _clone_like(inputs)
-            graph, outputs = self._capture(static)
+            try:
+                graph, outputs = self._capture(static)
+            except RuntimeError as exc:  # CUDA and cuDNN/cuBLAS errors are RuntimeErrors
+                reason = _first_line(exc)
+                if exc.__context__ is not None:  # capture_end's error hides the one inside the step
+                    reason += f" (after {_first_line(exc.__context__)})"
+                self.failures[key] = reason
+                self._recover()
+                warnings.warn(f"CUDA graph capture failed for input shapes {[s for s, _ in key]} ({reason}); "
+                              "this shape trains eagerly (same results, host-bound speed)", stacklevel=2)
+                return self._eager(inputs)
             self.graphs[key] = (graph, static, outputs)
         graph, static, outputs = self.graphs[key]
         for dst, src in zip(_flat(static), _flat(inputs)):
@@ -108,6 +131,12 @@ class GraphedStep:
 
     def _replay(self, graph: Any) -> None:
         graph.replay()
+
+    def _recover(self) -> None:
+        """After a failed capture: grads recorded into the dead graph's memory are dropped; the device
+        is synchronised so that an error the capture left behind surfaces here, not later."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
 
 
 class LrTensor:

@@ -8,6 +8,8 @@ wrong time change the training and fail here. Whether capture itself works
 on a card is bench/gpu.sh's `cuda-graph` part.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -44,12 +46,26 @@ class ReplayOnCpu(GraphedStep):
         graph()
 
 
+class CaptureFails(ReplayOnCpu):
+    """A card whose library cannot record the step: every capture raises, as torch.cuda.graph would."""
+
+    def _capture(self, static):
+        self.captures += 1
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def _recover(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 @pytest.fixture(scope="module")
 def ds(synth_sites, tiny_base):
     return SegDataset(load_items(synth_sites[0], "train"), tiny_base.image_size, train=True, seed=0)
 
 
-def _runner(tiny_base, ds, variant, graphed: bool, warmup: int = 1):
+def _runner(tiny_base, ds, variant, graphed: bool, warmup: int = 1, stand_in=ReplayOnCpu):
     torch.manual_seed(0)
     model = build_model(tiny_base, variant)
     params = model.trainable_parameters()
@@ -60,7 +76,7 @@ def _runner(tiny_base, ds, variant, graphed: bool, warmup: int = 1):
                              torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator().manual_seed(0), None)
     runner.drop_last = True  # as compile='cuda-graph' does: one batch shape per prompt bucket
     if graphed:
-        runner.graphed = ReplayOnCpu(runner.step, runner._update, runner.optimizer, warmup=warmup)
+        runner.graphed = stand_in(runner.step, runner._update, runner.optimizer, warmup=warmup)
     return model, runner
 
 
@@ -84,6 +100,30 @@ def test_replayed_steps_train_what_eager_steps_train(tiny_base, ds, variant):
     g = runner.graphed
     assert len(g.graphs) == 1 and g.captures == 1
     assert g.replays == 2 * (len(ds) // 4) - g.warmup >= 4  # every step after the warm-up one
+
+
+def test_failed_capture_trains_that_shape_eagerly(tiny_base, ds):
+    """A capture that fails costs speed, not the run: a warning with the reason, then eager steps
+    that train exactly what eager training does (no batch lost or applied twice), and no retry."""
+    resident_pixels.clear()
+    states = {}
+    for stand_in in (None, CaptureFails):
+        model, runner = _runner(tiny_base, ds, "dense-vl", stand_in is not None, stand_in=stand_in or ReplayOnCpu)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [runner.run_epoch(lambda it: it)[0] for _ in range(2)]
+        states[stand_in] = (losses, model.adapter_state(), runner, caught)
+        fast.restore_fp32(model)
+    (eager_losses, eager_state, _, _), (losses, state, runner, caught) = states[None], states[CaptureFails]
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for name, tensor in eager_state.items():
+        assert torch.equal(state[name], tensor), name
+    g = runner.graphed
+    assert g.captures == 1 and not g.graphs and g.replays == 0  # tried once for the one shape
+    (reason,) = g.failures.values()
+    assert "not permitted when stream is capturing" in reason and "previous error during capture" in reason
+    messages = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
+    assert len(messages) == 1 and "trains eagerly" in messages[0]
 
 
 def test_cuda_graph_needs_cuda(tiny_base, ds):
@@ -111,3 +151,154 @@ def test_learning_rate_tensor_follows_the_scheduler():
     opt.param_groups[0]["lr"] = 1e-4  # what an older scheduler does: a float replaces the tensor
     lr.sync()
     assert opt.param_groups[0]["lr"] is held and float(held) == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Capture safety: what a CUDA graph cannot hold, checked without a GPU.
+#
+# A captured step may not read device data on the host (.item(), bool(t),
+# nonzero, ...: a sync, illegal while capturing) and may not bring host tensors
+# in (torch.tensor(..., device=...) inside the step is a blocking copy that a
+# replay would never repeat). On the "meta" device a tensor has no data at all:
+# the first kind raises, and the second shows up as a CPU tensor entering an
+# operator. So the real step (forward, loss, backward, clipping) runs on meta
+# here. Not covered: the optimizer (AdamW has no meta kernels; the graphed step
+# uses fused AdamW with capturable=True, PyTorch's graph-safe path, see
+# LrTensor) and autocast (no meta backend; amp is off, which compile='cuda-graph'
+# accepts): the bf16 forward is checked on the CPU below against the same list.
+
+import copy  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from common.bases import Base  # noqa: E402
+
+# Operators that make the host wait for (or read) device data.
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal", "unique",
+              "_unique", "_unique2", "unique_consecutive", "unique_dim", "masked_scatter", "repeat_interleave",
+              "_assert_async", "bincount", "histc", "argwhere"}
+
+
+class Audit(TorchDispatchMode):
+    """Records operators that read device data on the host, tensors from another device, and tensors
+    made from Python data (torch.tensor(..., device=...) copies below the dispatcher: patched)."""
+
+    MAKERS = ("tensor", "as_tensor", "from_numpy")
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device, self.ops, self.host_reads, self.foreign, self.made = device, 0, [], [], []
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch, name) for name in self.MAKERS}
+        for name, maker in self._saved.items():
+            setattr(torch, name, self._recording(name, maker))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, maker in self._saved.items():
+            setattr(torch, name, maker)
+        return super().__exit__(*exc)
+
+    def _recording(self, name, maker):
+        def make(*args, **kwargs):
+            self.made.append(name)
+            return maker(*args, **kwargs)
+        return make
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        if name in HOST_READS:
+            self.host_reads.append(name)
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.device != self.device for t in leaves):
+            self.foreign.append((name, [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]))
+        return func(*args, **kwargs)
+
+
+class NoData:
+    """A dataset stand-in: FastEpochs needs a length only when nothing is loaded."""
+
+    def __len__(self) -> int:
+        return 8
+
+
+def _meta_runner(tiny_base, variant):
+    """A FastEpochs on a private copy of the tiny base, moved to meta (the shared base stays put)."""
+    meta = torch.device("meta")
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    model = build_model(base, variant).to(meta)
+    params = model.trainable_parameters()
+    assert params and all(p.device == meta for p in params)  # the index follows .to() (new Parameters on meta)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step = lambda *a, **k: None  # no meta kernels (see above)
+    cfg = TrainConfig(batch_size=4, progress=False, fast="on", amp="off", prompt_buckets=(16,),
+                      activation_cache="off")
+    runner = fast.FastEpochs(model, NoData(), base.tokenizer, cfg, meta, opt,
+                             torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator(), None)
+    runner.device = torch.device("cpu")  # only names autocast's backend; autocast is off (meta has none)
+    s = base.image_size
+    images = torch.empty(4, s, s, 3, dtype=torch.uint8, device=meta)
+    masks = torch.empty(4, s, s, dtype=torch.uint8, device=meta)
+    ids = runner.tokens(["a round polyp", "polyp", "a small round polyp in the colon", "x"]).to(meta)
+    return model, runner, params, (images, masks, ids)
+
+
+def _audited_step(runner, params, inputs, cached: bool, every_grad: bool = True):
+    meta = torch.device("meta")
+    step = runner._step_cached if cached else runner.step
+    runner._update(step(*inputs)[0])  # a warm-up step, as GraphedStep runs before capturing (fills caches)
+    with Audit(meta) as audit:
+        loss, _ = step(*inputs)
+        runner._update(loss)
+    assert audit.ops > 100  # the step really ran under the audit
+    assert audit.host_reads == [], audit.host_reads
+    assert audit.foreign == [], audit.foreign[:5]
+    assert audit.made == [], audit.made
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and all(g.device == meta for g in grads)
+    # Backward reached every adapter. The full baseline's last vision layers feed nothing (model.py).
+    assert len(grads) == len(params) or not every_grad
+
+
+@pytest.mark.parametrize("variant", ["dense-vl", "dense-v", "shallow-vlc", "full"])
+def test_training_step_needs_no_host_data(tiny_base, variant):
+    _, runner, params, inputs = _meta_runner(tiny_base, variant)
+    _audited_step(runner, params, inputs, cached=False, every_grad=variant != "full")
+
+
+def test_cached_shallow_step_needs_no_host_data(tiny_base):
+    model, runner, params, (images, masks, ids) = _meta_runner(tiny_base, "shallow-vlc")
+    with torch.no_grad():  # what the activation cache hands the step: frozen trunk outputs
+        acts = model.vision_trunk(fast.normalize(images))
+        cond, taps = model.text_trunk(ids, None)
+    _audited_step(runner, params, (acts, cond, taps, masks), cached=True)
+
+
+def test_bf16_step_reads_no_device_data(tiny_base, ds):
+    """The bf16 fast forward (one cast for q/k/v, frozen weights in bf16) under CPU autocast:
+    no operator of the step reads data on the host."""
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    model = build_model(base, "dense-vl")
+    params = model.trainable_parameters()
+    cpu = torch.device("cpu")
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step = lambda *a, **k: None  # CPU AdamW reads its step count on the host; the graph's is fused+capturable
+    cfg = TrainConfig(batch_size=4, progress=False, fast="on", prompt_buckets=(16,), activation_cache="off")
+    runner = fast.FastEpochs(model, NoData(), base.tokenizer, cfg, cpu, opt,
+                             torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator(), None)
+    fast.prepare_model(model, cpu, torch.bfloat16)  # what FastEpochs does on CUDA with amp bf16
+    runner.amp = torch.bfloat16
+    s = base.image_size
+    images = torch.randint(0, 256, (4, s, s, 3), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (4, s, s), dtype=torch.uint8)
+    ids = runner.tokens(["a round polyp"] * 4)
+    runner._update(runner.step(images, masks, ids)[0])  # warm-up, as before a capture
+    with Audit(cpu) as audit:
+        loss, _ = runner.step(images, masks, ids)
+        runner._update(loss)
+    assert audit.ops > 100 and audit.host_reads == [], audit.host_reads
+    assert audit.made == [], audit.made
+    assert any(p.dtype == torch.bfloat16 for p in model.clipseg.parameters())  # the bf16 path really ran
