@@ -134,6 +134,43 @@ def test_cache_round_trip_identical_and_reused_by_a_fresh_dataset(tmp_path: Path
     assert len(list(cache.glob("*.npz"))) == len(items) + 2
 
 
+def test_cache_key_is_remembered_until_a_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One dataset asks for an item's key many times an epoch (site cache, activation cache,
+    resident pixels): realpath once, then two stats; any change of either file is a new key."""
+    import hashlib
+
+    item = _item(tmp_path, PROMPTS)
+    ds = SegDataset([item], 12, train=False)
+
+    def formula() -> str:  # the key's definition (unchanged, so existing site caches stay valid)
+        si, sm = item.image.stat(), item.mask.stat()
+        text = (f"v{dataset_module.CACHE_VERSION}|{item.image.resolve()}|{si.st_mtime_ns}|{si.st_size}"
+                f"|{item.mask.resolve()}|{sm.st_mtime_ns}|{sm.st_size}|12")
+        return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    first = ds.cache_key(0)
+    assert first == formula()
+    resolves = []
+    real_resolve = Path.resolve
+    monkeypatch.setattr(Path, "resolve", lambda self, *a: resolves.append(self) or real_resolve(self, *a))
+    assert ds.cache_key(0) == first and resolves == []  # remembered
+    st = item.mask.stat()
+    os.utime(item.mask, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    touched = ds.cache_key(0)
+    assert touched != first and touched == formula() and len(resolves) >= 2
+    # Replaced by another file of the same size and time (a new inode): recomputed, not remembered.
+    st = item.image.stat()
+    other = tmp_path / "other.png"
+    other.write_bytes(item.image.read_bytes())
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, item.image)
+    resolves.clear()
+    assert ds.cache_key(0) == formula() and resolves  # same string, so the same key; but looked at again
+    item.image.unlink()
+    with pytest.raises(DataError, match="item 'a': cannot stat"):
+        ds.cache_key(0)
+
+
 def test_damaged_cache_file_is_rebuilt(tmp_path: Path) -> None:
     item = _item(tmp_path, PROMPTS)
     cache = tmp_path / "cache"
