@@ -89,10 +89,14 @@ def run_config_of(msg: Message) -> FederationConfig:
 
 
 def _train_config(cfg: FederationConfig, epochs: int, seed: int, prox_mu: float = 0.0):
-    """The run's local-training settings on this site's device (a worker's `--device`, $FEDVLSM_DEVICE)."""
+    """The run's local-training settings on this site's hardware: the worker's `--device` and `--compile`
+    ($FEDVLSM_DEVICE, $FEDVLSM_COMPILE: the site's choices, not the consortium's)."""
     tc = cfg.train_config(epochs, seed, prox_mu=prox_mu)
     device = os.environ.get("FEDVLSM_DEVICE", "")
-    return dataclasses.replace(tc, device=device) if device and not os.environ.get("FEDVLSM_FORCE_CPU") else tc
+    if device and not os.environ.get("FEDVLSM_FORCE_CPU"):
+        tc = dataclasses.replace(tc, device=device)
+    compile_mode = os.environ.get("FEDVLSM_COMPILE", "")
+    return dataclasses.replace(tc, compile=compile_mode) if compile_mode else tc
 
 
 def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site, Base, int, str]:

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import COMPILE_MODES
+
 WORKER_START_TIMEOUT_S = 300.0
 # Flower 1.42's SuperLink activates a node only if it is registered or offline, and keeps a node whose
 # process died "online" until 2 x 30 s heartbeat interval after its last heartbeat (flwr/common/constant.py:
@@ -61,6 +63,9 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
     s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/NAME)")
     s.add_argument("--device", default="", help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
+    s.add_argument("--compile", default="", choices=("",) + COMPILE_MODES,
+                   help="local training's TrainConfig.compile: cuda-graph runs each step as one CUDA graph "
+                        "(CUDA, bf16; a shape whose capture fails trains eagerly, with a warning in the worker log)")
     s.add_argument("--root-certificates", default="", help="CA certificate (PEM) to verify the SuperLink (TLS)")
     s.add_argument("--auth-key", default="", help="this site's EC private key (PEM) for SuperNode authentication")
     s.add_argument("--insecure", action="store_true", help="no TLS: for local trials on one machine only")
@@ -101,6 +106,15 @@ def _say(text: str) -> None:
 def _node_config(values: dict[str, str]) -> str:
     # Flower parses --node-config values as TOML: JSON string quoting is valid TOML for basic strings.
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def worker_command(args: argparse.Namespace, socket: Path, ready: Path) -> list[str]:
+    """The site worker's command line: `fedvlsm site start`'s worker options passed on."""
+    cmd = [sys.executable, "-m", "client.worker", "--socket", str(socket), "--ready-file", str(ready)]
+    for option in ("device", "compile", "preload_base"):
+        if getattr(args, option):
+            cmd += ["--" + option.replace("_", "-"), getattr(args, option)]
+    return cmd
 
 
 def supernode_command(args: argparse.Namespace, node_config: dict[str, str], port: int) -> list[str]:
@@ -162,11 +176,7 @@ class Site:
         self.logs.mkdir(exist_ok=True)
         ready = self.site_dir / "worker.ready"
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "client.worker", "--socket", str(self.socket), "--ready-file", str(ready)]
-        if self.args.device:
-            cmd += ["--device", self.args.device]
-        if self.args.preload_base:
-            cmd += ["--preload-base", self.args.preload_base]
+        cmd = worker_command(self.args, self.socket, ready)
         log = open(self.logs / "worker.log", "a")  # noqa: SIM115 - the child owns it
         self.worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S

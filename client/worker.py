@@ -36,6 +36,7 @@ from pathlib import Path
 
 from client.worker_protocol import (HANDLE, INFO, OK, REFUSED, ProtocolError, call, decode, encode, receive, send,
                                     socket_address, stamp)
+from common.config import COMPILE_MODES
 
 
 class SiteWorker:
@@ -165,13 +166,33 @@ def serve(socket_path: Path, preload_base: str = "", ready_file: Path | None = N
     return 0
 
 
+def compile_problem(device: str) -> str:
+    """Why local training could not honour a compile mode on `device` ('' if it can): every mode
+    acts on the fast path, which runs on CUDA. Checked at start, so a site does not fail every round."""
+    from common.config import resolve_device
+
+    try:
+        resolved = resolve_device(device or "auto")
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    return "" if resolved.type == "cuda" else f"needs a CUDA device (the fast path), but the worker's device is {resolved}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True, help="Unix socket path to listen on (created 0600)")
     p.add_argument("--device", default="", help="torch device for training/evaluation (default: auto)")
+    p.add_argument("--compile", default="", choices=("",) + COMPILE_MODES,
+                   help="TrainConfig.compile of local training, e.g. cuda-graph on a CUDA device (default: off)")
     p.add_argument("--preload-base", default="", help="load this base spec before serving (optional)")
     p.add_argument("--ready-file", default=None, help="write pid and address here once serving")
     args = p.parse_args(argv)
+    if args.compile not in ("", "off"):
+        problem = compile_problem(args.device)
+        if problem:
+            p.error(f"--compile {args.compile}: {problem}")
+    if args.compile:
+        os.environ["FEDVLSM_COMPILE"] = args.compile
     if args.device:
         os.environ["FEDVLSM_DEVICE"] = args.device
         if args.device == "cpu":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.adapters.spec import INITS, VARIANTS  # plain Python: no torch at parser-build time
+from common.config import COMPILE_MODES  # torch-free at import, like the two above
 from common.data.cli import HELP_FORMAT  # every option's default shown (tests/test_cli.py checks help lines)
 
 
@@ -42,6 +43,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="autocast on CUDA GPUs (auto: bf16 where supported, else fp16; never on CPU/mps)")
     p.add_argument("--eval-prompt-index", type=int, default=9,
                    help="fixed prompt p_k used for evaluation (nearest lower non-empty one if absent)")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="GPU fast path: cuda-graph runs each training step as one CUDA graph (CUDA, bf16); "
+                        "the others are torch.compile modes; off (default) runs it eagerly")
     p.add_argument("--cache-dir", default=None, help="keep preprocessed images here for later runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -197,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, amp=args.amp, eval_prompt_index=args.eval_prompt_index,
-                      early_stop_patience=args.patience, progress=not args.quiet)
+                      early_stop_patience=args.patience, progress=not args.quiet, compile=args.compile)
     result = train_site(args.data, base=args.base, spec=_spec(args), cfg=cfg, out_dir=args.out,
                         cache_dir=args.cache_dir)
     print(f"best val Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "

@@ -8,9 +8,13 @@ on validation Dice) with CPU-friendly epoch and batch sizes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only where a function needs it: the CLI reads COMPILE_MODES at parser-build time
+    import torch
+
+# TrainConfig.compile's modes: off, torch.compile's modes, or the whole step as one CUDA graph.
+COMPILE_MODES = ("off", "cuda-graph", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 # Learning rate by adapter family / baseline when none is given.
 DEFAULT_LR = {"shallow": 3e-4, "dense": 1e-3, "decoder": 1e-3, "lora": 3e-4, "full": 1e-5, "none": 0.0}
@@ -68,7 +72,7 @@ class TrainConfig:
         if self.num_workers < -1:
             raise ValueError(f"TrainConfig.num_workers must be >= -1 (-1: auto), got {self.num_workers}")
         choices = {"fast": ("auto", "on", "off"), "activation_cache": ("auto", "on", "off"),
-                   "compile": ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graph")}
+                   "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
@@ -95,6 +99,8 @@ class TrainConfig:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """cuda if present, else Apple mps, else cpu (or exactly what was asked)."""
+    import torch
+
     if name != "auto":
         dev = torch.device(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -114,6 +120,8 @@ def plain_workers(cfg: TrainConfig) -> int:
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for this device, or None for plain fp32."""
+    import torch
+
     if amp == "off" or device.type != "cuda":
         return None
     if amp == "fp16":

@@ -110,6 +110,11 @@ def fit(
 
     lr = cfg.lr_for(model.spec.variant, model.spec.family)
     use_fast = fast.fast_enabled(cfg, device) and fast.supports(train_ds)
+    if cfg.compile != "off" and not use_fast:  # it would be ignored: say so instead
+        why = (f"fast='{cfg.fast}' on {device.type}" if not fast.fast_enabled(cfg, device)
+               else f"the training set ({type(train_ds).__name__}) is not a SegDataset")
+        raise ValueError(f"TrainConfig.compile='{cfg.compile}' applies to the fast path (on by default on CUDA), "
+                         f"which this run does not take ({why})")
     if use_fast:
         optimizer = fast.make_optimizer(params, lr, cfg.weight_decay, device)
     else:
