@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.adapter_io import load_adapter, read_adapter_config, read_adapter_spec
@@ -48,7 +49,11 @@ def train_site(
     """Train adapters on one site's train split, early-stopped on its val split."""
     cfg = cfg or TrainConfig()
     base = load_base(base) if isinstance(base, str) else base
-    model = build_model(base, spec)
+    # The adapters' initial values come from cfg.seed too (fit seeds only what follows: shuffling,
+    # prompt draws); the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(base, spec)
     train_ds, val_ds = datasets(data, base, cfg, cache_dir)
     result = fit(model, train_ds, val_ds, base.tokenizer, cfg, out_dir=out_dir)
     if out_dir is not None:

@@ -52,6 +52,25 @@ def test_train_eval_predict(tmp_path, synth_sites, capsys):
     assert overlay.shape == src.shape
 
 
+def test_train_with_a_seed_is_reproducible(tmp_path, synth_sites, capsys):
+    """--seed covers the adapters' initial values too (they were drawn before fit seeded anything)."""
+    from safetensors.torch import load_file
+
+    def run(seed: int, name: str) -> dict:
+        out = tmp_path / name
+        assert main(["train", str(synth_sites[0]), "--base", "arch:tiny", "--adapter", "dense-vl", "--out", str(out),
+                     "--epochs", "1", "--seed", str(seed), "--quiet"]) == 0
+        history = json.loads((out / "training.json").read_text())["history"]
+        return {"tensors": load_file(str(out / "adapter_model.safetensors")), "loss": history[0]["train_loss"]}
+
+    a, b, c = run(3, "a"), run(3, "b"), run(4, "c")
+    capsys.readouterr()
+    assert a["loss"] == b["loss"] and a["tensors"].keys() == b["tensors"].keys()
+    assert all(np.array_equal(a["tensors"][k].numpy(), b["tensors"][k].numpy()) for k in a["tensors"])
+    assert c["loss"] != a["loss"]
+    assert any(not np.array_equal(a["tensors"][k].numpy(), c["tensors"][k].numpy()) for k in a["tensors"])
+
+
 def test_train_refuses_bad_data(tmp_path, synth_sites, capsys):
     import shutil
 
