@@ -55,14 +55,17 @@ ours() {  # one bench_fast.py part in its own process, cut to its limit or what 
 }
 cli_check() {  # the documented site commands, verbatim, on the card (the fast path is on by default on CUDA)
     local limit D
-    limit=$(part_limit 120)  # three fresh processes (imports, the demo base) and 10 epochs: 60 s cut the eval off once
+    limit=$(part_limit 150)  # four fresh processes (imports, the demo base) and 2x10 epochs: 60 s cut the eval off once
     if [ "$limit" -lt 20 ]; then echo "== cli skipped (the ${BUDGET_S}s budget is spent)"; return; fi
     echo "== fedvlsm train / eval on the card"
-    D=$(mktemp -d); [ -n "${TINY:-}" ] && CLI_DEVICE=${CLI_DEVICE:-cpu}
+    D=$(mktemp -d)
+    if [ -n "${TINY:-}" ]; then CLI_DEVICE=${CLI_DEVICE:-cpu}; CLI_COMPILE=${CLI_COMPILE:-off}; fi
     timeout "$limit" bash -c "python3 -m common.cli data synth $D/data --sites 1 --per-site 60 --seed 3 >/dev/null &&
         python3 -m common.cli train $D/data/site-0 --base demo --adapter dense-vl --out $D/adapter --epochs 10 \
             --device ${CLI_DEVICE:-cuda} --quiet && python3 -m common.cli eval $D/data/site-0 --adapter-dir $D/adapter \
-            --device ${CLI_DEVICE:-cuda}" 2>&1 | tee "$OUT/cli.log"
+            --device ${CLI_DEVICE:-cuda} &&
+        python3 -m common.cli train $D/data/site-0 --base demo --adapter dense-vl --out $D/adapter-graph --epochs 10 \
+            --device ${CLI_DEVICE:-cuda} --compile ${CLI_COMPILE:-cuda-graph} --quiet" 2>&1 | tee "$OUT/cli.log"
     echo "cli exit code ${PIPESTATUS[0]} (124: cut by the timeout)" | tee -a "$OUT/cli.log"
 }
 # PARTS picks and orders the parts (each with its own cap in seconds); the default is all of them.
