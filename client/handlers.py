@@ -228,6 +228,9 @@ def train(msg: Message, context: Context) -> Message:
             # budget is refused before any image is read.
             from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
 
+            if train_cfg.compile != "off":  # the site's --compile: said in its log, not silently dropped
+                log(WARNING, "[fedvlsm site] compile=%s does not apply to DP-SGD rounds (Opacus' per-sample "
+                    "gradients run eagerly in fp32)", train_cfg.compile)
             try:
                 result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
                                              site_state_path(site.site_dir, run_name), server_round=server_round,

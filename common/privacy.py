@@ -441,8 +441,8 @@ def fit_private(
 
     `train_cfg`: epochs (the round's local epochs), batch_size (the expected
     Poisson batch, also the physical chunk limit), lr, weight_decay, prox_mu,
-    device, seed (data order of the dataset's prompt draws only). `amp` is
-    ignored (fp32) and `grad_clip` is replaced by per-sample clipping at
+    device, seed (data order of the dataset's prompt draws only). `amp`,
+    `fast` and `compile` are ignored (eager fp32) and `grad_clip` is replaced by per-sample clipping at
     `dp.max_grad_norm`. `state_path`: `site_state_path(site_dir, run_name)`.
     `physical_batch`: most images per forward/backward (default
     batch_size); a Poisson draw is split into such chunks, noise is added
