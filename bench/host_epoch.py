@@ -7,7 +7,8 @@ that host work shows. Parts: ``shallow-cached`` (shallow-vlc epochs on cached
 frozen activations, after the first) and ``dense`` (dense-vl fast epochs, the
 pixels read through the site cache). Each epoch is timed; the table gives the
 median of EPOCHS epochs after the first, and the share of one epoch spent in
-``SegDataset.cache_key`` (cProfile, a separate epoch).
+``SegDataset.cache_key`` (cProfile, a separate epoch; the profiler inflates
+small Python calls, so the time per key is also measured without it).
 
     python bench/host_epoch.py                   # writes bench/results/cpu-<host>-host_epoch.json
     ITEMS=460 EPOCHS=5 OUT=/tmp/x python bench/host_epoch.py
@@ -81,6 +82,15 @@ def main() -> None:
     res = {"host": platform.node(), "torch": torch.__version__, "items_per_site": ITEMS, "epochs": EPOCHS}
     with tempfile.TemporaryDirectory() as tmp:
         site = synthesize(Path(tmp) / "d", sites=1, per_site=ITEMS, seed=0, image_size=64)[0]
+        ds = SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0)
+        passes = []
+        for _ in range(3):  # a fresh dataset's first pass, then two more (what an epoch asks again)
+            t = time.perf_counter()
+            for i in range(len(ds)):
+                ds.cache_key(i)
+            passes.append((time.perf_counter() - t) / len(ds) * 1e6)
+        res["cache_key_us_per_call"] = passes
+        print(f"SegDataset.cache_key: {passes[0]:.1f} us per call (first pass), {passes[-1]:.1f} us (third)")
         for part, variant in (("shallow-cached", "shallow-vlc"), ("dense", "dense-vl")):
             ds = SegDataset(load_items(site, "train"), base.image_size, train=True, seed=0,
                             cache_dir=Path(tmp) / "cache")
