@@ -277,9 +277,29 @@ def test_cached_shallow_step_needs_no_host_data(tiny_base):
     _audited_step(runner, params, (acts, cond, taps, masks), cached=True)
 
 
-def test_bf16_step_reads_no_device_data(tiny_base, ds):
-    """The bf16 fast forward (one cast for q/k/v, frozen weights in bf16) under CPU autocast:
-    no operator of the step reads data on the host."""
+def _frozen_casts(runner, model, inputs) -> tuple[Audit, int]:
+    """Audit one step (after a warm-up); also count casts of the frozen base's weights in it."""
+    frozen = {p.data_ptr() for p in model.clipseg.parameters() if not p.requires_grad}
+    casts = []
+
+    class Casts(Audit):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and args and args[0].data_ptr() in frozen:
+                casts.append(tuple(args[0].shape))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    runner._update(runner.step(*inputs)[0])  # warm-up, as before a capture
+    with Casts(torch.device("cpu")) as audit:
+        loss, _ = runner.step(*inputs)
+        runner._update(loss)
+    return audit, len(casts)
+
+
+def test_bf16_step_reads_no_device_data_and_casts_no_frozen_weight(tiny_base, ds):
+    """The bf16 fast step (frozen weights in bf16 once, one cast for q/k/v) under CPU autocast, with
+    autocast's cast cache off as in a captured step: no operator reads data on the host, and no
+    frozen weight is cast in the step (autocast re-cast every fp32 one at every forward: ~318 casts
+    per step on the full-size model). Checked to count them when the weights are left in fp32."""
     base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
     model = build_model(base, "dense-vl")
     params = model.trainable_parameters()
@@ -289,16 +309,18 @@ def test_bf16_step_reads_no_device_data(tiny_base, ds):
     cfg = TrainConfig(batch_size=4, progress=False, fast="on", prompt_buckets=(16,), activation_cache="off")
     runner = fast.FastEpochs(model, NoData(), base.tokenizer, cfg, cpu, opt,
                              torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator(), None)
-    fast.prepare_model(model, cpu, torch.bfloat16)  # what FastEpochs does on CUDA with amp bf16
-    runner.amp = torch.bfloat16
+    runner.amp, runner._autocast_cache = torch.bfloat16, False  # what FastEpochs does on CUDA with bf16 graphs
     s = base.image_size
-    images = torch.randint(0, 256, (4, s, s, 3), dtype=torch.uint8)
-    masks = torch.randint(0, 2, (4, s, s), dtype=torch.uint8)
-    ids = runner.tokens(["a round polyp"] * 4)
-    runner._update(runner.step(images, masks, ids)[0])  # warm-up, as before a capture
-    with Audit(cpu) as audit:
-        loss, _ = runner.step(images, masks, ids)
-        runner._update(loss)
+    inputs = (torch.randint(0, 256, (4, s, s, 3), dtype=torch.uint8), torch.randint(0, 2, (4, s, s), dtype=torch.uint8),
+              runner.tokens(["a round polyp"] * 4))
+
+    model.fast = fast.FastForward(torch.bfloat16)  # the fast forward over fp32 frozen weights: autocast casts them
+    _, fp32_casts = _frozen_casts(runner, model, inputs)
+    assert fp32_casts > 20
+
+    fast.prepare_model(model, cpu, torch.bfloat16)  # the fast path: frozen weights cast once, here
+    audit, casts = _frozen_casts(runner, model, inputs)
     assert audit.ops > 100 and audit.host_reads == [], audit.host_reads
     assert audit.made == [], audit.made
+    assert casts == 0
     assert any(p.dtype == torch.bfloat16 for p in model.clipseg.parameters())  # the bf16 path really ran
