@@ -175,7 +175,9 @@ def compile_problem(device: str) -> str:
         resolved = resolve_device(device or "auto")
     except (RuntimeError, ValueError) as exc:
         return str(exc)
-    return "" if resolved.type == "cuda" else f"needs a CUDA device (the fast path), but the worker's device is {resolved}"
+    if resolved.type == "cuda":
+        return ""
+    return f"needs a CUDA device (the fast path), but the worker's device is {resolved}"
 
 
 def main(argv: list[str] | None = None) -> int:
