@@ -9,9 +9,9 @@
 #
 # Expects (as bench/gpu_check.sh): monai's wheel in .whl/ (installed to /tmp/site if
 # monai is missing) and the anchor at .devcarry/anchor_clipseg_gpu.py or
-# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: eager,
-# cuda-graph = the whole step captured with torch.cuda.graph (dense step and epoch, shallow
-# cached epochs), cli = the documented train/eval commands on the card, profile, the compiled dense step with
+# ../shared/bench/anchor_clipseg_gpu.py. Order: anchor, then PARTS (default: cuda-graph = the
+# whole step captured with torch.cuda.graph (dense step and epoch, shallow cached epochs; first:
+# never yet run on a card), eager, cli = the documented train/eval commands on the card, profile, the compiled dense step with
 # CUDA graphs, the same with the decoder left eager, shallow epochs with CUDA graphs,
 # real = fit on the demo base plain vs fast, compile-default);
 # each part has its own timeout, so one slow compile cannot sink the rest, and every
@@ -50,8 +50,10 @@ ours() {  # one bench_fast.py part in its own process, cut to its limit or what 
     limit=$(part_limit "$2")
     if [ "$limit" -lt 30 ]; then echo "== ours: $part skipped (the ${BUDGET_S}s budget is spent)"; return; fi
     echo "== ours: $part (timeout ${limit}s)"
+    local t0=$(date +%s)
     OUT=$OUT PART=$part timeout "$limit" python3 bench/bench_fast.py 2>&1 | grep -v "^\s*warnings.warn" \
         | tee "$OUT/fast-$part.log" | tail -30
+    echo "== ours: $part took $(( $(date +%s) - t0 )) s"
 }
 cli_check() {  # the documented site commands, verbatim, on the card (the fast path is on by default on CUDA)
     local limit D
@@ -69,7 +71,7 @@ cli_check() {  # the documented site commands, verbatim, on the card (the fast p
     echo "cli exit code ${PIPESTATUS[0]} (124: cut by the timeout)" | tee -a "$OUT/cli.log"
 }
 # PARTS picks and orders the parts (each with its own cap in seconds); the default is all of them.
-for part in ${PARTS:-eager cuda-graph cli profile compile-reduce-overhead compile-reduce-overhead-eager-decoder shallow-compiled real compile-default}; do
+for part in ${PARTS:-cuda-graph eager cli profile compile-reduce-overhead compile-reduce-overhead-eager-decoder shallow-compiled real compile-default}; do
     case $part in
         cli) cli_check ;;
         eager) ours eager 180 ;;
