@@ -127,3 +127,25 @@ def test_client_level_budget_ends_the_run_cleanly_before_the_round_that_would_ex
     assert summary["ended_early"].startswith("privacy budget")
     assert json.loads((tmp_path / "runs/dp/status.json").read_text())["status"] == "finished"
     assert (tmp_path / "runs/dp/final/adapter/adapter_model.safetensors").is_file()
+
+
+def test_a_sites_compile_choice_is_logged_as_not_applying_to_dp_sgd(data, tmp_path, monkeypatch):
+    """A worker started with --compile ($FEDVLSM_COMPILE) serving a DP-SGD run: the rounds train
+    (Opacus' eager fp32 steps) and the site's log says the choice does not apply, once per round."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    monkeypatch.setenv("FEDVLSM_COMPILE", "cuda-graph")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        cfg = cfg_for(data, tmp_path, rounds=1, dp="sample", dp_noise_multiplier=1.0)
+        run_federation(InProcessGrid(cfg, 2), cfg)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+    assert [r["status"] for r in rounds_of(tmp_path)] == ["ok"]
+    said = [m for m in records if "compile=cuda-graph does not apply to DP-SGD" in m]
+    assert len(said) == 2  # one per site
