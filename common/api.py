@@ -64,7 +64,8 @@ def train_site(
         write_json_atomic(Path(out_dir) / "training.json", {
             "data": str(Path(data).resolve()), "base": base.base_id, "adapter": model.spec.to_dict(),
             "config": cfg.to_dict(), "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history,
+            "epochs_run": result.epochs_run, "seconds": result.seconds, "path": result.path,
+            "history": result.history,
         })
     return result
 

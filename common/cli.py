@@ -206,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         cache_dir=args.cache_dir)
     print(f"best val Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "
           f"({result.epochs_run} epochs, {result.seconds:.1f} s); adapter saved in {Path(args.out).resolve()}")
+    for reason in result.path.get("capture_failures", []):  # trained eagerly instead: said, not hidden
+        print(f"note: a CUDA graph capture failed, those steps ran eagerly: {reason}")
     return 0
 
 

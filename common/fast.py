@@ -391,6 +391,15 @@ class FastEpochs:
             self.lr = LrTensor(optimizer, device)
             self.graphed = GraphedStep(self.step, self._update, optimizer)
 
+    def describe(self) -> dict[str, Any]:
+        """How the steps ran, for the training record: a capture that failed must not pass unseen."""
+        amp = None if self.amp is None else str(self.amp).removeprefix("torch.")
+        out: dict[str, Any] = {"fast": True, "compile": self.cfg.compile, "amp": amp}
+        if self.graphed is not None:
+            g = self.graphed
+            out.update(graphs=len(g.graphs), replays=g.replays, capture_failures=sorted(set(g.failures.values())))
+        return out
+
     def train_step(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step on a batch (forward, loss, backward, update): (loss, batch Dice sum).
 

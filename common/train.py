@@ -39,6 +39,9 @@ class FitResult:
     best_epoch: int | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    # How the steps ran: {"fast": False} (plain loop), or the fast path's FastEpochs.describe()
+    # (compile mode; with CUDA graphs, graphs captured, replays, and why a capture failed).
+    path: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -203,6 +206,7 @@ def fit(
         best_epoch=best_epoch,
         seconds=time.perf_counter() - start,
         history=history,
+        path=runner.describe() if runner is not None else {"fast": False},
     )
 
 

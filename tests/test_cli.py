@@ -29,8 +29,9 @@ def test_train_eval_predict(tmp_path, synth_sites, capsys):
     assert main(["train", str(site), "--base", "arch:tiny", "--adapter", "dense-vl", "--out", str(out),
                  "--epochs", "2", "--quiet"]) == 0
     assert (out / "adapter_model.safetensors").exists() and (out / "training.json").exists()
-    history = json.loads((out / "training.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
+    record = json.loads((out / "training.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["path"] == {"fast": False}  # the CPU default: the plain loop, recorded as such
     capsys.readouterr()
 
     assert main(["eval", str(site), "--adapter-dir", str(out), "--json", "--out", str(tmp_path / "m.json")]) == 0

@@ -75,3 +75,16 @@ def test_the_worker_mode_reaches_local_training(monkeypatch):
     monkeypatch.setenv("FEDVLSM_DEVICE", "cuda")
     tc = handlers._train_config(cfg, 1, 0)
     assert (tc.compile, tc.device) == ("cuda-graph", "cuda")
+
+
+def test_train_command_says_when_a_capture_failed(tmp_path, monkeypatch, capsys):
+    """A capture that failed on the card (those steps ran eagerly) is printed, not only recorded."""
+    import common.api
+    from common.train import FitResult
+
+    reason = "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    done = FitResult(10, 2, 4, 0.5, 0.9, 2, 1.0, [], {"fast": True, "compile": "cuda-graph", "amp": "bfloat16",
+                                                     "graphs": 0, "replays": 0, "capture_failures": [reason]})
+    monkeypatch.setattr(common.api, "train_site", lambda *a, **k: done)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "a"), "--compile", "cuda-graph", "--quiet"]) == 0
+    assert f"note: a CUDA graph capture failed, those steps ran eagerly: {reason}" in capsys.readouterr().out

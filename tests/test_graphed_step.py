@@ -100,6 +100,8 @@ def test_replayed_steps_train_what_eager_steps_train(tiny_base, ds, variant):
     g = runner.graphed
     assert len(g.graphs) == 1 and g.captures == 1
     assert g.replays == 2 * (len(ds) // 4) - g.warmup >= 4  # every step after the warm-up one
+    assert runner.describe() == {"fast": True, "compile": "off", "amp": None, "graphs": 1, "replays": g.replays,
+                                 "capture_failures": []}
 
 
 def test_failed_capture_trains_that_shape_eagerly(tiny_base, ds):
@@ -124,6 +126,8 @@ def test_failed_capture_trains_that_shape_eagerly(tiny_base, ds):
     assert "not permitted when stream is capturing" in reason and "previous error during capture" in reason
     messages = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
     assert len(messages) == 1 and "trains eagerly" in messages[0]
+    described = runner.describe()  # what fit returns as FitResult.path and fedvlsm train records
+    assert described["graphs"] == 0 and described["capture_failures"] == [reason]
 
 
 def test_cuda_graph_needs_cuda(tiny_base, ds):
