@@ -471,9 +471,10 @@ def part_real(device: torch.device, res: dict) -> None:
                               fast=fast_mode, compile=compile_mode, progress=False, seed=0)
             r = train_site(site, "demo", spec, cfg, cache_dir=Path(tmp) / "cache")
             key = f"real_{spec}_fast-{fast_mode}_compile-{compile_mode}"
-            res[key] = {"best_val_dice": r.best_val_dice, "best_epoch": r.best_epoch, "seconds": r.seconds}
-            print(f"{key:<45} best val Dice {r.best_val_dice:.4f} (epoch {r.best_epoch}) {r.seconds:6.1f} s",
-                  flush=True)
+            res[key] = {"best_val_dice": r.best_val_dice, "best_epoch": r.best_epoch, "seconds": r.seconds,
+                        "path": r.path}
+            print(f"{key:<45} best val Dice {r.best_val_dice:.4f} (epoch {r.best_epoch}) {r.seconds:6.1f} s "
+                  f"{r.path}", flush=True)
             _free(device)
 
 
