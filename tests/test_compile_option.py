@@ -46,13 +46,14 @@ def test_fit_refuses_a_compile_mode_it_would_ignore(tiny_base, synth_sites):
     assert all((after[k] == v).all() for k, v in before.items())  # nothing trained
 
 
-def test_site_worker_refuses_a_mode_its_device_cannot_run():
-    proc = subprocess.run([sys.executable, "-m", "client.worker", "--socket", "/tmp/never.sock",
+def test_site_worker_refuses_a_mode_its_device_cannot_run(tmp_path):
+    socket = tmp_path / "w.sock"
+    proc = subprocess.run([sys.executable, "-m", "client.worker", "--socket", str(socket),
                            "--device", "cpu", "--compile", "cuda-graph"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--compile cuda-graph: needs a CUDA device" in proc.stderr and "cpu" in proc.stderr
-    assert not Path("/tmp/never.sock").exists()
+    assert not socket.exists()  # refused before serving
 
 
 def test_site_start_passes_the_mode_to_its_worker(tmp_path):
