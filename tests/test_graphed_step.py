@@ -8,12 +8,15 @@ wrong time change the training and fail here. Whether capture itself works
 on a card is bench/gpu.sh's `cuda-graph` part.
 """
 
+import copy
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import fast, resident_pixels
+from common.bases import Base
 from common.config import TrainConfig
 from common.data import SegDataset, load_items
 from common.graphed_step import GraphedStep, LrTensor
@@ -170,12 +173,6 @@ def test_learning_rate_tensor_follows_the_scheduler():
 # uses fused AdamW with capturable=True, PyTorch's graph-safe path, see
 # LrTensor) and autocast (no meta backend; amp is off, which compile='cuda-graph'
 # accepts): the bf16 forward is checked on the CPU below against the same list.
-
-import copy  # noqa: E402
-
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from common.bases import Base  # noqa: E402
 
 # Operators that make the host wait for (or read) device data.
 HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal", "unique",
