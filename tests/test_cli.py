@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from common.cli import main
@@ -36,11 +37,16 @@ def test_train_eval_predict(tmp_path, synth_sites, capsys):
 
     assert main(["eval", str(site), "--adapter-dir", str(out), "--json", "--out", str(tmp_path / "m.json")]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n"] > 0
-    assert len(json.loads((tmp_path / "m.json").read_text())["items"]) == metrics["n"]
+    from common.data import load_items
+
+    assert metrics["n"] == len(load_items(site, "test"))  # the whole test split, nothing else
+    rows = json.loads((tmp_path / "m.json").read_text())["items"]
+    assert len(rows) == metrics["n"]
+    assert metrics["dice"] == pytest.approx(np.mean([r["dice"] for r in rows]))  # the mean of its own rows
     assert main(["eval", str(site), "--adapter-dir", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "Dice" in table and "test" in table
+    test_row = next(line.split() for line in table.splitlines() if line.startswith("test"))
+    assert test_row[1] == str(metrics["n"]) and test_row[2] == f"{metrics['dice']:.4f}"  # the same figures
 
     image = sorted((site / "images").iterdir())[0]
     assert main(["predict", "--adapter-dir", str(out), "--image", str(image), "--prompt", "round lesion",
