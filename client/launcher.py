@@ -143,6 +143,12 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--data: {args.data} is not a folder"
     if ":" not in args.superlink:
         return f"--superlink: expected HOST:PORT, got {args.superlink!r}"
+    if args.compile not in ("", "off"):  # said here, before anything starts (the worker checks it too)
+        from client.worker import compile_problem
+
+        problem = compile_problem(args.device)
+        if problem:
+            return f"--compile {args.compile}: {problem}"
     return None
 
 

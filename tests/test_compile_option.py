@@ -56,6 +56,15 @@ def test_site_worker_refuses_a_mode_its_device_cannot_run(tmp_path):
     assert not socket.exists()  # refused before serving
 
 
+def test_site_start_refuses_a_mode_its_device_cannot_run_before_starting_anything(tmp_path, capsys):
+    home = tmp_path / "home"
+    rc = main(["site", "start", "--superlink", "127.0.0.1:1", "--data", str(tmp_path), "--insecure",
+               "--site-dir", str(home), "--device", "cpu", "--compile", "cuda-graph"])
+    assert rc == 2
+    assert "fedvlsm site start: --compile cuda-graph: needs a CUDA device" in capsys.readouterr().err
+    assert not home.exists()  # no worker, no SuperNode, no site folder
+
+
 def test_site_start_passes_the_mode_to_its_worker(tmp_path):
     # `fedvlsm site start`'s own parser, so a renamed option fails here
     args = build_parser().parse_args(["site", "start", "--superlink", "h:1", "--data", str(tmp_path), "--device",
