@@ -37,22 +37,12 @@ EPOCHS = int(os.environ.get("EPOCHS", "5"))
 OUT = Path(os.environ.get("OUT", ROOT / "bench" / "results"))
 
 
-def runner(base, variant: str, ds):
-    from common import fast
-    from common.config import TrainConfig
-    from common.model import build_model
-
-    torch.manual_seed(0)
-    model = build_model(base, variant)
-    params = model.trainable_parameters()
-    cpu = torch.device("cpu")
-    cfg = TrainConfig(fast="on", batch_size=32, progress=False)
-    return fast.FastEpochs(model, ds, base.tokenizer, cfg, cpu, fast.make_optimizer(params, 1e-4, 0.0, cpu),
-                           torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator().manual_seed(0), None)
-
-
 def measure(base, variant: str, ds) -> dict:
-    r = runner(base, variant, ds)
+    from bench_fast import runner_for  # the same FastEpochs set-up as the GPU bench
+    from common.config import TrainConfig
+
+    cfg = TrainConfig(fast="on", batch_size=32, progress=False, weight_decay=0.0)
+    _, r = runner_for(base, variant, ds, cfg, torch.device("cpu"))
     ds.set_epoch(0)
     r.run_epoch(lambda it: it)  # fills the caches
     times = []

@@ -273,7 +273,7 @@ def train_messages_for(grid: Grid, strategy: Strategy, cfg: FederationConfig, se
     # so that a resumed run samples the same sites as an uninterrupted one.
     random.seed(f"{cfg.seed}:{server_round}")
     fit_minimums_to_connected(strategy, grid, cfg)
-    messages = list(strategy.configure_train(server_round, _record(global_arrays), message_config(cfg), grid))
+    messages = list(strategy.configure_train(server_round, to_record(global_arrays), message_config(cfg), grid))
     return messages, _put_on_wire(messages, downlink_dtype(cfg.payload_dtype))
 
 
@@ -303,10 +303,10 @@ def run_round(
     ok, failures = exchange(grid, pushed, cfg, "train", names)
     accepted, excluded = _check_train_replies(ok, global_arrays, cfg, names)
     # A stable reply order makes float sums (and so resumed runs) reproducible.
-    accepted.sort(key=lambda pair: names.of(pair[0]))
-    ok = [reply for reply, _ in accepted]
-    sites = {names.of(r): _train_row(r, down) for r in ok}
-    for reply, update in accepted:
+    accepted.sort(key=lambda checked: names.of(checked[0]))
+    ok = [reply for reply, _, _ in accepted]
+    sites = {names.of(reply): _train_row(reply, wire, down) for reply, _, wire in accepted}
+    for reply, update, _ in accepted:
         # Sites send updates (local - global), decoded once by the checks;
         # Flower's strategies (and DP wrappers) aggregate weights: hand them
         # global + update, in fp32, as exactly one ArrayRecord and one
@@ -318,7 +318,7 @@ def run_round(
             update = clip_update_fp32(update, cfg.dp_clip_norm)
         m = reply.content[Rec.METRICS]
         reply.content = RecordDict({
-            Rec.ARRAYS: _record({k: global_arrays[k] + update[k] for k in global_arrays}),
+            Rec.ARRAYS: to_record({k: global_arrays[k] + update[k] for k in global_arrays}),
             Rec.METRICS: MetricRecord({"num-examples": int(m["num-examples"]), "train-loss": float(m["train-loss"])}),
         })
     skip_reason = ""
@@ -342,7 +342,7 @@ def run_round(
     next_ahead: TrainAhead | None = None
     if status == "ok":
         fit_minimums_to_connected(strategy, grid, cfg)
-        eval_messages = list(strategy.configure_evaluate(server_round, _record(new_global), config, grid))
+        eval_messages = list(strategy.configure_evaluate(server_round, to_record(new_global), config, grid))
         eval_down = _put_on_wire(eval_messages, downlink_dtype(cfg.payload_dtype))
         eval_pushed = push(grid, eval_messages)
         if pushes_ahead(cfg, grid, server_round):
@@ -520,13 +520,13 @@ def _short(reason: str, limit: int = 200) -> str:
 
 def _check_train_replies(
     replies: list[Message], global_arrays: dict[str, np.ndarray], cfg: FederationConfig, names: SiteNames
-) -> tuple[list[tuple[Message, dict[str, np.ndarray]]], list[dict]]:
-    """(reply, its decoded fp32 update) for replies that pass every check (see `accepted_update`);
-    the rest excluded, with site and reason."""
+) -> tuple[list[tuple[Message, dict[str, np.ndarray], dict[str, np.ndarray]]], list[dict]]:
+    """(reply, its decoded fp32 update, its wire arrays) for replies that pass every check (see
+    `accepted_update`); the rest excluded, with site and reason."""
     accepted, excluded = [], []
     for reply in replies:
         try:
-            accepted.append((reply, accepted_update(reply, global_arrays, cfg)))
+            accepted.append((reply, *accepted_update(reply, global_arrays, cfg)))
             continue
         except ReplyRejected as err:
             reason = str(err)
@@ -551,8 +551,10 @@ EVAL_METRICS = ("num-examples", "dice", "dice-personal", "loss")
 
 
 def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: FederationConfig
-                    ) -> dict[str, np.ndarray]:
-    """A site's train reply decoded to its fp32 update, or ReplyRejected with why. Checked in this order:
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A site's train reply decoded to (its fp32 update, its arrays as sent), or ReplyRejected with why.
+
+    The arrays as sent (decoded once, here) are what the round record measures. Checked in this order:
 
     one ArrayRecord and one MetricRecord; tensor names = the shared adapter
     (personal parts must never arrive; int8 adds one `<name>@scale` each);
@@ -611,7 +613,7 @@ def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: F
     if bad:
         raise ReplyRejected(f"malformed metrics: {len(bad)} not finite numbers "
                             f"(e.g. {_short(sorted(bad)[0], 40)})")
-    return update
+    return update, wire
 
 
 def _check_eval_replies(replies: list[Message], names: SiteNames) -> tuple[list[Message], list[dict]]:
@@ -676,10 +678,6 @@ def wait_for_sites(grid: Grid, cfg: FederationConfig, simulation: bool, poll: fl
     return nodes
 
 
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return to_record(arrays)
-
-
 def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
     """Re-encode each message's adapter in the wire dtype; payload bytes per destination node."""
     sent: dict[int, int] = {}
@@ -690,18 +688,16 @@ def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
         arrays = msg.content[Rec.ARRAYS]
         if id(arrays) not in encoded:  # strategies share one record across messages
             wire = to_wire({k: to_numpy(a) for k, a in arrays.items()}, dtype)
-            encoded[id(arrays)] = (_record(wire), payload_bytes(wire))
+            encoded[id(arrays)] = (to_record(wire), payload_bytes(wire))
         record, size = encoded[id(arrays)]
         msg.content = RecordDict({**{k: v for k, v in msg.content.items() if k != Rec.ARRAYS}, Rec.ARRAYS: record})
         sent[msg.metadata.dst_node_id] = size
     return sent
 
 
-def _train_row(reply: Message, down: dict[int, int]) -> dict[str, Any]:
-    """Per-site record of an accepted train reply."""
-    arrays = reply.content[Rec.ARRAYS]
-    names = set(arrays.keys())
-    wire = {k: to_numpy(a) for k, a in arrays.items()}
+def _train_row(reply: Message, wire: dict[str, np.ndarray], down: dict[int, int]) -> dict[str, Any]:
+    """Per-site record of an accepted train reply (`wire`: its arrays as the checks decoded them)."""
+    names = set(wire)
     m = reply.content[Rec.METRICS]
     return {
         "node_id": reply.metadata.src_node_id,

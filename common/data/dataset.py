@@ -131,8 +131,8 @@ class SegDataset(Dataset):
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.epoch = 0
-        # (image, mask) -> (both files' identities, cache key): a key costs two realpath()s
-        # (~90 us each, a syscall per path component), two stats when nothing changed.
+        # (image, mask) -> (both files' identities, cache key): a key costs two realpath()s (a syscall
+        # per path component; 58-82 us per key here), a remembered one two stats (~6 us).
         self._keys: dict[tuple[Path, Path], tuple[tuple, str]] = {}
         self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
         self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
