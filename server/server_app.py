@@ -133,6 +133,7 @@ def _run(
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
+    round_end = time.perf_counter()
     for server_round in range(start_round, cfg.rounds + 1):
         if cfg.dp == "client":
             within, why = server_budget_check(strategy)
@@ -140,17 +141,19 @@ def _run(
                 ended_early = why
                 say(f"stopping before round {server_round}: {why}")
                 break
-        global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared), names,
-                                                 ahead)
+        global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
+                                                 names, ahead, since=round_end)
+        # The next round's clock starts here: what the server does until
+        # then (the strategy's state, the checkpoint and record) is in its time.
+        round_end = time.perf_counter()
         arrays, state = strategy_state(strategy)
         if config_to_save is not None:
             # A resumed run's config.json changes (its new round count) only
             # once it has really continued: a failed resume attempt leaves it as it was.
             records.write_config(config_to_save)
             config_to_save = None
-        records.save_checkpoint(server_round, global_arrays, meta, arrays, {"strategy": state})
-        records.append_round(record)
-        say(round_line(record, cfg))
+        _write_round(records, server_round, global_arrays, meta, arrays, {"strategy": state}, record,
+                     round_line(record, cfg))
         if record["status"] == "skipped" and _all_out_of_budget(record):
             # Sample-level budgets: no site may train any more. Data is never
             # used past its budget; the run ends cleanly with what it has.
@@ -185,6 +188,18 @@ def _run(
     if extra:
         summary.update(extra)
     return summary
+
+
+def _write_round(records: RunRecords, server_round: int, arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                 strategy_arrays: dict[str, np.ndarray], state: dict[str, Any], record: dict[str, Any],
+                 line: str) -> None:
+    """A round's checkpoint, then its record (a resume takes the last round that has both), then its log line.
+
+    The line comes last, so a round the log shows as done is one a resume continues after.
+    """
+    records.save_checkpoint(server_round, arrays, meta, strategy_arrays, state)
+    records.append_round(record)
+    say(line)
 
 
 def _all_out_of_budget(record: dict[str, Any]) -> bool:
@@ -286,14 +301,19 @@ def run_round(
     shared_names: set[str],
     names: SiteNames | None = None,
     ahead: TrainAhead | None = None,
+    since: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
     """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
 
-    The round's time counts from the end of the previous round, also when its
-    train messages were pushed earlier (`ahead`, see `pushes_ahead`).
+    The round's time (`round_seconds`) counts from `since`, when the previous
+    round's call returned, so the server's work between rounds (the
+    strategy's state, the checkpoint and record) is in the next round's time, also
+    when its train messages were pushed earlier (`ahead`, see
+    `pushes_ahead`). `train_seconds` is this call's train phase.
     """
     names = names or SiteNames()
     start = time.perf_counter()
+    since = start if since is None else since
     config = message_config(cfg)
     if ahead is not None and ahead.server_round == server_round:
         train_messages, down, pushed = ahead.messages, ahead.down, ahead.pushed
@@ -381,7 +401,7 @@ def run_round(
         "failures": failures,
         "excluded": excluded,
         "train_seconds": train_seconds,
-        "round_seconds": time.perf_counter() - start,
+        "round_seconds": time.perf_counter() - since,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if cfg.dp == "sample":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -169,3 +170,22 @@ def test_outside_simulation_the_table_has_no_pooled_bound(data, tmp_path):
     rows = summary["comparison"]["rows"]
     assert all(np.isnan(r["pooled"]) and 0 <= r["local_only"] <= 1 for r in rows)
     assert "not a simulation" in summary["comparison"]["note"]
+
+
+def test_work_between_rounds_is_in_the_next_rounds_time(data, tmp_path, monkeypatch):
+    """round_seconds covers the server's work after a round too (state, checkpoint, record), not the call alone."""
+    from server import server_app
+
+    state = server_app.strategy_state
+    pause = 1.0
+
+    def slow_state(strategy):
+        time.sleep(pause)  # the server's own work after a round (here: reading the strategy's state)
+        return state(strategy)
+
+    monkeypatch.setattr(server_app, "strategy_state", slow_state)
+    cfg = make_cfg(data, tmp_path, run_name="clock", rounds=2)
+    run(cfg)
+    rounds = [json.loads(line) for line in (tmp_path / "runs/clock/rounds.jsonl").read_text().splitlines()]
+    # Round 1's pause came after its record was made: it is in round 2's time.
+    assert rounds[1]["round_seconds"] >= pause + rounds[1]["train_seconds"]
