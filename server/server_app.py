@@ -24,6 +24,7 @@ same loop with its own hooks (server/hooks.py).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -62,6 +63,7 @@ from server.privacy import server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.write_behind import WriteBehind
 
 app = ServerApp()
 
@@ -133,38 +135,46 @@ def _run(
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
+    writer = WriteBehind()  # each round's checkpoint and record, written while the next round runs
     round_end = time.perf_counter()
-    for server_round in range(start_round, cfg.rounds + 1):
-        if cfg.dp == "client":
-            within, why = server_budget_check(strategy)
-            if not within:  # client-level budget: end cleanly, before the round that would exceed it
-                ended_early = why
-                say(f"stopping before round {server_round}: {why}")
+    try:
+        for server_round in range(start_round, cfg.rounds + 1):
+            if cfg.dp == "client":
+                within, why = server_budget_check(strategy)
+                if not within:  # client-level budget: end cleanly, before the round that would exceed it
+                    ended_early = why
+                    say(f"stopping before round {server_round}: {why}")
+                    break
+            global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
+                                                     names, ahead, since=round_end)
+            # The next round's clock starts here: what the server does until
+            # then (the strategy's state, the copies handed to the writer) is in its time.
+            round_end = time.perf_counter()
+            arrays, state = strategy_state(strategy)
+            if config_to_save is not None:
+                # A resumed run's config.json changes (its new round count) only
+                # once it has really continued: a failed resume attempt leaves it as it was.
+                records.write_config(config_to_save)
+                config_to_save = None
+            # The writer gets its own copies: the strategy and the next round go on with theirs.
+            writer.submit(_write_round, records, server_round, {k: v.copy() for k, v in global_arrays.items()}, meta,
+                          {k: np.array(v, copy=True) for k, v in arrays.items()},
+                          copy.deepcopy({"strategy": state}), copy.deepcopy(record), round_line(record, cfg))
+            if record["status"] == "skipped" and _all_out_of_budget(record):
+                # Sample-level budgets: no site may train any more. Data is never
+                # used past its budget; the run ends cleanly with what it has.
+                ended_early = "privacy budget: every site has spent its dp-epsilon-budget"
+                say(f"stopping after round {server_round}: {ended_early}")
                 break
-        global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
-                                                 names, ahead, since=round_end)
-        # The next round's clock starts here: what the server does until
-        # then (the strategy's state, the checkpoint and record) is in its time.
-        round_end = time.perf_counter()
-        arrays, state = strategy_state(strategy)
-        if config_to_save is not None:
-            # A resumed run's config.json changes (its new round count) only
-            # once it has really continued: a failed resume attempt leaves it as it was.
-            records.write_config(config_to_save)
-            config_to_save = None
-        _write_round(records, server_round, global_arrays, meta, arrays, {"strategy": state}, record,
-                     round_line(record, cfg))
-        if record["status"] == "skipped" and _all_out_of_budget(record):
-            # Sample-level budgets: no site may train any more. Data is never
-            # used past its budget; the run ends cleanly with what it has.
-            ended_early = "privacy budget: every site has spent its dp-epsilon-budget"
-            say(f"stopping after round {server_round}: {ended_early}")
-            break
-        skipped_in_a_row = skipped_in_a_row + 1 if record["status"] == "skipped" else 0
-        if skipped_in_a_row >= cfg.max_skipped_rounds:
-            raise RunFailed(f"{skipped_in_a_row} round(s) in a row had no usable site update "
-                            f"(max-skipped-rounds = {cfg.max_skipped_rounds}); last failures: "
-                            + "; ".join(f"{f['site']} ({f['reason']})" for f in record["failures"]))
+            skipped_in_a_row = skipped_in_a_row + 1 if record["status"] == "skipped" else 0
+            if skipped_in_a_row >= cfg.max_skipped_rounds:
+                raise RunFailed(f"{skipped_in_a_row} round(s) in a row had no usable site update "
+                                f"(max-skipped-rounds = {cfg.max_skipped_rounds}); last failures: "
+                                + "; ".join(f"{f['site']} ({f['reason']})" for f in record["failures"]))
+    except BaseException:
+        writer.close(quiet=True)  # what was handed over is written before the run's status says why it ended
+        raise
+    writer.close()
 
     rounds = records.read_rounds()
     done = [r for r in rounds if r.get("status", "ok") == "ok"]
@@ -307,7 +317,7 @@ def run_round(
 
     The round's time (`round_seconds`) counts from `since`, when the previous
     round's call returned, so the server's work between rounds (the
-    strategy's state, the checkpoint and record) is in the next round's time, also
+    strategy's state, the copies handed to the writer) is in the next round's time, also
     when its train messages were pushed earlier (`ahead`, see
     `pushes_ahead`). `train_seconds` is this call's train phase.
     """
