@@ -98,26 +98,65 @@ def check_personal_prefixes(names: Iterable[str], personal_prefixes: Iterable[st
 def to_wire(state: Mapping[str, torch.Tensor | np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """Adapter state -> contiguous numpy arrays in the wire dtype, in a stable (sorted) order."""
     target = wire_dtype(dtype)
+    names = sorted(state)
+    arrays = [_as_numpy(state[name]) for name in names]
+    if names and all(a.dtype == np.float32 for a in arrays):
+        # The usual case: all fp32. One cast and one finiteness check over the
+        # whole adapter; each tensor is then a view of that one buffer (same bytes).
+        flat, wire = _in_one_buffer(arrays, target)
+        if _all_finite(flat):
+            return dict(zip(names, wire, strict=True))
     out: dict[str, np.ndarray] = {}
-    for name in sorted(state):
-        value = state[name]
-        arr = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    for name, arr in zip(names, arrays, strict=True):  # mixed dtypes, or a tensor to name in the error
         wire = np.ascontiguousarray(cast(arr, target))  # fp16 overflow becomes inf: reported just below
-        if not torch.isfinite(torch.from_numpy(wire)).all():
+        if not _all_finite(wire):
             where = "overflows fp16 (|x| > 65504)" if np.isfinite(arr).all() else "holds NaN/inf"
             raise PayloadError(f"adapter tensor '{name}' {where}; use payload-dtype = 'fp32' or check training")
         out[name] = wire
     return out
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """No inf/NaN in `arr`; for fp16 by its exponent bits (numpy and torch check fp16 ~10x slower)."""
+    if arr.dtype == np.float16:
+        return not bool(((np.ascontiguousarray(arr).view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(arr).all())
+
+
+def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    return value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _in_one_buffer(arrays: list[np.ndarray], target: np.dtype) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`cast(a, target)` of each array, done as one cast of their concatenation: (buffer, views of it).
+
+    An adapter is 28 small tensors: per-tensor conversions cost more in
+    per-call overhead than in arithmetic (bench/round_overhead.py).
+    """
+    flat = cast(np.concatenate([a.reshape(-1) for a in arrays]), target) if len(arrays) > 1 \
+        else np.ascontiguousarray(cast(arrays[0].reshape(-1), target))
+    out, offset = [], 0
+    for a in arrays:
+        out.append(flat[offset: offset + a.size].reshape(a.shape))
+        offset += a.size
+    return flat, out
+
+
 def from_wire(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Wire arrays -> float32 arrays (what aggregation and the model work with)."""
-    out = {}
     for name, arr in arrays.items():
         if arr.dtype not in (np.float16, np.float32):
             raise PayloadError(f"wire tensor '{name}' has dtype {arr.dtype}; expected float16 or float32")
-        out[name] = cast(arr, np.float32)
-    return out
+    return _all_fp32(arrays)
+
+
+def _all_fp32(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`cast(a, float32)` of each (fp16/fp32) array; fp16 ones converted together, as views of one buffer."""
+    out = {name: cast(arr, np.float32) for name, arr in arrays.items() if arr.dtype != np.float16}
+    halves = [name for name, arr in arrays.items() if arr.dtype == np.float16]
+    if halves:
+        out.update(zip(halves, _in_one_buffer([arrays[n] for n in halves], np.dtype(np.float32))[1], strict=True))
+    return {name: out[name] for name in arrays}
 
 
 def downlink_dtype(payload_dtype: str) -> str:
@@ -163,6 +202,7 @@ def encode_update(update: Mapping[str, np.ndarray], dtype: str, seed: int = 0) -
 def decode_update(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Wire arrays of an update -> fp32 update by tensor name; PayloadError (short, no values) if malformed."""
     out: dict[str, np.ndarray] = {}
+    floats: dict[str, np.ndarray] = {}  # fp16/fp32 tensors, converted together below
     scales = {k[: -len(SCALE_SUFFIX)]: v for k, v in arrays.items() if k.endswith(SCALE_SUFFIX)}
     for name, arr in arrays.items():
         if name.endswith(SCALE_SUFFIX):
@@ -178,10 +218,11 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif arr.dtype in (np.float16, np.float32):
             if name in scales:
                 raise PayloadError(f"tensor '{name}' is {arr.dtype} but has an int8 scale")
-            out[name] = cast(arr, np.float32)
+            floats[name] = arr
         else:
             raise PayloadError(f"wire tensor '{name}' has dtype {arr.dtype}; expected float16, float32 or int8")
-    return out
+    out.update(_all_fp32(floats))
+    return {name: out[name] for name in arrays if name in out}  # the wire's order, as before
 
 
 def expected_update_bytes(num_parameters: int, num_tensors: int, dtype: str) -> int:

@@ -77,6 +77,54 @@ def test_fp16_overflow_is_refused_with_the_tensor_name():
     assert to_wire({"big": torch.tensor([1e6])}, "fp32")["big"][0] == 1e6
 
 
+def test_a_whole_adapter_converts_like_each_tensor_alone():
+    # to_wire/from_wire/decode_update convert an adapter's tensors as one buffer (per-call overhead):
+    # each tensor must come out with the bytes, shape and order it has when converted alone.
+    rng = np.random.default_rng(1)
+    shapes = {"b.weight": (3, 5), "a.bias": (7,), "c.scalar": (), "d.empty": (0, 4), "e.big": (64, 33)}
+    state = {k: np.asarray(rng.standard_normal(s) * 10.0 ** rng.integers(-8, 3), dtype=np.float32)
+             for k, s in shapes.items()}
+    for dtype, np_dtype in (("fp16", np.float16), ("fp32", np.float32)):
+        wire = to_wire(state, dtype)
+        assert list(wire) == sorted(state)
+        for k, v in state.items():
+            assert wire[k].shape == v.shape and wire[k].dtype == np_dtype and wire[k].flags.c_contiguous
+            assert wire[k].tobytes() == v.astype(np_dtype).tobytes()
+        for decoded in (from_wire(wire), decode_update(wire)):
+            assert list(decoded) == list(wire)
+            for k in wire:
+                assert decoded[k].dtype == np.float32 and decoded[k].tobytes() == wire[k].astype(np.float32).tobytes()
+    torch_state = {k: torch.from_numpy(v) for k, v in state.items()}
+    assert {k: v.tobytes() for k, v in to_wire(torch_state, "fp16").items()} == \
+        {k: v.astype(np.float16).tobytes() for k, v in state.items()}
+    # Writing into one converted tensor leaves the others alone (views of one buffer do not overlap).
+    wire = to_wire(state, "fp16")
+    wire["a.bias"][:] = 0
+    assert wire["b.weight"].tobytes() == state["b.weight"].astype(np.float16).tobytes()
+    # A bad tensor among good ones is still named.
+    with pytest.raises(PayloadError, match="'c.scalar'.*overflows fp16"):
+        to_wire({**state, "c.scalar": np.array(1e6, np.float32)}, "fp16")
+    with pytest.raises(PayloadError, match="'a.bias'.*NaN"):
+        to_wire({**state, "a.bias": np.array([0.0, np.nan], np.float32)}, "fp16")
+    # Mixed fp16/fp32/int8 updates decode each tensor as before.
+    mixed = {"h": state["b.weight"].astype(np.float16), "f": state["e.big"], "q": np.array([3, -2], np.int8),
+             "q" + SCALE_SUFFIX: np.array([0.5], np.float32)}
+    decoded = decode_update(mixed)
+    assert list(decoded) == ["h", "f", "q"]
+    assert decoded["h"].tobytes() == mixed["h"].astype(np.float32).tobytes()
+    assert decoded["f"].tobytes() == mixed["f"].tobytes() and decoded["q"].tolist() == [1.5, -1.0]
+
+
+def test_the_fp16_finiteness_check_agrees_with_numpy_on_every_fp16_value():
+    from common.payload import _all_finite
+
+    every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    assert finite.size == 2 ** 16 - 2048 and _all_finite(finite)  # all 63,488 finite values (subnormals, -0)
+    assert not any(_all_finite(np.concatenate([finite[:3], [v]])) for v in every[~np.isfinite(every)])
+    assert _all_finite(finite[::-2])  # a strided view
+
+
 def test_unknown_wire_dtype_and_integer_tensors_are_refused():
     with pytest.raises(PayloadError, match="payload dtype"):
         to_wire({"x": torch.zeros(2)}, "bf16")
