@@ -236,6 +236,33 @@ def test_collate_tokenises_and_stacks(tmp_path: Path) -> None:
     assert short["input_ids"].shape == (1, 3)
 
 
+def test_collate_tokens_equal_the_tokenizers_batch_call_with_each_prompt_tokenised_once() -> None:
+    import random
+
+    words = ["polyp", "round", "oval", "small", "lesion", "left", "bright"]
+    tok = make_word_tokenizer(words)
+    rng = random.Random(0)
+    prompts = [" ".join(rng.choice(words + ["unknownword"]) for _ in range(rng.randint(0, 12))) for _ in range(15)]
+    prompts.append(" ".join(["polyp"] * 100))  # longer than CLIP's 77 positions: truncated
+    for max_length in (77, 6):
+        collate = collate_fn(tok, max_length=max_length)
+        for _ in range(30):
+            batch = [rng.choice(prompts) for _ in range(rng.randint(1, 6))]  # repeats within and across batches
+            ours = collate.tokens(batch)
+            theirs = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            assert torch.equal(ours[0], theirs["input_ids"]) and torch.equal(ours[1], theirs["attention_mask"])
+            assert ours[0].dtype == theirs["input_ids"].dtype and ours[1].dtype == theirs["attention_mask"].dtype
+    assert {k for k in dataset_module._PROMPT_IDS[tok] if k[1] == 6} <= {(p, 6) for p in prompts}
+    # A tokenizer that pads on the left is asked itself: the same batches as its own call.
+    left = make_word_tokenizer(words)
+    left.padding_side = "left"
+    batch = [prompts[0], prompts[-1], "round polyp"]
+    ours = collate_fn(left).tokens(batch)
+    theirs = left(batch, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    assert torch.equal(ours[0], theirs["input_ids"]) and torch.equal(ours[1], theirs["attention_mask"])
+    assert left not in dataset_module._PROMPT_IDS
+
+
 def test_collate_rejects_empty_batch_and_bad_max_length() -> None:
     tok = make_word_tokenizer(["x"])
     with pytest.raises(ValueError, match="empty batch"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -252,6 +253,13 @@ def _save_npz(path: Path, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> 
         np.savez(fh, image=image, mask=mask, orig_mask=orig_mask)
 
 
+# Token ids per prompt, per tokenizer, for the tokenizer's life: a site's prompts
+# come back in every batch and round, and the tokenizer's batch call costs
+# about 1 ms of per-call work for a handful of prompts on the CPU path.
+_PROMPT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROMPT_IDS_MAX = 100_000  # distinct (prompt, max_length) pairs kept per tokenizer
+
+
 class _Collate:
     """Picklable collate callable (DataLoader workers may be spawned, not forked)."""
 
@@ -263,16 +271,49 @@ class _Collate:
         if not batch:
             raise ValueError("collate_fn got an empty batch")
         prompts = [b["prompt"] for b in batch]
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        input_ids, attention_mask = self.tokens(prompts)
         return {
             "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
             "mask": torch.stack([b["mask"] for b in batch]),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "orig_masks": [b["orig_mask"] for b in batch],
             "ids": [b["id"] for b in batch],
             "prompts": prompts,
         }
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) = the tokenizer's `padding=True` batch, each prompt tokenised once.
+
+        Right padding to the longest prompt with the pad id, mask 1 on real
+        tokens: what the tokenizer's batch call returns (tests/test_dataset.py
+        compares them); tokenizers that pad otherwise get their own call.
+        """
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None)
+        try:
+            memo = _PROMPT_IDS.setdefault(tok, {}) if pad is not None and tok.padding_side == "right" else None
+        except (TypeError, AttributeError):  # not weak-referenceable, or no padding side
+            memo = None
+        if memo is None:
+            t = tok(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            return t["input_ids"], t["attention_mask"]
+        rows = []
+        for prompt in prompts:
+            ids = memo.get((prompt, self.max_length))
+            if ids is None:
+                if len(memo) >= _PROMPT_IDS_MAX:
+                    memo.clear()
+                ids = memo[(prompt, self.max_length)] = torch.tensor(
+                    tok(prompt, truncation=True, max_length=self.max_length)["input_ids"], dtype=torch.long)
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+        return input_ids, attention_mask
 
 
 def collate_fn(tokenizer: Any, max_length: int = 77) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
