@@ -173,6 +173,20 @@ def _local_seed(cfg: FederationConfig, server_round: int, site_name: str) -> int
     return (cfg.seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site_name.encode())) % 2**31
 
 
+def _process_created() -> float:
+    """This process's creation time: read once per process (psutil reads /proc on every call).
+
+    Keyed by pid, so a forked child does not inherit its parent's.
+    """
+    pid = os.getpid()
+    if _CREATED.get("pid") != pid:
+        _CREATED.update(pid=pid, time=psutil.Process().create_time())
+    return _CREATED["time"]
+
+
+_CREATED: dict[str, float] = {}
+
+
 def _runtime_metrics(handler_start: float) -> dict[str, float]:
     stats = sites.process_stats()
     return {
@@ -182,7 +196,7 @@ def _runtime_metrics(handler_start: float) -> dict[str, float]:
         "import-seconds": float(IMPORT_SECONDS),
         # From process creation to this handler: the full start-up a message
         # pays when its process is new (deployment), ~age of the actor otherwise.
-        "process-age-seconds": float(handler_start - psutil.Process().create_time()),
+        "process-age-seconds": float(handler_start - _process_created()),
         # 1: served by a long-lived site worker (client/worker.py); 0: in the ClientApp's own process.
         "served-by-worker": float(bool(os.environ.get("FEDVLSM_IN_WORKER"))),
     }
