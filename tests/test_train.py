@@ -70,3 +70,22 @@ def test_bad_config_is_refused():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="int8")
+
+
+def test_seed_everything_seeds_like_torch_manual_seed():
+    # On a CPU-only machine it seeds the CPU generator directly (torch.manual_seed formats the
+    # caller's stack for each accelerator kind it seeds lazily): the generator state must be the same.
+    import random
+
+    import numpy as np
+
+    from common.train import seed_everything
+
+    for seed in (0, 7, 2**31 - 1):
+        torch.manual_seed(seed)
+        expected = torch.get_rng_state()
+        torch.manual_seed(seed + 1)
+        seed_everything(seed)
+        assert torch.equal(torch.get_rng_state(), expected)
+        assert random.random() == random.Random(seed).random()
+        assert np.random.random() == np.random.RandomState(seed).random_sample()
