@@ -143,6 +143,7 @@ def _run(
                 within, why = server_budget_check(strategy)
                 if not within:  # client-level budget: end cleanly, before the round that would exceed it
                     ended_early = why
+                    writer.wait()  # the last round's line first
                     say(f"stopping before round {server_round}: {why}")
                     break
             global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
@@ -164,6 +165,7 @@ def _run(
                 # Sample-level budgets: no site may train any more. Data is never
                 # used past its budget; the run ends cleanly with what it has.
                 ended_early = "privacy budget: every site has spent its dp-epsilon-budget"
+                writer.wait()  # this round's line first
                 say(f"stopping after round {server_round}: {ended_early}")
                 break
             skipped_in_a_row = skipped_in_a_row + 1 if record["status"] == "skipped" else 0
