@@ -8,8 +8,11 @@ the other by the parent, which prints a table and writes JSON
   same arrays (names, shapes, wire dtype) as our adapter, gets them back,
   then an evaluate message with them, and a ClientApp that answers at once:
   the price of Flower + Ray for one of our rounds with no work in it. It runs
-  twice: with Flower's `send_and_receive` (0.1 s pull interval) and pulling
-  every 0.02 s as fedvlsm's server does in simulation (server/messaging.py).
+  with Flower's `send_and_receive` (0.1 s pull interval) and pulling every
+  0.02 s as fedvlsm's server does in simulation (server/messaging.py); each
+  NOOP_RUNS times (default 2), in separate simulations: its rounds are 3 or
+  4 of Flower's 0.1 s ticks by a phase that one simulation mostly keeps, so
+  one draw can move the ratio by a third. Steady rounds of all runs pooled.
 - ``fedvlsm``: the project's own simulation (`simulations.simulate.simulate`)
   on `arch:tiny`, synthetic demo sites; rounds.jsonl has each round's wall
   time and each site's `train_seconds`.
@@ -22,7 +25,7 @@ reported. Round 1 pays the actors' start-up and is reported apart; Ray's own
 start-up (``ray.init`` to a ready cluster) is timed separately too.
 
     nice python bench/round_overhead.py                 # 10 sites, 8 rounds
-    SITES=10 ROUNDS=8 CPUS_PER_SITE=1 python bench/round_overhead.py
+    SITES=10 ROUNDS=8 CPUS_PER_SITE=1 NOOP_RUNS=2 python bench/round_overhead.py
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SITES = int(os.environ.get("SITES", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "8"))  # round times vary by ~0.1 s with Flower's 0.1 s ticks
 CPUS_PER_SITE = float(os.environ.get("CPUS_PER_SITE", "1"))
+# The no-op's rounds are 3 or 4 of Flower's 0.1 s ticks by the phase of its 0.1 s pull against the
+# simulation's 0.1 s dispatch, and one simulation mostly keeps one phase: run it more than once.
+NOOP_RUNS = int(os.environ.get("NOOP_RUNS", "2"))
 ADAPTER = os.environ.get("ADAPTER", "shallow-vlc")
 
 
@@ -182,8 +188,11 @@ def main() -> None:
     actors = max(1, int((os.cpu_count() or 1) // CPUS_PER_SITE))
     actors = min(actors, SITES)
     ray = child("ray")
-    noop = child("noop")
-    noop_poll = child("noop_poll")
+    noops, noop_polls = [], []
+    for _ in range(NOOP_RUNS):
+        noops.append(child("noop"))
+        noop_polls.append(child("noop_poll"))
+    noop, noop_poll = noops[0], noop_polls[0]  # the per-round table shows the first of each
     ours = child("fedvlsm")
     rows = []
     for i, r in enumerate(ours["rounds"]):
@@ -192,17 +201,24 @@ def main() -> None:
                      "sum_train": sum(train), "overhead": r["round_seconds"] - max(train),
                      "overhead_critical_path": r["round_seconds"] - sum(train) / actors})
     steady = rows[1:] or rows
-    noop_steady = noop["round_seconds"][1:] or noop["round_seconds"]
-    noop_poll_steady = noop_poll["round_seconds"][1:] or noop_poll["round_seconds"]
+
+    def steady_of(runs: list[dict]) -> list[float]:  # every run's rounds after its first, pooled
+        return [t for run in runs for t in (run["round_seconds"][1:] or run["round_seconds"])]
+
     res = {
         "machine": platform.node(), "cpus": os.cpu_count(), "sites": SITES, "rounds": ROUNDS,
         "cpus_per_site": CPUS_PER_SITE, "ray_actors": actors, "adapter": ADAPTER, "base": "arch:tiny",
         "payload_bytes": noop["payload_bytes"], "tensors": noop["tensors"],
         "ray_startup": ray,
-        "noop": {"round_seconds": noop["round_seconds"], "steady_mean": mean(noop_steady),
-                 "total_seconds": noop["total_seconds"]},
-        "noop_poll_002": {"round_seconds": noop_poll["round_seconds"], "steady_mean": mean(noop_poll_steady),
-                          "total_seconds": noop_poll["total_seconds"]},
+        # round_seconds/total_seconds: the first simulation; steady_mean: all runs' steady rounds pooled
+        "noop": {"round_seconds": noop["round_seconds"], "steady_mean": mean(steady_of(noops)),
+                 "total_seconds": noop["total_seconds"],
+                 "runs_steady_mean": [mean(steady_of([r])) for r in noops],
+                 "runs_round_seconds": [r["round_seconds"] for r in noops]},
+        "noop_poll_002": {"round_seconds": noop_poll["round_seconds"], "steady_mean": mean(steady_of(noop_polls)),
+                          "total_seconds": noop_poll["total_seconds"],
+                          "runs_steady_mean": [mean(steady_of([r])) for r in noop_polls],
+                          "runs_round_seconds": [r["round_seconds"] for r in noop_polls]},
         "fedvlsm": {"rounds": rows, "total_seconds": ours["total_seconds"],
                     "steady_overhead_mean": mean([r["overhead"] for r in steady]),
                     "steady_overhead_critical_mean": mean([r["overhead_critical_path"] for r in steady]),
@@ -217,6 +233,10 @@ def main() -> None:
     print(f"Ray start-up (init to first task): {ray['init_to_first_task_seconds']:.2f} s")
     print(f"{'round':>5} {'fedvlsm round s':>16} {'slowest train s':>16} {'overhead s':>11} "
           f"{'ovh (crit. path) s':>19} {'no-op round s':>14} {'no-op, 0.02 s poll':>19}")
+    print("no-op steady round means per simulation: "
+          + ", ".join(f"{x:.3f}" for x in res["noop"]["runs_steady_mean"]) + " s (Flower's send_and_receive); "
+          + ", ".join(f"{x:.3f}" for x in res["noop_poll_002"]["runs_steady_mean"]) + " s (0.02 s poll); "
+          "the table shows the first of each")
     for r, n, p in zip(rows, noop["round_seconds"], noop_poll["round_seconds"]):
         print(f"{r['round']:>5} {r['round_seconds']:>16.3f} {r['slowest_train']:>16.3f} {r['overhead']:>11.3f} "
               f"{r['overhead_critical_path']:>19.3f} {n:>14.3f} {p:>19.3f}")

@@ -25,3 +25,27 @@ def test_host_epoch_bench_runs_and_writes_its_json(tmp_path):
     first, *_, last = res["cache_key_us_per_call"]
     assert last < first  # remembered keys are cheaper than computed ones
     assert "SegDataset.cache_key" in proc.stdout and "median epoch" in proc.stdout
+
+
+def test_round_overhead_bench_runs_and_writes_its_json(tmp_path):
+    # The README's `python bench/round_overhead.py`, smallest sizes: 2 sites, 2 rounds, each no-op twice.
+    env = {**os.environ, "SITES": "2", "ROUNDS": "2", "NOOP_RUNS": "2", "OUT": str(tmp_path),
+           "FEDVLSM_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "bench/round_overhead.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-*-round_overhead.json")
+    res = json.loads(path.read_text())
+    assert res["sites"] == 2 and res["rounds"] == 2 and res["tensors"] > 0 and res["payload_bytes"] > 0
+    rounds = res["fedvlsm"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert 0 < r["slowest_train"] <= r["sum_train"] < r["round_seconds"]
+        assert r["overhead"] == r["round_seconds"] - r["slowest_train"]
+    for noop in ("noop", "noop_poll_002"):
+        runs = res[noop]["runs_round_seconds"]
+        assert len(runs) == 2 and all(len(run) == 2 for run in runs) and runs[0] == res[noop]["round_seconds"]
+        pooled = [run[1] for run in runs]  # the steady rounds (2..) of both simulations
+        assert abs(res[noop]["steady_mean"] - sum(pooled) / len(pooled)) < 1e-12
+    assert res["ratio_overhead_to_noop"] == res["fedvlsm"]["steady_overhead_mean"] / res["noop"]["steady_mean"]
+    assert "no-op steady round means per simulation" in proc.stdout and "steady rounds (2..): overhead" in proc.stdout
