@@ -173,18 +173,17 @@ def _local_seed(cfg: FederationConfig, server_round: int, site_name: str) -> int
     return (cfg.seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site_name.encode())) % 2**31
 
 
+@functools.lru_cache(maxsize=1)
+def _created(pid: int) -> float:
+    return psutil.Process(pid).create_time()
+
+
 def _process_created() -> float:
-    """This process's creation time: read once per process (psutil reads /proc on every call).
+    """This process's creation time, read once per process (psutil reads /proc on every call).
 
     Keyed by pid, so a forked child does not inherit its parent's.
     """
-    pid = os.getpid()
-    if _CREATED.get("pid") != pid:
-        _CREATED.update(pid=pid, time=psutil.Process().create_time())
-    return _CREATED["time"]
-
-
-_CREATED: dict[str, float] = {}
+    return _created(os.getpid())
 
 
 def _runtime_metrics(handler_start: float) -> dict[str, float]:

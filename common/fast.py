@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import TrainConfig, autocast_dtype
+from common.data.dataset import prompt_ids
 from common.graphed_step import GraphedStep, LrTensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,14 +253,9 @@ class PromptTokens:
         self.buckets = sorted({min(int(b), max_length) for b in buckets} | {max_length})
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
-        self._ids: dict[str, list[int]] = {}
 
-    def ids(self, prompt: str) -> list[int]:
-        ids = self._ids.get(prompt)
-        if ids is None:
-            ids = list(self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"])
-            self._ids[prompt] = ids
-        return ids
+    def ids(self, prompt: str) -> torch.Tensor:
+        return prompt_ids(self.tokenizer, prompt, self.max_length)  # one memo per tokenizer, the collate's too
 
     def bucket(self, length: int) -> int:
         return next(b for b in self.buckets if b >= length)
@@ -269,7 +265,7 @@ class PromptTokens:
         width = self.bucket(max(len(r) for r in rows))
         out = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            out[i, : len(r)] = r
         return out
 
 

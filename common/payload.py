@@ -133,8 +133,7 @@ def _in_one_buffer(arrays: list[np.ndarray], target: np.dtype) -> tuple[np.ndarr
     An adapter is 28 small tensors: per-tensor conversions cost more in
     per-call overhead than in arithmetic (bench/round_overhead.py).
     """
-    flat = cast(np.concatenate([a.reshape(-1) for a in arrays]), target) if len(arrays) > 1 \
-        else np.ascontiguousarray(cast(arrays[0].reshape(-1), target))
+    flat = cast(np.concatenate([a.reshape(-1) for a in arrays]), target)
     out, offset = [], 0
     for a in arrays:
         out.append(flat[offset: offset + a.size].reshape(a.shape))

@@ -260,6 +260,24 @@ _PROMPT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROMPT_IDS_MAX = 100_000  # distinct (prompt, max_length) pairs kept per tokenizer
 
 
+def prompt_ids(tokenizer: Any, prompt: str, max_length: int) -> torch.Tensor:
+    """`prompt`'s token ids (truncated to `max_length`, unpadded), tokenised once per tokenizer.
+
+    Shared by the plain collate (below) and the fast path (`common.fast.PromptTokens`).
+    """
+    try:
+        memo = _PROMPT_IDS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        memo = {}
+    ids = memo.get((prompt, max_length))
+    if ids is None:
+        if len(memo) >= _PROMPT_IDS_MAX:
+            memo.clear()
+        ids = memo[(prompt, max_length)] = torch.tensor(
+            tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"], dtype=torch.long)
+    return ids
+
+
 class _Collate:
     """Picklable collate callable (DataLoader workers may be spawned, not forked)."""
 
@@ -291,22 +309,10 @@ class _Collate:
         """
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None)
-        try:
-            memo = _PROMPT_IDS.setdefault(tok, {}) if pad is not None and tok.padding_side == "right" else None
-        except (TypeError, AttributeError):  # not weak-referenceable, or no padding side
-            memo = None
-        if memo is None:
+        if pad is None or getattr(tok, "padding_side", None) != "right":
             t = tok(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             return t["input_ids"], t["attention_mask"]
-        rows = []
-        for prompt in prompts:
-            ids = memo.get((prompt, self.max_length))
-            if ids is None:
-                if len(memo) >= _PROMPT_IDS_MAX:
-                    memo.clear()
-                ids = memo[(prompt, self.max_length)] = torch.tensor(
-                    tok(prompt, truncation=True, max_length=self.max_length)["input_ids"], dtype=torch.long)
-            rows.append(ids)
+        rows = [prompt_ids(tok, prompt, self.max_length) for prompt in prompts]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
