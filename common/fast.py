@@ -87,6 +87,14 @@ class FastForward:
     def __init__(self, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
         self._pos: dict[tuple, torch.Tensor] = {}
+        self._by_size: dict[tuple[int, int], torch.Tensor] = {}  # the same table, for compiled steps
+
+    @staticmethod
+    def attention(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """A tower layer's self-attention, q/k/v in one matmul (common/fast_attention.py)."""
+        from common.fast_attention import attention
+
+        return attention(module, x, mask, causal)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype) if self.dtype is not None and torch.is_autocast_enabled(x.device.type) else x
@@ -98,16 +106,37 @@ class FastForward:
         patch = patch.flatten(2).transpose(1, 2)
         cls = emb.class_embedding.expand(batch, 1, -1)
         x = torch.cat([cls, patch], dim=1)
-        table = emb.position_embedding.weight
-        if table.requires_grad:  # the "full" baseline trains it: nothing to cache
+        if emb.position_embedding.weight.requires_grad:  # the "full" baseline trains it: nothing to cache
             return x + emb.interpolate_pos_encoding(x, height, width)
+        if torch.compiler.is_compiling():
+            # The eager key below reads data_ptr() and _version, which Dynamo cannot trace: it broke
+            # the compiled step into 6 graphs. Compiled, the table cached for this size is a constant
+            # (FastEpochs warms it before compiling); without one it is computed in the graph.
+            pos = self._by_size.get((height, width))
+            return x + (pos if pos is not None else self._table(emb, x, height, width))
+        return x + self.positions(emb, x, height, width)
+
+    def positions(self, emb: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The interpolated position table for `x` (B, N + 1, D) of an image `height` x `width`, cached."""
+        table = emb.position_embedding.weight
         key = (height, width, table.device, table.data_ptr(), table._version)
         pos = self._pos.get(key)
         if pos is None:
-            with torch.no_grad():
-                pos = emb.interpolate_pos_encoding(x.detach(), height, width).detach()
+            pos = self._table(emb, x, height, width)
             self._pos = {key: pos}  # one image size at a time
-        return x + pos
+            self._by_size = {(height, width): pos}
+        return pos
+
+    def warm_positions(self, emb: nn.Module, size: int) -> None:
+        """Cache the table of `size` x `size` images (before compiling: see vision_embeddings)."""
+        table = emb.position_embedding.weight
+        n = (size // emb.patch_size) ** 2 + 1
+        self.positions(emb, table.new_zeros(1, n, table.shape[1]), size, size)
+
+    @staticmethod
+    def _table(emb: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        with torch.no_grad():
+            return emb.interpolate_pos_encoding(x.detach(), height, width).detach()
 
 
 class PatchConvTranspose2d(nn.ConvTranspose2d):
@@ -208,6 +237,10 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
         cast_frozen(model.clipseg, dtype)
     else:
         restore_fp32(model)  # fp32 maths without autocast needs fp32 weights
+    from common.fast_attention import fuse_qkv
+
+    clip = model.clipseg.clip
+    fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
     model.fast = FastForward(dtype)
     return model
 
@@ -373,6 +406,7 @@ class FastEpochs:
             # Only when compiling: eager, cuDNN's transposed convolution is fine, and the
             # matmul form's rounding differs slightly (see PatchConvTranspose2d).
             use_patch_transposed_convs(model.clipseg, True)
+            model.fast.warm_positions(model.clipseg.clip.vision_model.embeddings, model.image_size)
             step = torch.compile(step, mode=cfg.compile, dynamic=False)
         self._compiled = step
         # Compiled shapes are static: a last short batch would compile (and, with

@@ -27,6 +27,27 @@ def test_host_epoch_bench_runs_and_writes_its_json(tmp_path):
     assert "SegDataset.cache_key" in proc.stdout and "median epoch" in proc.stdout
 
 
+def test_host_step_bench_runs_and_writes_its_json(tmp_path):
+    """`python bench/host_step.py` at its smallest (arch:tiny for the count too): counts and host times."""
+    env = {**os.environ, "BASE": "arch:tiny", "BLOCKS": "2", "STEPS": "2", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/host_step.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-*-host_step.json")
+    res = json.loads(path.read_text())
+    assert res["base"] == "arch:tiny"
+    stock, fused = res["counts"]["stock"], res["counts"]["fused"]
+    for counts in (stock, fused):
+        fb = counts["forward_backward"]
+        assert fb["ops"] == counts["forward_loss"]["ops"] + counts["backward"]["ops"] > fb["compute_ops"] > 0
+        assert sum(counts["forward_loss"]["by_op"].values()) == counts["forward_loss"]["ops"]
+    assert fused["forward_backward"]["ops"] < stock["forward_backward"]["ops"]
+    for mode in ("stock", "fused"):
+        row = res["host_time_arch_tiny"][mode]
+        assert len(row["blocks_s"]) == 2 and row["median_s"] > 0
+    assert "dispatched operators" in proc.stdout and "forward_backward" in proc.stdout
+
+
 def test_round_overhead_bench_runs_and_writes_its_json(tmp_path):
     # The README's `python bench/round_overhead.py`, smallest sizes: 2 sites, 2 rounds, each no-op twice.
     env = {**os.environ, "SITES": "2", "ROUNDS": "2", "NOOP_RUNS": "2", "OUT": str(tmp_path),

@@ -285,6 +285,29 @@ def test_compiled_step_drops_the_short_batch_and_matches_eager(tiny_base, site, 
     assert losses["default"] == pytest.approx(losses["off"], rel=1e-4)
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_fast_step_compiles_as_one_graph(tiny_base, site, warm):
+    """No graph break in the step torch.compile takes (forward, loss): one graph, so CUDA graphs (mode
+    reduce-overhead) hold the whole of it. The position-table cache's key (data_ptr, _version) broke it
+    into 6 graphs until the compiled step read the table by image size."""
+    ds = _ds(site, tiny_base)
+    model = build_model(tiny_base, "dense-vl")
+    params = model.trainable_parameters()
+    cpu = torch.device("cpu")
+    runner = fast.FastEpochs(model, ds, tiny_base.tokenizer, TrainConfig(fast="on", batch_size=2), cpu,
+                             fast.make_optimizer(params, 1e-3, 0.0, cpu), torch.amp.GradScaler("cpu", enabled=False),
+                             params, torch.Generator(), None)
+    if warm:  # as FastEpochs does when it compiles
+        model.fast.warm_positions(model.clipseg.clip.vision_model.embeddings, model.image_size)
+    images = torch.stack([torch.tensor(ds.arrays(i)[0]) for i in range(2)])
+    masks = torch.stack([torch.tensor(ds.arrays(i)[1]) for i in range(2)])
+    ids = runner.tokens([ds.prompt_for(i) for i in range(2)])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(runner._step)(images, masks, ids)
+    fast.restore_fp32(model)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.parametrize("cin,cout,k", [(64, 32, 4), (32, 1, 4), (8, 3, 2)])
 def test_patch_transposed_conv_is_the_same_maths(cin, cout, k):
     """kernel == stride: a matmul and a pixel shuffle give the convolution's output and gradients."""
