@@ -7,10 +7,13 @@ does not depend on the card, the batch or the image size, so it is counted
 here exactly: every ATen operator below autograd (forward and loss,
 backward, gradient clipping and the update), with a TorchDispatchMode, on
 the given base's architecture with tiny tensors (BASE, default the
-full-size ``arch:clipseg-rd64-refined``; bf16 autocast on the CPU, as the
-fast path runs under autocast on CUDA). "Compute" operators are those
+full-size ``arch:clipseg-rd64-refined``; frozen weights in bf16 and the
+step under the CPU's bf16 autocast, as the fast path runs on CUDA: the
+CPU's autocast policy is close to CUDA's, not equal). "Compute" operators are those
 that run a kernel; the rest only make views (view, t, transpose, ...).
 
+Two steps: dense-vl's (pixels in), and shallow-vlc's on cached activations
+(the frozen trunks' outputs in: what an epoch after the first runs).
 Each count is taken with the fused q/k/v attention (common/fast_attention.py)
 and with the stock attention (``qkv`` answering None: the stock module's
 forward, what the fast path ran before). The host time of a step is then
@@ -83,25 +86,41 @@ class _Len:
         return self.n
 
 
-def runner(base, amp: str, batch: int, size: int):
-    """A FastEpochs for dense-vl on `base` (CPU) and one fixed batch."""
+def runner(base, amp: str, batch: int, size: int, variant: str = "dense-vl"):
+    """A FastEpochs for `variant` on `base` (CPU) and one fixed batch: pixels, or for shallow-* the
+    frozen trunks' outputs (what an epoch on cached activations feeds its step)."""
     from common import fast
     from common.config import TrainConfig
     from common.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(base, "dense-vl")
+    model = build_model(base, variant)
     params = model.trainable_parameters()
     opt = fast.make_optimizer(params, 1e-4, 1e-4, torch.device("cpu"))
     cfg = TrainConfig(batch_size=batch, progress=False, fast="on", amp=amp, prompt_buckets=(16,),
                       activation_cache="off")
     r = fast.FastEpochs(model, _Len(batch), base.tokenizer, cfg, torch.device("cpu"), opt,
                         torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator(), None)
+    if amp == "bf16":  # as on CUDA: frozen weights cast once, the step under bf16 autocast (the CPU's)
+        fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+        r.amp = torch.bfloat16
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
     masks = (torch.rand(batch, size, size, generator=g) > 0.5).to(torch.uint8)
     ids = r.tokens(["a small round polyp"] * batch)
-    return r, (images, masks, ids)
+    if model.spec.family != "shallow":
+        return r, (images, masks, ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=r.amp, enabled=r.amp is not None):
+        acts = model.vision_trunk(fast.normalize(images))
+        cond, taps = model.text_trunk(ids, None)
+    r.step = r._step_cached  # the cached epoch's step: side adapters, decoder, loss
+    return r, ([a.to(fast_dtype(r)) for a in acts], cond.to(fast_dtype(r)), [t.to(fast_dtype(r)) for t in taps],
+               masks)
+
+
+def fast_dtype(r) -> torch.dtype:
+    """The dtype the activation cache stores (the autocast dtype, else fp32)."""
+    return r.amp or torch.float32
 
 
 def count_step(r, inputs) -> dict:
@@ -152,25 +171,28 @@ def main() -> None:
 
     torch.set_num_threads(1)
     res: dict = {"host": platform.node(), "torch": torch.__version__, "base": BASE}
-    r, inputs = runner(load_base(BASE), "bf16", 2, 32)
-    res["counts"] = {}
-    for mode in ("stock", "fused"):
-        with stock_attention(mode == "stock"):
-            res["counts"][mode] = count_step(r, inputs)
-    del r, inputs
-    tiny, inputs = runner(load_base("arch:tiny"), "off", 2, 32)
-    res["host_time_arch_tiny"] = host_times(tiny, inputs)
+    base, tiny = load_base(BASE), load_base("arch:tiny")
+    for part, variant in (("dense-vl", "dense-vl"), ("shallow-vlc-cached", "shallow-vlc")):
+        r, inputs = runner(base, "bf16", 2, 32, variant)
+        res[part] = {"counts": {}}
+        for mode in ("stock", "fused"):
+            with stock_attention(mode == "stock"):
+                res[part]["counts"][mode] = count_step(r, inputs)
+        del r, inputs
+        r, inputs = runner(tiny, "off", 2, 32, variant)
+        res[part]["host_time_arch_tiny"] = host_times(r, inputs)
     res["blocks"], res["steps_per_block"] = BLOCKS, STEPS
 
-    print(f"{BASE}, dense-vl fast step (bf16 autocast, CPU): dispatched operators (compute ones)")
-    print(f"{'':16}{'stock attention':>18}{'fused q/k/v':>18}")
-    for phase in ("forward_loss", "backward", "forward_backward", "clip_update", "step"):
-        a, b = res["counts"]["stock"][phase], res["counts"]["fused"][phase]
-        print(f"{phase:<16}{a['ops']:>10} ({a['compute_ops']:>4}){b['ops']:>11} ({b['compute_ops']:>4})")
-    t = res["host_time_arch_tiny"]
-    s, f = t["stock"]["median_s"], t["fused"]["median_s"]
-    print(f"arch:tiny fp32 step, 1 thread, median of {BLOCKS} alternating blocks of {STEPS}: "
-          f"stock {s * 1e3:.2f} ms, fused {f * 1e3:.2f} ms ({s / f:.2f}x)")
+    for part in ("dense-vl", "shallow-vlc-cached"):
+        print(f"{BASE}, {part} fast step (bf16 autocast, CPU): dispatched operators (compute ones)")
+        print(f"{'':18}{'stock attention':>18}{'fused q/k/v':>18}")
+        for phase in ("forward_loss", "backward", "forward_backward", "clip_update", "step"):
+            a, b = res[part]["counts"]["stock"][phase], res[part]["counts"]["fused"][phase]
+            print(f"{phase:<18}{a['ops']:>10} ({a['compute_ops']:>4}){b['ops']:>11} ({b['compute_ops']:>4})")
+        t = res[part]["host_time_arch_tiny"]
+        s, f = t["stock"]["median_s"], t["fused"]["median_s"]
+        print(f"  arch:tiny fp32 step, 1 thread, median of {BLOCKS} alternating blocks of {STEPS}: "
+              f"stock {s * 1e3:.2f} ms, fused {f * 1e3:.2f} ms ({s / f:.2f}x)")
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"cpu-{platform.node() or 'host'}-host_step.json"
     path.write_text(json.dumps(res, indent=1))

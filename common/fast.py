@@ -215,9 +215,12 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
 
 def restore_fp32(model: nn.Module) -> None:
     """Undo the fast path on `model` before a plain (fp32, maybe no autocast) forward."""
+    from common.fast_attention import use_fused_attention
+
     model.fast = None
     clipseg = model.clipseg
     use_patch_transposed_convs(clipseg, False)
+    use_fused_attention(clipseg.decoder, False)
     if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
         warnings.warn("the frozen base was cast to "
                       f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
@@ -237,10 +240,11 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
         cast_frozen(model.clipseg, dtype)
     else:
         restore_fp32(model)  # fp32 maths without autocast needs fp32 weights
-    from common.fast_attention import fuse_qkv
+    from common.fast_attention import fuse_qkv, use_fused_attention
 
     clip = model.clipseg.clip
     fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
+    use_fused_attention(model.clipseg.decoder, True)  # the decoder's layers run the stock code
     model.fast = FastForward(dtype)
     return model
 

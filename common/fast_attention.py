@@ -112,3 +112,37 @@ def attention(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cau
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=module.scale,
                                          is_causal=causal and mask is None and n > 1)
     return module.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class _FusedForward:
+    """Mixed in before an attention class (``use_fused_attention``): its forward, q/k/v in one matmul."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if qkv(self) is None or (self.training and self.dropout > 0) or kwargs.get("output_attentions"):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        causal = bool(kwargs.get("is_causal", getattr(self, "is_causal", False)))
+        return attention(self, hidden_states, attention_mask, causal), None
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def use_fused_attention(root: nn.Module, on: bool) -> int:
+    """Swap the class of `root`'s frozen attention modules to (on) or back from (off) the fused forward.
+
+    For modules that stock code calls (the decoder's layers: the towers' are
+    called by AdaptedCLIPSeg._layer, see ``attention``). The class swap keeps
+    the module's parameters and names, as PatchConvTranspose2d's does.
+    """
+    n = 0
+    for m in root.modules():
+        cls = type(m)
+        if on and not isinstance(m, _FusedForward) and hasattr(m, "scale") and qkv(m) is not None:
+            if cls not in _FUSED_CLASSES:
+                _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedForward, cls), {})
+            m.__class__ = _FUSED_CLASSES[cls]
+            n += 1
+        elif not on and isinstance(m, _FusedForward):
+            m.__class__ = cls.__bases__[1]
+            n += 1
+    return n

@@ -36,15 +36,19 @@ def test_host_step_bench_runs_and_writes_its_json(tmp_path):
     (path,) = tmp_path.glob("cpu-*-host_step.json")
     res = json.loads(path.read_text())
     assert res["base"] == "arch:tiny"
-    stock, fused = res["counts"]["stock"], res["counts"]["fused"]
-    for counts in (stock, fused):
-        fb = counts["forward_backward"]
-        assert fb["ops"] == counts["forward_loss"]["ops"] + counts["backward"]["ops"] > fb["compute_ops"] > 0
-        assert sum(counts["forward_loss"]["by_op"].values()) == counts["forward_loss"]["ops"]
-    assert fused["forward_backward"]["ops"] < stock["forward_backward"]["ops"]
-    for mode in ("stock", "fused"):
-        row = res["host_time_arch_tiny"][mode]
-        assert len(row["blocks_s"]) == 2 and row["median_s"] > 0
+    for part in ("dense-vl", "shallow-vlc-cached"):
+        stock, fused = res[part]["counts"]["stock"], res[part]["counts"]["fused"]
+        for counts in (stock, fused):
+            fb = counts["forward_backward"]
+            assert fb["ops"] == counts["forward_loss"]["ops"] + counts["backward"]["ops"] > fb["compute_ops"] > 0
+            assert sum(counts["forward_loss"]["by_op"].values()) == counts["forward_loss"]["ops"]
+        assert fused["forward_backward"]["ops"] < stock["forward_backward"]["ops"]
+        for mode in ("stock", "fused"):
+            row = res[part]["host_time_arch_tiny"][mode]
+            assert len(row["blocks_s"]) == 2 and row["median_s"] > 0
+    # the cached step runs no tower: far fewer operators than the dense one
+    assert res["shallow-vlc-cached"]["counts"]["fused"]["forward_loss"]["ops"] < \
+        res["dense-vl"]["counts"]["fused"]["forward_loss"]["ops"] / 2
     assert "dispatched operators" in proc.stdout and "forward_backward" in proc.stdout
 
 

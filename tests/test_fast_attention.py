@@ -131,7 +131,8 @@ def test_a_fast_step_dispatches_fewer_operators(own_base):
         with host_step.stock_attention(mode == "stock"):
             counts[mode] = host_step.count_step(r, inputs)
     clip = own_base.model.clip
-    layers = max(own_base.model.config.extract_layers) + 1 + len(clip.text_model.encoder.layers)
+    layers = max(own_base.model.config.extract_layers) + 1 + len(clip.text_model.encoder.layers) \
+        + len(own_base.model.decoder.layers)  # the towers' layers this step runs, and the decoder's
     for phase in ("forward_loss", "backward"):
         assert counts["fused"][phase]["ops"] <= counts["stock"][phase]["ops"] - 5 * layers, phase
     # q, k, v: one matmul instead of three in the forward; one instead of three (and two adds) backward.
@@ -139,3 +140,32 @@ def test_a_fast_step_dispatches_fewer_operators(own_base):
     assert fwd[1]["addmm"] == fwd[0]["addmm"] - 2 * layers
     assert counts["fused"]["clip_update"] == counts["stock"]["clip_update"]
     assert TrainConfig().fast == "auto"  # on by default on CUDA: what the count is for
+
+
+def test_the_decoder_attention_runs_fused_on_the_fast_path_only(own_base):
+    """The decoder's layers are called by transformers' code: their attention modules change class
+    (same parameters and names) while the fast path is on, and back for the plain one."""
+    torch.manual_seed(0)
+    model = build_model(own_base, "shallow-vlc").eval()
+    decoder = own_base.model.decoder
+    attns = [layer.self_attn for layer in decoder.layers]
+    keys = set(decoder.state_dict())
+    acts = [torch.randn(2, 5, own_base.model.config.vision_config.hidden_size) for _ in model.extract_layers]
+    cond = torch.randn(2, own_base.model.config.projection_dim)
+    with torch.no_grad():
+        plain = model.head(acts, cond, [])
+        fast.prepare_model(model, torch.device("cpu"), None)
+        assert all(isinstance(a, fast_attention._FusedForward) for a in attns)
+        assert set(decoder.state_dict()) == keys
+        fused = model.head(acts, cond, [])
+    assert _close(fused, plain)
+    fast.restore_fp32(model)
+    assert not any(isinstance(m, fast_attention._FusedForward) for m in decoder.modules())
+    # A swapped module whose weights train runs its class's stock forward (no fused tensor, no recursion).
+    fast_attention.use_fused_attention(decoder, True)
+    attns[0].v_proj.weight.requires_grad_(True)
+    x = torch.randn(2, 5, attns[0].embed_dim)
+    out, _ = attns[0](hidden_states=x)
+    out.sum().backward()
+    assert attns[0].v_proj.weight.grad is not None
+    fast_attention.use_fused_attention(decoder, False)
