@@ -12,7 +12,8 @@ here removes one measured cost, and none changes the maths:
   grad). Layer norms, embeddings and every trainable tensor stay fp32
   (adapters keep fp32 master weights and run under autocast);
 - the layer-norm output is cast once for q, k and v (``FastForward.cast``),
-  not three times;
+  not three times, and q, k, v are one matmul over the frozen weights fused
+  in place (common/fast_attention.py; towers and decoder);
 - the interpolated vision position table is computed once per image size
   (``FastForward.vision_embeddings``; 2.1 ms of GPU time per call measured);
 - Dice + BCE in a few fused ops (``dice_ce``; the same value as MONAI's
