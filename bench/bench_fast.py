@@ -5,7 +5,7 @@ Parts (PART=..., each a separate process so a slow compile cannot sink the other
 - ``eager``: dense-vl step plain (as bench_train_step.py: fp32 frozen
   weights under autocast, MONAI DiceCE, foreach AdamW, a host sync per step
   as the plain loop has) and fast (common/fast.py, no compile; also with the
-  stock attention instead of the fused q/k/v one), their losses
+  stock attention and MLPs instead of the fused q/k/v and folded ones), their losses
   at the same weights (bf16 tolerance), a whole fast epoch with data loading
   from a real site cache (workers, pinned memory), shallow-vlc plain step vs
   epochs on cached activations, inference plain vs fast.
@@ -295,13 +295,14 @@ def part_eager(base, device, batch, n, warmup, res: dict) -> None:
     res["dense-vl_fast"] = fast_step_bench(base, device, batch, n, warmup, "off")
     print(f"dense-vl fast         {res['dense-vl_fast']['img_per_s']:9.1f} img/s", flush=True)
     _free(device)
-    # The same step with the stock attention (q, k, v as three matmuls: the fast path before
-    # common/fast_attention.py), in the same call: what the fused one gives on this card.
-    from host_step import stock_attention
+    # The same step with the stock attention and MLPs (q, k, v as three matmuls, QuickGELU as three
+    # kernels: the fast path before common/fast_attention.py and common/fast_mlp.py), in the same
+    # call: what those give on this card.
+    from host_step import stock_modules
 
-    with stock_attention(True):
-        res["dense-vl_fast_stock-attention"] = fast_step_bench(base, device, batch, n, warmup, "off")
-    print(f"dense-vl fast, stock attention {res['dense-vl_fast_stock-attention']['img_per_s']:9.1f} img/s", flush=True)
+    with stock_modules(True):
+        res["dense-vl_fast_stock-modules"] = fast_step_bench(base, device, batch, n, warmup, "off")
+    print(f"dense-vl fast, stock modules {res['dense-vl_fast_stock-modules']['img_per_s']:9.1f} img/s", flush=True)
     _free(device)
 
     # --- a whole fast epoch, data loading included, from a real site cache (second epoch: npz cache warm)

@@ -15,8 +15,8 @@ that run a kernel; the rest only make views (view, t, transpose, ...).
 Two steps: dense-vl's (pixels in), and shallow-vlc's on cached activations
 (the frozen trunks' outputs in: what an epoch after the first runs).
 Each count is taken with the fused q/k/v attention (common/fast_attention.py)
-and with the stock attention (``qkv`` answering None: the stock module's
-forward, what the fast path ran before). The host time of a step is then
+and the folded MLPs (common/fast_mlp.py), and with the stock modules'
+forwards instead (``stock_modules``: what the fast path ran before them). The host time of a step is then
 measured on ``arch:tiny`` in fp32 with one thread, where the kernels are
 tiny and the host's work shows: the two modes alternate in blocks in one
 process (this VM's speed drifts), and the table gives the median block.
@@ -65,17 +65,18 @@ class Count(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def stock_attention(on: bool):
-    """Within: the fast path's attention runs the stock module (q, k, v as three matmuls)."""
-    from common import fast_attention
+def stock_modules(on: bool):
+    """Within: the fast path's attention and MLPs run the stock modules' forward (q, k, v as three
+    matmuls; QuickGELU as three kernels), as before common/fast_attention.py and common/fast_mlp.py."""
+    from common import fast_attention, fast_mlp
 
-    saved = fast_attention.qkv
+    saved = fast_attention.qkv, fast_mlp.folded
     if on:
-        fast_attention.qkv = lambda module: None
+        fast_attention.qkv = fast_mlp.folded = lambda module: None
     try:
         yield
     finally:
-        fast_attention.qkv = saved
+        fast_attention.qkv, fast_mlp.folded = saved
 
 
 class _Len:
@@ -153,12 +154,12 @@ def host_times(r, inputs) -> dict:
     """Median seconds per step of each mode, blocks of STEPS steps alternating (fused first, then stock)."""
     blocks: dict[str, list[float]] = {"fused": [], "stock": []}
     for mode in ("fused", "stock"):  # warm both
-        with stock_attention(mode == "stock"):
+        with stock_modules(mode == "stock"):
             for _ in range(3):
                 r.train_step(*inputs)
     for _ in range(BLOCKS):
         for mode in ("fused", "stock"):
-            with stock_attention(mode == "stock"):
+            with stock_modules(mode == "stock"):
                 t = time.perf_counter()
                 for _ in range(STEPS):
                     r.train_step(*inputs)
@@ -171,12 +172,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     res: dict = {"host": platform.node(), "torch": torch.__version__, "base": BASE}
-    base, tiny = load_base(BASE), load_base("arch:tiny")
+    tiny = load_base("arch:tiny")
     for part, variant in (("dense-vl", "dense-vl"), ("shallow-vlc-cached", "shallow-vlc")):
-        r, inputs = runner(base, "bf16", 2, 32, variant)
+        r, inputs = runner(load_base(BASE), "bf16", 2, 32, variant)  # its own base: the bf16 cast is in place
         res[part] = {"counts": {}}
         for mode in ("stock", "fused"):
-            with stock_attention(mode == "stock"):
+            with stock_modules(mode == "stock"):
                 res[part]["counts"][mode] = count_step(r, inputs)
         del r, inputs
         r, inputs = runner(tiny, "off", 2, 32, variant)
@@ -185,7 +186,7 @@ def main() -> None:
 
     for part in ("dense-vl", "shallow-vlc-cached"):
         print(f"{BASE}, {part} fast step (bf16 autocast, CPU): dispatched operators (compute ones)")
-        print(f"{'':18}{'stock attention':>18}{'fused q/k/v':>18}")
+        print(f"{'':18}{'stock modules':>18}{'fused/folded':>18}")
         for phase in ("forward_loss", "backward", "forward_backward", "clip_update", "step"):
             a, b = res[part]["counts"]["stock"][phase], res[part]["counts"]["fused"][phase]
             print(f"{phase:<18}{a['ops']:>10} ({a['compute_ops']:>4}){b['ops']:>11} ({b['compute_ops']:>4})")

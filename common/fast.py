@@ -14,6 +14,8 @@ here removes one measured cost, and none changes the maths:
 - the layer-norm output is cast once for q, k and v (``FastForward.cast``),
   not three times, and q, k, v are one matmul over the frozen weights fused
   in place (common/fast_attention.py; towers and decoder);
+- CLIP's QuickGELU as one SiLU kernel each way, its constant folded into
+  copies of the frozen MLP weights (common/fast_mlp.py);
 - the interpolated vision position table is computed once per image size
   (``FastForward.vision_embeddings``; 2.1 ms of GPU time per call measured);
 - Dice + BCE in a few fused ops (``dice_ce``; the same value as MONAI's
@@ -217,11 +219,13 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
 def restore_fp32(model: nn.Module) -> None:
     """Undo the fast path on `model` before a plain (fp32, maybe no autocast) forward."""
     from common.fast_attention import use_fused_attention
+    from common.fast_mlp import use_folded_mlp
 
     model.fast = None
     clipseg = model.clipseg
     use_patch_transposed_convs(clipseg, False)
     use_fused_attention(clipseg.decoder, False)
+    use_folded_mlp(clipseg, False)
     if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
         warnings.warn("the frozen base was cast to "
                       f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
@@ -242,10 +246,12 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     else:
         restore_fp32(model)  # fp32 maths without autocast needs fp32 weights
     from common.fast_attention import fuse_qkv, use_fused_attention
+    from common.fast_mlp import use_folded_mlp
 
     clip = model.clipseg.clip
     fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
     use_fused_attention(model.clipseg.decoder, True)  # the decoder's layers run the stock code
+    use_folded_mlp(model.clipseg, True)  # every MLP, towers and decoder (common/fast_mlp.py)
     model.fast = FastForward(dtype)
     return model
 

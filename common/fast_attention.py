@@ -124,25 +124,16 @@ class _FusedForward:
         return attention(self, hidden_states, attention_mask, causal), None
 
 
-_FUSED_CLASSES: dict[type, type] = {}
-
-
 def use_fused_attention(root: nn.Module, on: bool) -> int:
     """Swap the class of `root`'s frozen attention modules to (on) or back from (off) the fused forward.
 
     For modules that stock code calls (the decoder's layers: the towers' are
     called by AdaptedCLIPSeg._layer, see ``attention``). The class swap keeps
-    the module's parameters and names, as PatchConvTranspose2d's does.
+    the module's parameters and names (common/class_swap.py).
     """
-    n = 0
-    for m in root.modules():
-        cls = type(m)
-        if on and not isinstance(m, _FusedForward) and hasattr(m, "scale") and qkv(m) is not None:
-            if cls not in _FUSED_CLASSES:
-                _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedForward, cls), {})
-            m.__class__ = _FUSED_CLASSES[cls]
-            n += 1
-        elif not on and isinstance(m, _FusedForward):
-            m.__class__ = cls.__bases__[1]
-            n += 1
-    return n
+    from common.class_swap import swap_in, swap_out
+
+    if on:
+        return sum(swap_in(m, _FusedForward) for m in list(root.modules())
+                   if hasattr(m, "scale") and qkv(m) is not None)
+    return sum(swap_out(m, _FusedForward) for m in list(root.modules()))

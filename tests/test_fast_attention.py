@@ -128,7 +128,7 @@ def test_a_fast_step_dispatches_fewer_operators(own_base):
     r, inputs = host_step.runner(own_base, "off", 2, 32)
     counts = {}
     for mode in ("stock", "fused"):
-        with host_step.stock_attention(mode == "stock"):
+        with host_step.stock_modules(mode == "stock"):
             counts[mode] = host_step.count_step(r, inputs)
     clip = own_base.model.clip
     layers = max(own_base.model.config.extract_layers) + 1 + len(clip.text_model.encoder.layers) \

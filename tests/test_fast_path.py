@@ -7,6 +7,7 @@ shallow activation cache. The bf16 cast of the frozen weights is checked
 under CPU autocast against bf16 tolerance (5e-2 relative on logits).
 """
 
+import copy
 import os
 
 import pytest
@@ -84,6 +85,38 @@ def test_fast_forward_logits_equal_plain(tiny_base, site, variant):
     assert torch.equal(quick, again)
 
 
+@pytest.mark.parametrize("variant", ["dense-vl", "shallow-vlc"])
+def test_fast_gradients_are_as_accurate_as_plain(tiny_base, variant):
+    """One step's adapter gradients, fast path (fp32) and plain path (fp32), each against the plain
+    path in fp64: the fast path's worst relative error is no worse than 1.5x the plain one's (its
+    kernels round differently: fused q/k/v, SiLU for QuickGELU; that must not cost accuracy)."""
+    from common.bases import Base
+
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    torch.manual_seed(0)
+    model = build_model(base, variant)
+    px = torch.randn(4, 3, 64, 64)
+    ids = _tokens(base)(["a round polyp", "polyp", "a small dark lesion", "x"])
+    target = (torch.rand(4, 1, 64, 64) > 0.5).float()
+    loss_fn = make_loss(TrainConfig())
+
+    def grads(m, dtype):
+        m.zero_grad(set_to_none=True)
+        loss_fn(m(px.to(dtype), ids, None), target.to(dtype)).backward()
+        return {n: p.grad.double() for n, p in m.named_parameters() if p.requires_grad}
+
+    truth = grads(copy.deepcopy(model).double(), torch.float64)
+    plain = grads(model, torch.float32)
+    fast.prepare_model(model, torch.device("cpu"), None)
+    quick = grads(model, torch.float32)
+    fast.restore_fp32(model)
+
+    def worst(g):
+        return max(float((g[n] - truth[n]).norm() / truth[n].norm()) for n in truth)
+
+    assert worst(quick) <= 1.5 * worst(plain) + 1e-6, (worst(quick), worst(plain))
+
+
 @pytest.mark.parametrize("variant,cache,pixels", [("dense-vl", "off", "resident"), ("dense-vl", "off", "loader"),
                                                   ("shallow-vlc", "off", "resident"), ("shallow-vlc", "on", None)])
 def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, monkeypatch, variant, cache, pixels):
@@ -107,11 +140,17 @@ def test_fast_fit_matches_plain_fit(tiny_base, site, tmp_path, monkeypatch, vari
     assert quick.steps == plain.steps
     for a, b in zip(plain.history, quick.history):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-    # Weights: 1e-3 absolute (observed <= 4.2e-4 after 2 epochs). The forward
-    # agrees to ~1e-7 relative, but Adam's normalised step (lr 1e-3) turns
-    # such noise into up to a step's size where a gradient is near zero.
-    for name, tensor in plain_state.items():
-        assert torch.allclose(quick_state[name], tensor, rtol=0, atol=1e-3), name
+    # Weights: each within 5e-3 absolute, 5e-5 on average. The forward agrees
+    # to ~1e-7 relative, but Adam's normalised step (lr 1e-3) turns such
+    # noise into up to a step's size where a gradient is near zero, and 2
+    # epochs are 8 steps: observed at most 4.2e-4 (mean 5e-7) before the
+    # folded MLPs (common/fast_mlp.py), 2.4e-3 (mean 5.1e-6) since, whose
+    # fp32 rounding differs from QuickGELU's in every layer. That this is
+    # rounding, not error: test_fast_gradients_are_as_accurate_as_plain.
+    diffs = [(quick_state[name] - tensor).abs() for name, tensor in plain_state.items()]
+    for name, diff in zip(plain_state, diffs):
+        assert diff.max() <= 5e-3, name
+    assert sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs) <= 5e-5
     if cache == "on":
         assert (tmp_path / "cache" / "activations").is_dir()
     # resident: epoch 1 trains on the loader's batches and keeps them, epoch 2 takes every batch from the store

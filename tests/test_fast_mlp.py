@@ -1,0 +1,120 @@
+"""The fast path's MLPs (common/fast_mlp.py): QuickGELU as SiLU with its constant folded into weights.
+
+Checked against the stock CLIPSegMLP: values and input gradients in fp32 to
+1e-5 of the largest, in bf16 to bf16 tolerance; the stock module's weights
+are untouched (copies are scaled); a rebinding is noticed; weights that train
+and other activations keep the stock forward; the class swap goes back; the
+step dispatches fewer kernel-running operators.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from common import fast, fast_mlp
+from common.bases import Base
+from common.class_swap import swap_in
+from common.model import build_model
+
+
+@pytest.fixture()
+def own_base(tiny_base):
+    return Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+
+
+def _run(mlp, x, g):
+    x = x.clone().requires_grad_(True)
+    y = mlp(x)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def test_folded_mlp_equals_the_stock_one(own_base):
+    torch.manual_seed(0)
+    mlp = own_base.model.clip.vision_model.encoder.layers[0].mlp
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    x = torch.randn(2, 7, mlp.fc1.in_features) * 2
+    g = torch.randn(2, 7, mlp.fc2.out_features)
+    stock = _run(mlp, x, g)
+    assert fast_mlp.use_folded_mlp(mlp, True) == 1 and isinstance(mlp, fast_mlp._FoldedForward)
+    ours = _run(mlp, x, g)
+    for a, b in zip(ours, stock):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert all(torch.equal(mlp.state_dict()[k], v) for k, v in before.items())  # copies were scaled
+    assert fast_mlp.use_folded_mlp(mlp, False) == 1 and type(mlp).__name__ == "CLIPSegMLP"
+
+
+def test_folded_mlp_in_bf16(own_base):
+    torch.manual_seed(0)
+    mlp = own_base.model.clip.text_model.encoder.layers[0].mlp
+    x = torch.randn(2, 7, mlp.fc1.in_features)
+    ref = mlp(x).detach()
+    mlp.to(torch.bfloat16)
+    fast_mlp.use_folded_mlp(mlp, True)
+    w1, _, w2 = fast_mlp.folded(mlp)
+    assert w1.dtype == w2.dtype == torch.bfloat16
+    out = mlp(x.to(torch.bfloat16)).float()
+    assert (out - ref).abs().max() / ref.abs().max() < 5e-2
+
+
+def test_a_rebinding_makes_the_copies_again(own_base):
+    torch.manual_seed(0)
+    mlp = own_base.model.clip.vision_model.encoder.layers[1].mlp
+    fast_mlp.use_folded_mlp(mlp, True)
+    first = fast_mlp.folded(mlp)
+    assert fast_mlp.folded(mlp)[0] is first[0]  # remembered
+    mlp.double()
+    again = fast_mlp.folded(mlp)
+    assert again[0].dtype == torch.float64 and again[0] is not first[0]
+    x = torch.randn(3, mlp.fc1.in_features, dtype=torch.float64)
+    expected = mlp.fc2(mlp.activation_fn(mlp.fc1(x)))
+    assert torch.allclose(mlp(x), expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # a new value written in place into a weight: its pointer is the same...
+        mlp.fc1.weight.mul_(2)
+    # ...so the copy is not remade: weights are frozen, and in-place writes are not how a base changes.
+    assert fast_mlp.folded(mlp)[0] is again[0]
+
+
+def test_what_is_not_folded(own_base):
+    decoder_mlp = own_base.model.decoder.layers[0].mlp  # ReLU: already one kernel
+    assert not fast_mlp.eligible(decoder_mlp)
+    mlp = own_base.model.clip.vision_model.encoder.layers[2].mlp
+    assert fast_mlp.eligible(mlp)
+    swap_in(mlp, fast_mlp._FoldedForward)
+    mlp.fc2.weight.requires_grad_(True)
+    assert not fast_mlp.eligible(mlp) and fast_mlp.folded(mlp) is None
+    mlp(torch.randn(2, mlp.fc1.in_features)).sum().backward()  # the stock forward: fc2's weight trains
+    assert mlp.fc2.weight.grad is not None and mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def test_prepare_and_restore_switch_every_eligible_mlp(own_base):
+    model = build_model(own_base, "dense-vl")
+    eligible = [m for m in own_base.model.modules() if fast_mlp.eligible(m)]
+    assert len(eligible) == len(own_base.model.clip.vision_model.encoder.layers) + \
+        len(own_base.model.clip.text_model.encoder.layers)
+    fast.prepare_model(model, torch.device("cpu"), None)
+    assert all(isinstance(m, fast_mlp._FoldedForward) for m in eligible)
+    fast.restore_fp32(model)
+    assert not any(isinstance(m, fast_mlp._FoldedForward) for m in own_base.model.modules())
+
+
+def test_a_fast_step_runs_one_activation_kernel_per_mlp(own_base):
+    """bench/host_step.py's count: forward, one SiLU per tower layer run and no QuickGELU multiply."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_step
+
+    r, inputs = host_step.runner(own_base, "off", 2, 32)
+    counts = {}
+    for mode in ("stock", "fused"):
+        with host_step.stock_modules(mode == "stock"):
+            counts[mode] = host_step.count_step(r, inputs)
+    layers = max(own_base.model.config.extract_layers) + 1 + len(own_base.model.clip.text_model.encoder.layers)
+    stock, ours = counts["stock"]["forward_loss"]["by_op"], counts["fused"]["forward_loss"]["by_op"]
+    assert ours["silu"] == layers and "silu" not in stock
+    assert ours.get("mul", 0) <= stock["mul"] - 2 * layers  # QuickGELU's two multiplies per layer
+    back_s, back_o = counts["stock"]["backward"]["by_op"], counts["fused"]["backward"]["by_op"]
+    assert back_o["silu_backward"] == layers and back_o["mul"] <= back_s["mul"] - 3 * layers
