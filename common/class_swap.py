@@ -34,3 +34,18 @@ def swap_out(module: nn.Module, mixin: type) -> bool:
         return False
     module.__class__ = cls.__bases__[1]
     return True
+
+
+def swap_all(root: nn.Module, mixin: type, on: bool, eligible=lambda m: True) -> int:
+    """Swap every module of `root` that is `eligible` to the mixin (on), or every swapped one back
+    (off); how many changed. Remembers on `root` whether any is swapped, so that switching off a
+    root with none (every plain fit and evaluate does) skips the walk of its modules."""
+    flag = f"_fedvlsm_swapped_{mixin.__name__}"
+    if not on and not root.__dict__.get(flag, True):
+        return 0
+    if on:
+        n = sum(swap_in(m, mixin) for m in list(root.modules()) if not isinstance(m, mixin) and eligible(m))
+    else:
+        n = sum(swap_out(m, mixin) for m in list(root.modules()))
+    root.__dict__[flag] = on and (n > 0 or any(isinstance(m, mixin) for m in root.modules()))
+    return n

@@ -131,9 +131,6 @@ def use_fused_attention(root: nn.Module, on: bool) -> int:
     called by AdaptedCLIPSeg._layer, see ``attention``). The class swap keeps
     the module's parameters and names (common/class_swap.py).
     """
-    from common.class_swap import swap_in, swap_out
+    from common.class_swap import swap_all
 
-    if on:
-        return sum(swap_in(m, _FusedForward) for m in list(root.modules())
-                   if hasattr(m, "scale") and qkv(m) is not None)
-    return sum(swap_out(m, _FusedForward) for m in list(root.modules()))
+    return swap_all(root, _FusedForward, on, lambda m: hasattr(m, "scale") and qkv(m) is not None)

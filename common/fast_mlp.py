@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import QuickGELUActivation
 
-from common.class_swap import swap_in, swap_out
+from common.class_swap import swap_all
 
 SCALE = 1.702  # QuickGELU's constant (transformers.activations.QuickGELUActivation)
 _ATTR = "_fedvlsm_folded"
@@ -86,11 +86,4 @@ class _FoldedForward:
 def use_folded_mlp(root: nn.Module, on: bool) -> int:
     """Swap `root`'s eligible MLPs to (on, making their folded weights now) or back from (off) the folded
     forward; how many changed."""
-    if not on:
-        return sum(swap_out(m, _FoldedForward) for m in list(root.modules()))
-    n = 0
-    for m in list(root.modules()):
-        if not isinstance(m, _FoldedForward) and eligible(m):
-            folded(m)
-            n += swap_in(m, _FoldedForward)
-    return n
+    return swap_all(root, _FoldedForward, on, lambda m: eligible(m) and folded(m) is not None)

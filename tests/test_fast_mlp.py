@@ -118,3 +118,18 @@ def test_a_fast_step_runs_one_activation_kernel_per_mlp(own_base):
     assert ours.get("mul", 0) <= stock["mul"] - 2 * layers  # QuickGELU's two multiplies per layer
     back_s, back_o = counts["stock"]["backward"]["by_op"], counts["fused"]["backward"]["by_op"]
     assert back_o["silu_backward"] == layers and back_o["mul"] <= back_s["mul"] - 3 * layers
+
+
+def test_restoring_an_unswapped_base_does_not_walk_it(own_base, monkeypatch):
+    """Every plain fit and evaluate calls restore_fp32 (per federated message): with nothing swapped
+    it must not walk the whole base (the class swaps remember whether any module is swapped)."""
+    model = build_model(own_base, "dense-vl")
+    fast.prepare_model(model, torch.device("cpu"), None)
+    fast.restore_fp32(model)  # walks once, to swap back
+
+    def walked():
+        raise AssertionError("restore_fp32 walked an unswapped base")
+
+    monkeypatch.setattr(own_base.model, "modules", walked)
+    monkeypatch.setattr(own_base.model.decoder, "modules", walked)
+    fast.restore_fp32(model)
