@@ -150,6 +150,15 @@ def count_step(r, inputs) -> dict:
     return out
 
 
+def compare_counts(r, inputs) -> dict:
+    """count_step of runner `r` with the stock modules' forwards ("stock") and the fast path's ("fused")."""
+    counts = {}
+    for mode in ("stock", "fused"):
+        with stock_modules(mode == "stock"):
+            counts[mode] = count_step(r, inputs)
+    return counts
+
+
 def host_times(r, inputs) -> dict:
     """Median seconds per step of each mode, blocks of STEPS steps alternating (fused first, then stock)."""
     blocks: dict[str, list[float]] = {"fused": [], "stock": []}
@@ -175,10 +184,7 @@ def main() -> None:
     tiny = load_base("arch:tiny")
     for part, variant in (("dense-vl", "dense-vl"), ("shallow-vlc-cached", "shallow-vlc")):
         r, inputs = runner(load_base(BASE), "bf16", 2, 32, variant)  # its own base: the bf16 cast is in place
-        res[part] = {"counts": {}}
-        for mode in ("stock", "fused"):
-            with stock_modules(mode == "stock"):
-                res[part]["counts"][mode] = count_step(r, inputs)
+        res[part] = {"counts": compare_counts(r, inputs)}
         del r, inputs
         r, inputs = runner(tiny, "off", 2, 32, variant)
         res[part]["host_time_arch_tiny"] = host_times(r, inputs)

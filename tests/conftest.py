@@ -27,6 +27,18 @@ def full_arch_base():
 
 
 @pytest.fixture(scope="session")
+def host_step():
+    """bench/host_step.py as a module (its operator counts are what tests of the fast path check)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_step
+
+    return host_step
+
+
+@pytest.fixture(scope="session")
 def synth_sites(tmp_path_factory):
     """Three small synthetic sites, made once per test session."""
     from common.data import synthesize

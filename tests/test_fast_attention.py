@@ -117,19 +117,9 @@ def test_weights_that_train_are_not_fused(own_base):
     assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_a_fast_step_dispatches_fewer_operators(own_base):
+def test_a_fast_step_dispatches_fewer_operators(own_base, host_step):
     """bench/host_step.py's count on arch:tiny: the fused attention saves operators in every tower layer."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import host_step
-
-    r, inputs = host_step.runner(own_base, "off", 2, 32)
-    counts = {}
-    for mode in ("stock", "fused"):
-        with host_step.stock_modules(mode == "stock"):
-            counts[mode] = host_step.count_step(r, inputs)
+    counts = host_step.compare_counts(*host_step.runner(own_base, "off", 2, 32))
     clip = own_base.model.clip
     layers = max(own_base.model.config.extract_layers) + 1 + len(clip.text_model.encoder.layers) \
         + len(own_base.model.decoder.layers)  # the towers' layers this step runs, and the decoder's

@@ -99,19 +99,9 @@ def test_prepare_and_restore_switch_every_eligible_mlp(own_base):
     assert not any(isinstance(m, fast_mlp._FoldedForward) for m in own_base.model.modules())
 
 
-def test_a_fast_step_runs_one_activation_kernel_per_mlp(own_base):
+def test_a_fast_step_runs_one_activation_kernel_per_mlp(own_base, host_step):
     """bench/host_step.py's count: forward, one SiLU per tower layer run and no QuickGELU multiply."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import host_step
-
-    r, inputs = host_step.runner(own_base, "off", 2, 32)
-    counts = {}
-    for mode in ("stock", "fused"):
-        with host_step.stock_modules(mode == "stock"):
-            counts[mode] = host_step.count_step(r, inputs)
+    counts = host_step.compare_counts(*host_step.runner(own_base, "off", 2, 32))
     layers = max(own_base.model.config.extract_layers) + 1 + len(own_base.model.clip.text_model.encoder.layers)
     stock, ours = counts["stock"]["forward_loss"]["by_op"], counts["fused"]["forward_loss"]["by_op"]
     assert ours["silu"] == layers and "silu" not in stock
