@@ -480,6 +480,11 @@ def fit_private(
     noise_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
     device = resolve_device(train_cfg.device)
     model.to(device)
+    # DP-SGD is eager fp32: undo what a fast-path run in this process left on the shared base
+    # (bf16 frozen weights, fused/folded modules), as the plain fit does.
+    from common import fast
+
+    fast.restore_fp32(model)
     if device.type != "cpu":
         noise_gen = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
     params = reached_parameters(model, tokenizer, device)

@@ -312,6 +312,26 @@ def test_fit_private_trains_and_leaves_a_clean_model(tiny_base, train_ds, tmp_pa
     assert hooks_after == hooks_before
 
 
+def test_fit_private_after_the_fast_path_trains_on_the_plain_one(tiny_base, train_ds, tmp_path):
+    """A GPU site evaluates on the fast path (frozen base cast to bf16, fused and folded modules) between
+    its DP rounds; DP-SGD is eager fp32 by design, so it must undo all that first, not run the fast forward
+    on an fp32 batch (it raised a dtype mismatch) or leave the bf16 weights in place."""
+    import copy
+
+    from common import fast
+    from common.bases import Base
+
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    torch.manual_seed(0)
+    model = build_model(base, "dense-vl")
+    fast.prepare_model(model, CPU, torch.bfloat16)  # what a fast evaluate on a GPU leaves behind
+    with pytest.warns(UserWarning, match="casting it back"):
+        result, _ = fit_private(model, train_ds, base.tokenizer, _cfg(), _dp(), tmp_path / "s.json", rng_seed=0,
+                                physical_batch=2)
+    assert math.isfinite(result.train_loss) and model.fast is None
+    assert all(p.dtype == torch.float32 for p in base.model.parameters())
+
+
 def test_full_variant_is_refused(tiny_base, train_ds, tmp_path):
     with pytest.raises(PrivacyError, match="full"):
         fit_private(build_model(tiny_base, "full"), train_ds, tiny_base.tokenizer, _cfg(), _dp(), tmp_path / "f.json")
