@@ -159,3 +159,24 @@ def test_the_decoder_attention_runs_fused_on_the_fast_path_only(own_base):
     out.sum().backward()
     assert attns[0].v_proj.weight.grad is not None
     fast_attention.use_fused_attention(decoder, False)
+
+
+@pytest.mark.parametrize("variant", ["lora", "decoder", "full", "dense-vlc", "shallow-vlc"])
+def test_every_variant_computes_the_same_on_the_fast_path(own_base, variant):
+    """With trained-looking adapters (random, not their zero-ish init: a LoRA whose B is zero would hide a
+    fused path that skips it), fast logits equal plain ones: LoRA's wrapped projections, a trainable decoder
+    and the `full` baseline's trainable towers keep their stock forwards."""
+    torch.manual_seed(0)
+    model = build_model(own_base, variant).eval()
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    s = own_base.image_size
+    px = torch.randn(2, 3, s, s)
+    ids = fast.PromptTokens(own_base.tokenizer, (16,))(["a polyp", "a round lesion"])
+    with torch.no_grad():
+        plain = model(px, ids, None)
+        fast.prepare_model(model, torch.device("cpu"), None)
+        quick = model(px, ids, None)
+        fast.restore_fp32(model)
+    assert _close(quick, plain)
