@@ -251,7 +251,7 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     clip = model.clipseg.clip
     fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
     use_fused_attention(model.clipseg.decoder, True)  # the decoder's layers run the stock code
-    use_folded_mlp(model.clipseg, True)  # every MLP, towers and decoder (common/fast_mlp.py)
+    use_folded_mlp(model.clipseg, True)  # the QuickGELU MLPs: the towers (the decoder's are ReLU)
     model.fast = FastForward(dtype)
     return model
 
