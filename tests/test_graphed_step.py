@@ -286,16 +286,21 @@ def test_cached_shallow_step_needs_no_host_data(tiny_base):
 
 def _frozen_casts(runner, model, inputs) -> tuple[Audit, int]:
     """Audit one step (after a warm-up); also count casts of the frozen base's weights in it."""
-    frozen = {p.data_ptr() for p in model.clipseg.parameters() if not p.requires_grad}
+    runner._update(runner.step(*inputs)[0])  # warm-up, as before a capture
+    # Taken after the warm-up: its first forward fuses the decoder's q/k/v (their old storage is
+    # freed, and an activation may be allocated at a freed weight's address: a false cast once).
+    # The storages are held, so no address in the set can be reused during the audit.
+    storages = [p.untyped_storage() for p in model.clipseg.parameters() if not p.requires_grad]
+    frozen = {s.data_ptr() for s in storages} - {0}  # 0: an empty storage's, shared by all of them
     casts = []
 
     class Casts(Audit):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "_to_copy" and args and args[0].data_ptr() in frozen:
+            if (func.overloadpacket.__name__ == "_to_copy" and args
+                    and args[0].untyped_storage().data_ptr() in frozen):
                 casts.append(tuple(args[0].shape))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
-    runner._update(runner.step(*inputs)[0])  # warm-up, as before a capture
     with Casts(torch.device("cpu")) as audit:
         loss, _ = runner.step(*inputs)
         runner._update(loss)
