@@ -79,6 +79,7 @@ def qkv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
                 and lins == (module._modules.get("q_proj"), module._modules.get("k_proj"),
                              module._modules.get("v_proj")):
             return weight, bias
+        del module.__dict__[_ATTR]  # stale: not to be found by a compiled step either
     lins = _projections(module)
     if lins is None or not _frozen(lins):
         return None
@@ -133,4 +134,10 @@ def use_fused_attention(root: nn.Module, on: bool) -> int:
     """
     from common.class_swap import swap_all
 
-    return swap_all(root, _FusedForward, on, lambda m: hasattr(m, "scale") and qkv(m) is not None)
+    n = swap_all(root, _FusedForward, on, lambda m: hasattr(m, "scale") and qkv(m) is not None)
+    if on:  # modules swapped earlier: fuse again now if their weights were rebound since (a cast, a
+        # device move), as qkv does at a call; a compiled step trusts what it finds (see there).
+        for m in root.modules():
+            if isinstance(m, _FusedForward):
+                qkv(m)
+    return n

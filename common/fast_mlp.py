@@ -57,6 +57,8 @@ def folded(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Ten
         return record[0]
     tensors = _tensors(mlp)
     if any(t is not None and t.requires_grad for t in tensors):
+        if record is not None:
+            del mlp.__dict__[_ATTR]  # not to be found by a compiled step either
         return None
     key = _key(tensors)
     if record is not None and record[1] == key:
@@ -86,4 +88,10 @@ class _FoldedForward:
 def use_folded_mlp(root: nn.Module, on: bool) -> int:
     """Swap `root`'s eligible MLPs to (on, making their folded weights now) or back from (off) the folded
     forward; how many changed."""
-    return swap_all(root, _FoldedForward, on, lambda m: eligible(m) and folded(m) is not None)
+    n = swap_all(root, _FoldedForward, on, lambda m: eligible(m) and folded(m) is not None)
+    if on:  # MLPs swapped earlier: make their copies again now if a weight was rebound since, as
+        # folded does at a call; a compiled step trusts what it finds (see there).
+        for m in root.modules():
+            if isinstance(m, _FoldedForward):
+                folded(m)
+    return n

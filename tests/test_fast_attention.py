@@ -180,3 +180,30 @@ def test_every_variant_computes_the_same_on_the_fast_path(own_base, variant):
         quick = model(px, ids, None)
         fast.restore_fp32(model)
     assert _close(quick, plain)
+
+
+def test_prepare_leaves_current_fused_tensors_for_a_compiled_step(own_base, monkeypatch):
+    """A compiled step takes the fused tensors as it finds them (checking pointers would break its
+    graph), so prepare_model must leave them current when it runs again on a model prepared before:
+    fp32 first, then bf16 (the cast rebinds every frozen weight), then with some q/k/v set to train.
+    The decoder's modules were already swapped the second time; they were refreshed only lazily, at
+    their next eager call (a compiled step would have read the stale fp32 tensors)."""
+    model = build_model(own_base, "shallow-vlc")
+    cpu = torch.device("cpu")
+    attns = [layer.self_attn for layer in own_base.model.decoder.layers] + \
+        [layer.self_attn for layer in own_base.model.clip.vision_model.encoder.layers]
+    fast.prepare_model(model, cpu, None)
+    fast.prepare_model(model, cpu, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        for attn in attns:
+            weight, _ = fast_attention.qkv(attn)
+            assert weight.dtype == torch.bfloat16 and weight.data_ptr() == attn.q_proj.weight.data_ptr()
+    decoder_attn, tower_attn = attns[0], attns[-1]
+    decoder_attn.q_proj.weight.requires_grad_(True)
+    tower_attn.v_proj.bias.requires_grad_(True)
+    fast.prepare_model(model, cpu, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert fast_attention.qkv(decoder_attn) is None and fast_attention.qkv(tower_attn) is None
+        assert fast_attention.qkv(attns[1]) is not None

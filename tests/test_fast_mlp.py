@@ -123,3 +123,26 @@ def test_restoring_an_unswapped_base_does_not_walk_it(own_base, monkeypatch):
     monkeypatch.setattr(own_base.model, "modules", walked)
     monkeypatch.setattr(own_base.model.decoder, "modules", walked)
     fast.restore_fp32(model)
+
+
+def test_prepare_leaves_current_copies_for_a_compiled_step(own_base, monkeypatch):
+    """A compiled step takes the folded copies as it finds them (checking pointers would break its
+    graph), so prepare_model must leave them current when it runs again on a model prepared before:
+    fp32 first, then bf16 (the cast rebinds the weights), then with one MLP set to train. The MLPs were
+    already swapped the second time; their copies used to be remade only at their next eager call."""
+    model = build_model(own_base, "dense-vl")
+    cpu = torch.device("cpu")
+    mlps = [m for m in own_base.model.modules() if fast_mlp.eligible(m)]
+    fast.prepare_model(model, cpu, None)
+    fast.prepare_model(model, cpu, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        for mlp in mlps:
+            w1, _, w2 = fast_mlp.folded(mlp)
+            assert w1.dtype == w2.dtype == torch.bfloat16
+            assert torch.equal(w2, (mlp.fc2.weight.float() / fast_mlp.SCALE).bfloat16())
+    mlps[0].fc1.weight.requires_grad_(True)
+    fast.prepare_model(model, cpu, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert fast_mlp.folded(mlps[0]) is None and fast_mlp.folded(mlps[1]) is not None
