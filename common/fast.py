@@ -226,6 +226,10 @@ def restore_fp32(model: nn.Module) -> None:
     use_patch_transposed_convs(clipseg, False)
     use_fused_attention(clipseg.decoder, False)
     use_folded_mlp(clipseg, False)
+    _frozen_to_fp32(clipseg)
+
+
+def _frozen_to_fp32(clipseg: nn.Module) -> None:
     if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
         warnings.warn("the frozen base was cast to "
                       f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
@@ -244,7 +248,7 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     if dtype is not None:
         cast_frozen(model.clipseg, dtype)
     else:
-        restore_fp32(model)  # fp32 maths without autocast needs fp32 weights
+        _frozen_to_fp32(model.clipseg)  # fp32 maths without autocast needs fp32 weights
     from common.fast_attention import fuse_qkv, use_fused_attention
     from common.fast_mlp import use_folded_mlp
 
@@ -252,7 +256,11 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
     use_fused_attention(model.clipseg.decoder, True)  # the decoder's layers run the stock code
     use_folded_mlp(model.clipseg, True)  # the QuickGELU MLPs: the towers (the decoder's are ReLU)
-    model.fast = FastForward(dtype)
+    # Kept when it already serves this dtype: fit's validation prepares the model between epochs,
+    # and a training step captured as a CUDA graph reads this object's cached position table, so
+    # a new object (the table freed, its memory reused) would feed later replays garbage.
+    if not (isinstance(model.fast, FastForward) and model.fast.dtype == dtype):
+        model.fast = FastForward(dtype)
     return model
 
 
@@ -431,6 +439,8 @@ class FastEpochs:
         if cfg.compile == "cuda-graph":
             self.lr = LrTensor(optimizer, device)
             self.graphed = GraphedStep(self.step, self._update, optimizer)
+        # Held for the graphs' lifetime: they read its position table (see prepare_model).
+        self.fast_state = model.fast
 
     def describe(self) -> dict[str, Any]:
         """How the steps ran, for the training record: a capture that failed must not pass unseen."""
@@ -447,6 +457,10 @@ class FastEpochs:
         With compile='cuda-graph' both are the graph's static outputs: read them before the next step.
         """
         if self.graphed is not None:
+            if self.model.fast is not self.fast_state:
+                raise RuntimeError("the model's fast-path state was replaced during training (a prepare_model "
+                                   "with another dtype, or restore_fp32); the captured CUDA graphs read the "
+                                   "tensors of the old one, so training cannot go on with them")
             return self.graphed(*args)
         loss, dice = self.step(*args)
         self._update(loss)

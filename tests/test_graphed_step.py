@@ -336,3 +336,49 @@ def test_bf16_step_reads_no_device_data_and_casts_no_frozen_weight(tiny_base, ds
     assert audit.made == [], audit.made
     assert casts == 0
     assert any(p.dtype == torch.bfloat16 for p in model.clipseg.parameters())  # the bf16 path really ran
+
+
+def test_validation_between_epochs_keeps_what_a_captured_step_reads(tiny_base, ds, synth_sites, monkeypatch):
+    """A captured step reads tensors by address, among them, outside the graph's own memory, the fast
+    forward's cached position table. fit validates after each epoch, and evaluate prepares the model for
+    the fast path again: it used to make a new FastForward, dropping the table, so a later replay would
+    read freed memory (garbage once reused). The steps of every epoch must see the same object and table."""
+    from common.train import fit
+
+    seen = []
+    train_step = fast.FastEpochs.train_step
+
+    def spy(self, *args):
+        out = train_step(self, *args)
+        seen.append((self.model.fast, tuple(t.data_ptr() for t in self.model.fast._pos.values())))
+        return out
+
+    monkeypatch.setattr(fast.FastEpochs, "train_step", spy)
+    model = build_model(tiny_base, "dense-vl")
+    val = SegDataset(load_items(synth_sites[0], "val"), tiny_base.image_size, train=False)
+    cfg = TrainConfig(epochs=3, batch_size=8, progress=False, fast="on", prompt_buckets=(77,))
+    result = fit(model, ds, val, tiny_base.tokenizer, cfg)
+    assert len(result.history) == 3 and all("val_dice" in r for r in result.history)
+    assert len(seen) >= 6 and len({id(f) for f, _ in seen}) == 1 and len({p for _, p in seen}) == 1, \
+        [(id(f), p) for f, p in seen]
+    fast.restore_fp32(model)
+
+
+def test_a_replaced_fast_state_stops_graphed_training(tiny_base, ds):
+    """If the fast-path state is replaced anyway (restore_fp32, a prepare with another dtype), the
+    graphs' tensors are gone: training with them stops with the reason instead of replaying garbage."""
+    resident_pixels.clear()
+    own = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
+    model, runner = _runner(own, ds, "dense-vl", graphed=True)  # a private base: the bf16 cast is in place
+    runner.run_epoch(lambda it: it)
+    state = model.fast
+    fast.prepare_model(model, torch.device("cpu"), None)  # as evaluate does: the same dtype keeps it
+    assert model.fast is state
+    runner.run_epoch(lambda it: it)
+    fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+    assert model.fast is not state and model.fast.dtype == torch.bfloat16
+    bf16 = model.fast
+    fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+    assert model.fast is bf16
+    with pytest.raises(RuntimeError, match="fast-path state was replaced"):
+        runner.run_epoch(lambda it: it)
