@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepare, on the development machine, what bench/gpu.sh needs on a lent GPU machine that
+# cannot reach the internet (the device tool's machines: /work/.library/device/README.md):
+#   .whl/       monai's wheel (the device image has torch, transformers, safetensors, ... but
+#               not monai; it is pure Python, so one wheel serves any CPython 3)
+#   .devcarry/  the shared anchor script (../shared/bench/anchor_clipseg_gpu.py), which
+#               does not travel with the repository
+# Both folders are gitignored; the device call names them in `carry`. Then, on the device
+# (one call; 470 s of parts + start-up fit a 535 s limit and leave time for a rerun):
+#   G=/tmp/g; mkdir -p $G; BUDGET_S=470 OUT=$G timeout 535 bash bench/gpu.sh 2>&1 | tee $G/console.log;
+#   tar czf $OUT/gpu.tgz -C $G .
+# and the JSON and table from gpu.tgz into bench/results/ under the card's name.
+#
+#   bash bench/device_carry.sh        # from anywhere; needs pip's index (PyPI) and ../shared
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MONAI=$(python3 -c "import importlib.metadata as m; print(m.version('monai'))" 2>/dev/null || echo 1.6.1)
+rm -rf .whl && mkdir -p .whl .devcarry
+python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "monai==$MONAI"
+ANCHOR=""
+for a in ../shared/bench/anchor_clipseg_gpu.py /work/shared/bench/anchor_clipseg_gpu.py; do
+    [ -f "$a" ] && { ANCHOR=$a; break; }
+done
+if [ -z "$ANCHOR" ]; then
+    echo "device_carry: the shared anchor script (../shared/bench/anchor_clipseg_gpu.py) is not here;" \
+         "bench/gpu.sh will run without the reference style (no ratios)" >&2
+else
+    cp "$ANCHOR" .devcarry/
+fi
+ls -l .whl .devcarry
+du -sh .whl .devcarry
