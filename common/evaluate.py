@@ -104,10 +104,17 @@ def evaluate(
     cfg: TrainConfig | None = None,
     device: torch.device | None = None,
     hd95: bool = True,
+    *,
+    fast: bool | None = None,
 ) -> EvalResult:
     """Mean Dice / IoU / HD95 over `dataset` at original resolution, plus the mean loss.
 
     `hd95=False`: HD95 not computed (NaN, every item counted as undefined).
+    `fast`: whether to run the fast path (bf16 frozen weights on CUDA, see
+    common/fast.py); None: as `cfg.fast` says for the device. `fit` passes
+    the route its training takes, since the fast path's preparation changes
+    the shared model in place (a plain epoch after it would run the fast
+    forward on weights cast to bf16).
     """
     cfg = cfg or TrainConfig()
     device = device or resolve_device(cfg.device)
@@ -119,19 +126,21 @@ def evaluate(
     amp = autocast_dtype(cfg.amp, device)
     was_training = model.training
     model.eval().to_device(device)
-    from common import fast  # fast imports config only; local to keep this module's import light
+    from common import fast as fast_path  # imports config only; local to keep this module's import light
 
     tokens = None
-    if fast.fast_enabled(cfg, device):  # bf16 frozen weights, cached positions, bucketed prompts
-        fast.prepare_model(model, device, amp)
+    if fast is None:
+        fast = fast_path.fast_enabled(cfg, device)
+    if fast:  # bf16 frozen weights, cached positions, bucketed prompts
+        fast_path.prepare_model(model, device, amp)
         max_len = min(77, int(model.clipseg.config.text_config.max_position_embeddings))
-        tokens = fast.PromptTokens(tokenizer, cfg.prompt_buckets, max_len)
+        tokens = fast_path.PromptTokens(tokenizer, cfg.prompt_buckets, max_len)
     else:
-        fast.restore_fp32(model)
+        fast_path.restore_fp32(model)
     per_item, losses, weights = [], [], []
     for batch in loader:
         if tokens is not None:
-            logits = fast.eval_forward(model, batch, device, amp, tokens)
+            logits = fast_path.eval_forward(model, batch, device, amp, tokens)
         else:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),

@@ -218,15 +218,17 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
 
 def restore_fp32(model: nn.Module) -> None:
     """Undo the fast path on `model` before a plain (fp32, maybe no autocast) forward."""
-    from common.fast_attention import use_fused_attention
+    from common.fast_attention import forget_fused, use_fused_attention
     from common.fast_mlp import use_folded_mlp
 
     model.fast = None
     clipseg = model.clipseg
     use_patch_transposed_convs(clipseg, False)
     use_fused_attention(clipseg.decoder, False)
-    use_folded_mlp(clipseg, False)
+    use_folded_mlp(clipseg, False)  # drops the folded copies too
     _frozen_to_fp32(clipseg)
+    if clipseg.__dict__.pop("_fedvlsm_prepared", False):  # walked only after a prepare (see class_swap)
+        forget_fused(clipseg)  # the q/k/v records are stale after the cast, and the plain forward reads none
 
 
 def _frozen_to_fp32(clipseg: nn.Module) -> None:
@@ -252,6 +254,7 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     from common.fast_attention import fuse_qkv, use_fused_attention
     from common.fast_mlp import use_folded_mlp
 
+    model.clipseg.__dict__["_fedvlsm_prepared"] = True  # restore_fp32 then drops the fused records
     clip = model.clipseg.clip
     fuse_qkv([*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers])  # after the cast: it rebinds
     use_fused_attention(model.clipseg.decoder, True)  # the decoder's layers run the stock code
@@ -441,9 +444,28 @@ class FastEpochs:
             self.graphed = GraphedStep(self.step, self._update, optimizer)
         # Held for the graphs' lifetime: they read its position table (see prepare_model).
         self.fast_state = model.fast
+        self._summary: dict[str, Any] | None = None  # set by close
+
+    def close(self) -> None:
+        """Let go of what the epochs held: captured graphs (their memory pools and static buffers), the
+        compiled step, the loader's persistent worker processes, the site's cache handles.
+
+        Needed because the object is in reference cycles (its bound methods are held by its own
+        `_compiled` and `graphed`): without this, all of it outlived `fit` until a full garbage
+        collection. `describe` keeps working; training does not.
+        """
+        self._summary = self.describe()
+        self._loader = None  # its iterator, freed with it, joins the persistent workers
+        self.graphed = None
+        self._compiled = None
+        self.cache = None
+        self.pixels = None
+        self.fast_state = None
 
     def describe(self) -> dict[str, Any]:
         """How the steps ran, for the training record: a capture that failed must not pass unseen."""
+        if self._summary is not None:  # closed: what it was when closed
+            return dict(self._summary)
         amp = None if self.amp is None else str(self.amp).removeprefix("torch.")
         out: dict[str, Any] = {"fast": True, "compile": self.cfg.compile, "amp": amp}
         if self.graphed is not None:
@@ -468,6 +490,8 @@ class FastEpochs:
 
     def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, batch Dice sum) of one batch; the backward and update are `_update`'s."""
+        if self._compiled is None:
+            raise RuntimeError("FastEpochs.step after close(): this object no longer trains")
         if self._graphs:  # a new training iteration: CUDA-graph outputs of the last one may be reused
             torch.compiler.cudagraph_mark_step_begin()
         return self._compiled(*args)

@@ -94,6 +94,18 @@ def fuse_qkv(layers: list[nn.Module]) -> int:
     return sum(qkv(layer.self_attn) is not None for layer in layers)
 
 
+def forget_fused(root: nn.Module) -> int:
+    """Drop the fused q/k/v records under `root` (the plain path reads none); how many there were.
+
+    The projections stay views of the fused tensors until rebound, so this
+    frees memory only where a cast already made the record a stale copy.
+    """
+    n = 0
+    for module in root.modules():
+        n += module.__dict__.pop(_ATTR, None) is not None
+    return n
+
+
 def attention(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """``module(x, mask, is_causal=causal)[0]`` of a CLIP attention module, q/k/v in one matmul.
 

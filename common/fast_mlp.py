@@ -86,9 +86,12 @@ class _FoldedForward:
 
 
 def use_folded_mlp(root: nn.Module, on: bool) -> int:
-    """Swap `root`'s eligible MLPs to (on, making their folded weights now) or back from (off) the folded
-    forward; how many changed."""
+    """Swap `root`'s eligible MLPs to (on, making their folded weights now) or back from (off, dropping
+    them) the folded forward; how many changed."""
     n = swap_all(root, _FoldedForward, on, lambda m: eligible(m) and folded(m) is not None)
+    if not on and n:  # the folded copies: a second set of the MLP weights (~156 MiB in bf16 at full size)
+        for m in root.modules():
+            m.__dict__.pop(_ATTR, None)
     if on:  # MLPs swapped earlier: make their copies again now if a weight was rebound since, as
         # folded does at a call; a compiled step trusts what it finds (see there).
         for m in root.modules():

@@ -153,56 +153,60 @@ def fit(
     history: list[dict[str, Any]] = []
     best_dice, best_epoch, best_state, stale, steps = -1.0, None, None, 0, 0
     train_loss = math.nan
-    for epoch in range(cfg.epochs):
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)  # a new prompt draw per item per epoch
-        model.train()
-        losses = []
-        desc = f"epoch {epoch + 1}/{cfg.epochs}"
-        if runner is not None:
-            train_loss, train_dice, n = runner.run_epoch(
-                lambda it: tqdm(it, desc=desc, disable=not cfg.progress, leave=False))
-            steps += n
-            if cfg.progress:
-                tqdm.write(f"{desc}: train dice {train_dice:.3f}")
-        bar = [] if runner is not None else tqdm(loader, desc=desc, disable=not cfg.progress, leave=False)
-        for batch in bar:
-            loss, logits, mask = batch_loss(model, batch, loss_fn, device, amp)
-            if reference is not None:
-                loss = loss + 0.5 * cfg.prox_mu * proximal_term(model, reference)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            losses.append(loss.item())
-            with torch.no_grad():
-                dice = _batch_dice(logits, mask)
-            bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
-        if runner is None:
-            train_loss = float(np.mean(losses))
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
+    try:
+        for epoch in range(cfg.epochs):
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)  # a new prompt draw per item per epoch
+            model.train()
+            losses = []
+            desc = f"epoch {epoch + 1}/{cfg.epochs}"
+            if runner is not None:
+                train_loss, train_dice, n = runner.run_epoch(
+                    lambda it: tqdm(it, desc=desc, disable=not cfg.progress, leave=False))
+                steps += n
+                if cfg.progress:
+                    tqdm.write(f"{desc}: train dice {train_dice:.3f}")
+            bar = [] if runner is not None else tqdm(loader, desc=desc, disable=not cfg.progress, leave=False)
+            for batch in bar:
+                loss, logits, mask = batch_loss(model, batch, loss_fn, device, amp)
+                if reference is not None:
+                    loss = loss + 0.5 * cfg.prox_mu * proximal_term(model, reference)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                steps += 1
+                losses.append(loss.item())
+                with torch.no_grad():
+                    dice = _batch_dice(logits, mask)
+                bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
+            if runner is None:
+                train_loss = float(np.mean(losses))
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
 
-        if val_ds is not None:
-            val = evaluate(model, val_ds, tokenizer, cfg, device)
-            scheduler.step(val.loss)
-            record.update(val_loss=val.loss, val_dice=val.dice, val_iou=val.iou)
-            if val.dice > best_dice:
-                best_dice, best_epoch, stale = val.dice, epoch + 1, 0
-                best_state = copy.deepcopy(model.adapter_state())
-                if out_dir is not None:
-                    save_adapter(model, out_dir, extra={"epoch": epoch + 1, "val_dice": val.dice})
-            else:
-                stale += 1
-        history.append(record)
-        if cfg.progress:
-            tqdm.write(_format_record(record))
-        if on_epoch is not None:
-            on_epoch(record)
-        if val_ds is not None and stale >= cfg.early_stop_patience:
-            break
+            if val_ds is not None:
+                val = evaluate(model, val_ds, tokenizer, cfg, device, fast=use_fast)
+                scheduler.step(val.loss)
+                record.update(val_loss=val.loss, val_dice=val.dice, val_iou=val.iou)
+                if val.dice > best_dice:
+                    best_dice, best_epoch, stale = val.dice, epoch + 1, 0
+                    best_state = copy.deepcopy(model.adapter_state())
+                    if out_dir is not None:
+                        save_adapter(model, out_dir, extra={"epoch": epoch + 1, "val_dice": val.dice})
+                else:
+                    stale += 1
+            history.append(record)
+            if cfg.progress:
+                tqdm.write(_format_record(record))
+            if on_epoch is not None:
+                on_epoch(record)
+            if val_ds is not None and stale >= cfg.early_stop_patience:
+                break
+    finally:
+        if runner is not None:  # graphs, compiled step, loader workers: freed now, not at a later gc
+            runner.close()
 
     if cfg.select_best and best_state is not None:
         model.load_adapter_state(best_state)

@@ -207,3 +207,20 @@ def test_prepare_leaves_current_fused_tensors_for_a_compiled_step(own_base, monk
         m.setattr(torch.compiler, "is_compiling", lambda: True)
         assert fast_attention.qkv(decoder_attn) is None and fast_attention.qkv(tower_attn) is None
         assert fast_attention.qkv(attns[1]) is not None
+
+
+def test_restore_drops_the_stale_fused_copies(own_base):
+    # After the cast back to fp32 the bf16 fused q/k/v tensors are copies nothing reads.
+    import weakref
+
+    model = build_model(own_base, "dense-vl")
+    attn = own_base.model.clip.vision_model.encoder.layers[0].self_attn
+    fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+    fused = weakref.ref(fast_attention.qkv(attn)[0])
+    with pytest.warns(UserWarning, match="casting it back"):
+        fast.restore_fp32(model)
+    assert fused() is None
+    assert not any(fast_attention._ATTR in m.__dict__ for m in own_base.model.modules())
+    model.fast = None  # the plain forward still runs (and fuses nothing on its own)
+    fast.prepare_model(model, torch.device("cpu"), None)  # and the fast path fuses again when asked
+    assert fast_attention.qkv(attn)[0].dtype == torch.float32

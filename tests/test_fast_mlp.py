@@ -146,3 +146,19 @@ def test_prepare_leaves_current_copies_for_a_compiled_step(own_base, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
         assert fast_mlp.folded(mlps[0]) is None and fast_mlp.folded(mlps[1]) is not None
+
+
+def test_restore_frees_the_folded_copies(own_base):
+    # They are a second set of the towers' MLP weights (~156 MiB in bf16 at full size) that the
+    # plain forward never reads: held after restore_fp32, they were memory for nothing.
+    import weakref
+
+    model = build_model(own_base, "dense-vl")
+    mlp = own_base.model.clip.vision_model.encoder.layers[0].mlp
+    fast.prepare_model(model, torch.device("cpu"), torch.bfloat16)
+    copies = [weakref.ref(t) for t in fast_mlp.folded(mlp) if t is not None]
+    assert copies and all(ref() is not None for ref in copies)
+    with pytest.warns(UserWarning, match="casting it back"):
+        fast.restore_fp32(model)
+    assert all(ref() is None for ref in copies)  # freed by refcount, no gc needed
+    assert not any(fast_mlp._ATTR in m.__dict__ for m in own_base.model.modules())

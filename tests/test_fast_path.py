@@ -412,3 +412,75 @@ def test_cached_epoch_encodes_new_prompts_once_before_its_steps(tiny_base, site)
         assert calls == ([new] if new else []), (epoch, calls, new)
         before |= drawn
     fast.restore_fp32(model)
+
+
+def test_fit_lets_go_of_the_fast_epochs(tiny_base, site, monkeypatch):
+    """The fast path's epochs hold captured graphs (GB of memory pools on a GPU), a compiled step and
+    persistent loader workers; they are in reference cycles, so without FastEpochs.close they outlived
+    fit until a full garbage collection (torch does not force one after graphs). Checked with the
+    collector off: one FastEpochs object per fit left alive and its worker processes running."""
+    import gc
+    import multiprocessing
+    import weakref
+
+    made = []
+    init = fast.FastEpochs.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(fast.FastEpochs, "__init__", spy)
+    resident_pixels.clear()
+    monkeypatch.setenv("FEDVLSM_RESIDENT_PIXELS_GB", "0")  # epochs from the persistent loader
+    model = build_model(tiny_base, "dense-vl")
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, fast="on", num_workers=1, select_best=False,
+                      early_stop_patience=10**6)
+    gc.collect()
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        res = fit(model, _ds(site, tiny_base), None, tiny_base.tokenizer, cfg)
+        alive = [ref for ref in made if ref() is not None]
+        workers = set(multiprocessing.active_children()) - before
+    finally:
+        gc.enable()
+        fast.restore_fp32(model)
+    assert res.path["fast"] is True and res.steps > 0  # it did train on the fast path, with workers
+    assert len(made) == 1
+    assert not alive
+    assert not workers
+
+
+def test_a_plain_fit_stays_plain_across_its_validations(site, monkeypatch):
+    """On a device where the fast path is on, a training set it cannot take (a Subset) trains on the
+    plain loop. fit's validation used to prepare the model for the fast path (bf16 frozen weights on
+    a GPU), so every later plain epoch ran the fast forward on the cast weights. bf16 autocast is
+    forced here on the CPU to show what a GPU does."""
+    import importlib
+
+    from common import config
+    from common.bases import load_base
+
+    # by module path: `common.evaluate` / `common.train` as attributes of the package are the functions
+    evaluate_module, train_module = (importlib.import_module(f"common.{m}") for m in ("evaluate", "train"))
+
+    base = load_base("arch:tiny")  # private: casts are in place on the base
+    for module in (config, evaluate_module, train_module, fast):
+        monkeypatch.setattr(module, "autocast_dtype", lambda amp, device: torch.bfloat16)
+    seen = []
+    plain_loss = train_module.batch_loss
+
+    def spy(model, *args, **kwargs):
+        seen.append((model.fast is None, model.clipseg.clip.vision_model.encoder.layers[0].mlp.fc1.weight.dtype))
+        return plain_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", spy)
+    model = build_model(base, "dense-vl")
+    train = torch.utils.data.Subset(_ds(site, base), range(8))
+    cfg = TrainConfig(epochs=3, batch_size=4, progress=False, fast="on", select_best=False,
+                      early_stop_patience=10**6)
+    res = fit(model, train, _ds(site, base, train=False), base.tokenizer, cfg)
+    assert res.path == {"fast": False} and len(res.history) == 3 and len(seen) == 6
+    assert seen == [(True, torch.float32)] * 6  # every plain step: stock forward, fp32 frozen weights
+    assert model.clipseg.clip.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
