@@ -108,7 +108,10 @@ class ShallowFeatures:
         self.dtype = amp or torch.float32
         self.ns = namespace(model.base_fingerprint, self.dtype, model.extract_layers, model.image_size)
         tok = tokens.tokenizer
-        self.text_ns = (self.ns, getattr(tok, "name_or_path", ""), len(tok))
+        # Whether the text taps were collected is part of an entry: a shallow-v(c) model stores none,
+        # and a shallow-vl(c) model sharing the process must not take those (its text adapters
+        # would get no input, or the batch would mix entries with and without taps).
+        self.text_ns = (self.ns, getattr(tok, "name_or_path", ""), len(tok), bool(model.adapters.needs_text_taps))
         self.folder = folder
         self.budget = budget
         self.stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "disk_writes": 0,

@@ -8,6 +8,7 @@ under CPU autocast against bf16 tolerance (5e-2 relative on logits).
 """
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -484,3 +485,28 @@ def test_a_plain_fit_stays_plain_across_its_validations(site, monkeypatch):
     assert res.path == {"fast": False} and len(res.history) == 3 and len(seen) == 6
     assert seen == [(True, torch.float32)] * 6  # every plain step: stock forward, fp32 frozen weights
     assert model.clipseg.clip.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_cached_text_features_know_whether_they_hold_taps(tiny_base, site):
+    """A shallow-v fit stores text features without the taps (its model collects none); a shallow-vl
+    fit in the same process (a warm site worker serving another run) used to take them: its text
+    adapters got no input and did not train, and a batch mixing such entries with new ones failed."""
+    activation_cache.clear_memory()
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
+                      select_best=False, early_stop_patience=10**6)
+    model = build_model(tiny_base, "shallow-v")
+    try:
+        fit(model, _ds(site, tiny_base), None, tiny_base.tokenizer, cfg)
+        torch.manual_seed(0)
+        model = build_model(tiny_base, "shallow-vl")
+        before = {n: t for n, t in model.adapter_state().items() if n.startswith("adapters.text.")}
+        assert before
+        fit(model, _ds(site, tiny_base), None, tiny_base.tokenizer, cfg)
+        after = model.adapter_state()
+        moved = max(float((after[n] - t).abs().max()) for n, t in before.items())
+        assert moved > 0, "the text adapters did not train"
+        # and a second epoch (new prompt draws beside cached ones) trains too
+        fit(model, _ds(site, tiny_base), None, tiny_base.tokenizer, dataclasses.replace(cfg, epochs=2))
+    finally:
+        activation_cache.clear_memory()
+        fast.restore_fp32(model)
