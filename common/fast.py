@@ -194,12 +194,18 @@ def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
     return n
 
 
+_FP32 = "_fedvlsm_fp32"  # a module's frozen fp32 weights while they are cast: {param name: tensor on the host}
+
+
 def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
     """Cast the frozen weights of `clipseg`'s matmul modules to `dtype` in place; returns how many tensors.
 
     In place on purpose: sites sharing a process share one frozen base, so
     they share one narrow copy. The base's fp32 fingerprint is pinned first
-    (bases.base_fingerprint), so adapters stay tied to the same base.
+    (bases.base_fingerprint), so adapters stay tied to the same base. The
+    fp32 values are kept on the host (the original tensors on a CPU, a copy
+    from a GPU): a plain (fp32) fit, evaluate or DP-SGD round in the same
+    process later gets the base back exactly, not rounded to bf16.
     """
     from common.bases import base_fingerprint
 
@@ -208,8 +214,11 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
     n = 0
     for module in clipseg.modules():
         if isinstance(module, _MATMUL_MODULES):
-            for p in module.parameters(recurse=False):
+            for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    kept = module.__dict__.setdefault(_FP32, {})
+                    if name not in kept and p.dtype == torch.float32:
+                        kept[name] = p.data if p.device.type == "cpu" else p.data.to("cpu", copy=True)
                     p.data = p.data.to(dtype)
                     n += 1
     clipseg._fedvlsm_frozen_dtype = dtype
@@ -232,16 +241,25 @@ def restore_fp32(model: nn.Module) -> None:
 
 
 def _frozen_to_fp32(clipseg: nn.Module) -> None:
-    if getattr(clipseg, "_fedvlsm_frozen_dtype", None) not in (None, torch.float32):
-        warnings.warn("the frozen base was cast to "
-                      f"{clipseg._fedvlsm_frozen_dtype} by the fast path; casting it back to fp32 for the plain "
-                      "path (the lost mantissa bits do not come back)", stacklevel=2)
-        for module in clipseg.modules():
-            if isinstance(module, _MATMUL_MODULES):
-                for p in module.parameters(recurse=False):
-                    if not p.requires_grad and p.is_floating_point():
+    """The frozen weights back in fp32: the kept originals where cast_frozen kept them (exact)."""
+    if getattr(clipseg, "_fedvlsm_frozen_dtype", None) in (None, torch.float32):
+        return
+    lossy = 0
+    for module in clipseg.modules():
+        if isinstance(module, _MATMUL_MODULES):
+            kept = module.__dict__.pop(_FP32, {})
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                    if name in kept and kept[name].shape == p.shape:
+                        p.data = kept[name].to(p.device)
+                    else:
                         p.data = p.data.float()
-        clipseg._fedvlsm_frozen_dtype = torch.float32
+                        lossy += 1
+    if lossy:  # weights cast by something else than cast_frozen: nothing to restore them from
+        warnings.warn(f"{lossy} frozen weight tensor(s) of the base were in "
+                      f"{clipseg._fedvlsm_frozen_dtype} with no fp32 original kept; cast back to fp32 "
+                      "(the lost mantissa bits do not come back)", stacklevel=2)
+    clipseg._fedvlsm_frozen_dtype = torch.float32
 
 
 def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:

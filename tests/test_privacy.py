@@ -315,7 +315,7 @@ def test_fit_private_trains_and_leaves_a_clean_model(tiny_base, train_ds, tmp_pa
 def test_fit_private_after_the_fast_path_trains_on_the_plain_one(tiny_base, train_ds, tmp_path):
     """A GPU site evaluates on the fast path (frozen base cast to bf16, fused and folded modules) between
     its DP rounds; DP-SGD is eager fp32 by design, so it must undo all that first, not run the fast forward
-    on an fp32 batch (it raised a dtype mismatch) or leave the bf16 weights in place."""
+    on an fp32 batch (it raised a dtype mismatch) or leave the bf16 weights (or their fp32 rounding) in place."""
     import copy
 
     from common import fast
@@ -324,12 +324,18 @@ def test_fit_private_after_the_fast_path_trains_on_the_plain_one(tiny_base, trai
     base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, tiny_base.base_id, tiny_base.image_size)
     torch.manual_seed(0)
     model = build_model(base, "dense-vl")
+    pristine = {n: p.detach().clone() for n, p in base.model.named_parameters() if not p.requires_grad}
     fast.prepare_model(model, CPU, torch.bfloat16)  # what a fast evaluate on a GPU leaves behind
-    with pytest.warns(UserWarning, match="casting it back"):
-        result, _ = fit_private(model, train_ds, base.tokenizer, _cfg(), _dp(), tmp_path / "s.json", rng_seed=0,
-                                physical_batch=2)
+    seen = {}
+    q = base.model.clip.vision_model.encoder.layers[0].self_attn.q_proj
+    q.register_forward_pre_hook(lambda m, args: None if "q" in seen else seen.update(q=m.weight.detach().clone()))
+    result, _ = fit_private(model, train_ds, base.tokenizer, _cfg(), _dp(), tmp_path / "s.json", rng_seed=0,
+                            physical_batch=2)
     assert math.isfinite(result.train_loss) and model.fast is None
-    assert all(p.dtype == torch.float32 for p in base.model.parameters())
+    # DP-SGD ran on the base as it was, not on its bf16 rounding (a warm worker's rounds after a fast
+    # evaluate used to differ from a fresh process's)
+    assert torch.equal(seen["q"], pristine["clip.vision_model.encoder.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(p, pristine[n]) for n, p in base.model.named_parameters() if n in pristine)
 
 
 def test_full_variant_is_refused(tiny_base, train_ds, tmp_path):
