@@ -3,7 +3,9 @@
 Shallow adapters sit beside the towers (common/adapters/shallow.py): the
 towers run unchanged, so what they give an item is a pure function of
 
-- the frozen base (its fingerprint), the dtype the features are kept in and
+- the frozen base (a hash of all its towers' weights, ``bases.weights_digest``:
+  the adapters' sampled fingerprint could not tell apart checkpoints that
+  differ outside its slices), the dtype the features are kept in and
   the model's extracted layers and image size: the *namespace*;
 - the item's preprocessed pixels: ``SegDataset.cache_key`` (files, mtimes,
   sizes, image size, preprocessing version), the key the site's npz cache
@@ -39,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
+from common.bases import weights_digest
 from common.budget import device_budget
 
 ACT_VERSION = 1  # bump when what the trunks compute changes
@@ -106,7 +109,7 @@ class ShallowFeatures:
                  folder: Path | None, budget: int) -> None:
         self.model, self.ds, self.tokens, self.device, self.amp = model, ds, tokens, device, amp
         self.dtype = amp or torch.float32
-        self.ns = namespace(model.base_fingerprint, self.dtype, model.extract_layers, model.image_size)
+        self.ns = namespace(weights_digest(model.clipseg), self.dtype, model.extract_layers, model.image_size)
         tok = tokens.tokenizer
         # Whether the text taps were collected is part of an entry: a shallow-v(c) model stores none,
         # and a shallow-vl(c) model sharing the process must not take those (its text adapters
@@ -126,7 +129,7 @@ class ShallowFeatures:
         budget = budget_bytes(device)
         if cache_dir is not None:
             folder = Path(cache_dir) / "activations" / namespace(
-                model.base_fingerprint, amp or torch.float32, model.extract_layers, model.image_size)
+                weights_digest(model.clipseg), amp or torch.float32, model.extract_layers, model.image_size)
         else:
             vc = model.clipseg.config.vision_config
             tokens_per_image = (model.image_size // vc.patch_size) ** 2 + 1

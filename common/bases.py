@@ -283,6 +283,35 @@ def check_prompts(base: Base, where: str | None = None) -> None:
         )
 
 
+def weights_digest(model: CLIPSegForImageSegmentation) -> str:
+    """A hash of every weight of the frozen towers (``model.clip``), computed once per loaded base.
+
+    For what must not mix between bases: cached frozen activations
+    (common/activation_cache.py) computed on one base are wrong for another
+    that differs anywhere, also outside the few slices ``base_fingerprint``
+    samples (a fine-tuned checkpoint of the same architecture, say). Reads
+    the fp32 originals where the fast path has cast weights to bf16, so it
+    names the base, not its storage. About 1 s per 600 MB of weights.
+    """
+    from common.fast import FP32_ORIGINALS  # local: fast is not needed to load a base
+
+    pinned = getattr(model, "_fedvlsm_digest", None)
+    if pinned is not None:
+        return pinned
+    h = hashlib.blake2b(digest_size=16)
+    for module_name, module in model.clip.named_modules():
+        kept = module.__dict__.get(FP32_ORIGINALS, {})
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:
+            t = kept.get(name, t).detach()
+            h.update(f"{module_name}.{name}|{tuple(t.shape)}|{t.dtype}".encode())
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+                t = t.view(torch.int16)
+            h.update(t.cpu().contiguous().numpy().tobytes())
+    model._fedvlsm_digest = digest = h.hexdigest()
+    return digest
+
+
 def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:
     """A short hash of the base's frozen weights, independent of where they were loaded from.
 

@@ -194,7 +194,8 @@ def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
     return n
 
 
-_FP32 = "_fedvlsm_fp32"  # a module's frozen fp32 weights while they are cast: {param name: tensor on the host}
+# A module's frozen fp32 weights while cast_frozen has them narrower: {param name: tensor on the host}.
+FP32_ORIGINALS = _FP32 = "_fedvlsm_fp32"
 
 
 def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:

@@ -512,3 +512,34 @@ def test_cached_text_features_know_whether_they_hold_taps(tiny_base, site):
     finally:
         activation_cache.clear_memory()
         fast.restore_fp32(model)
+
+
+def test_cached_activations_are_keyed_by_all_of_the_base(site, tmp_path):
+    """Two bases that the adapters' fingerprint (a few sampled slices) cannot tell apart, as a fine-tuned
+    checkpoint of the same architecture may be: the second used to read the first one's cached
+    activations from disk and train on another base's features."""
+    from common.bases import base_fingerprint, load_base
+
+    base_a, base_b = load_base("arch:tiny"), load_base("arch:tiny")
+    with torch.no_grad():  # outside every sampled slice
+        base_b.model.clip.vision_model.encoder.layers[1].mlp.fc1.weight.mul_(1.5)
+    assert base_fingerprint(base_a.model) == base_fingerprint(base_b.model)
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
+                      select_best=False, early_stop_patience=10**6)
+    for base in (base_a, base_b):
+        activation_cache.clear_memory()
+        fit(build_model(base, "shallow-vlc"), _ds(site, base, tmp_path / "cache"), None, base.tokenizer, cfg)
+    activation_cache.clear_memory()
+    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 2
+
+
+def test_the_weights_digest_names_the_base_not_its_storage():
+    from common.bases import load_base, weights_digest
+
+    plain, cast = load_base("arch:tiny"), load_base("arch:tiny")
+    fast.prepare_model(build_model(cast, "shallow-vlc"), torch.device("cpu"), torch.bfloat16)
+    assert weights_digest(cast.model) == weights_digest(plain.model)  # read from the kept fp32 originals
+    other = load_base("arch:tiny")
+    with torch.no_grad():
+        other.model.clip.text_model.encoder.layers[-1].mlp.fc2.bias.add_(1e-6)
+    assert weights_digest(other.model) != weights_digest(plain.model)
