@@ -62,6 +62,9 @@ _ITEMS: dict[tuple, dict[str, list[Item]]] = {}
 # (base, adapter spec, seed) -> idle models of this process, each with its initial adapter state.
 _IDLE_MODELS: dict[tuple, list[tuple[Base, AdaptedCLIPSeg, dict[str, torch.Tensor]]]] = {}
 _MAX_IDLE = 1  # the handlers lease one model at a time
+# Keys (runs' adapter, seed, base) whose idle models are kept: a site worker serving many runs (a seed
+# sweep, adapter comparisons) kept one model per run it ever served; now only the latest few.
+_MAX_IDLE_KEYS = 2
 
 _PERSONAL_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
 
@@ -285,8 +288,10 @@ class Site:
                 p.grad = None
             model.train(False)
             # Models on another object of the same base (reloaded) are never leased again: drop them.
-            pool = [e for e in _IDLE_MODELS.get(key, []) if e[0] is frozen]
+            pool = [e for e in _IDLE_MODELS.pop(key, []) if e[0] is frozen]
             _IDLE_MODELS[key] = pool + [(frozen, model, initial)] if len(pool) < _MAX_IDLE else pool
+            while len(_IDLE_MODELS) > _MAX_IDLE_KEYS:  # the least recently returned key goes first
+                del _IDLE_MODELS[next(iter(_IDLE_MODELS))]
 
     def _load(self, model: AdaptedCLIPSeg, shared: Mapping[str, torch.Tensor] | None,
               personal: Mapping[str, torch.Tensor] | None) -> AdaptedCLIPSeg:

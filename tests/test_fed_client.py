@@ -227,3 +227,14 @@ def test_evaluate_and_final_report_global_and_personalised_dice(data, tmp_path):
         Message(content, dst_node_id=10, message_type="evaluate.final"), ctx).content["metrics"]
     assert {"dice-base", "dice-global", "dice-personal", "dice-finetuned"} <= set(final)
     assert ctx.state.config_records["site-history"]["rounds-trained"] == 1
+
+
+def test_idle_models_of_runs_no_longer_served_are_dropped(data, tmp_path, monkeypatch):
+    # A site worker serving many runs (here: a seed sweep) kept one idle model per run it ever served.
+    monkeypatch.setattr(sites, "_IDLE_MODELS", {})
+    cfg = make_cfg(data, tmp_path)
+    for seed in range(4):
+        reply = client_app.train(train_message(dataclasses.replace(cfg, seed=seed))[0], context(cfg, 0))
+        assert "status" not in reply.content, reply.content
+    assert sorted(key[1] for key in sites._IDLE_MODELS) == [2, 3]  # the two latest runs' models only
+    assert sum(len(pool) for pool in sites._IDLE_MODELS.values()) == 2
