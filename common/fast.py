@@ -406,6 +406,21 @@ def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+# Compiled configurations of the step one process may hold. Every fit compiles the same function
+# (FastEpochs._step), so each adapter variant x prompt bucket x base x dtype a long-lived process
+# meets (a site worker serving several runs) is one more recompile of it; past Dynamo's default
+# limit (8) the step silently ran eagerly for the rest of the process, still recorded as compiled.
+RECOMPILE_LIMIT = 64
+
+
+def _within_recompile_limit(compiled: Callable) -> Callable:
+    def call(*args: Any) -> Any:
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            return compiled(*args)
+
+    return call
+
+
 # ------------------------------------------------------------------- epochs
 class FastEpochs:
     """Runs the training epochs of `fit` on the fast path; returns (mean batch loss, steps) per epoch.
@@ -448,7 +463,10 @@ class FastEpochs:
             # matmul form's rounding differs slightly (see PatchConvTranspose2d).
             use_patch_transposed_convs(model.clipseg, True)
             model.fast.warm_positions(model.clipseg.clip.vision_model.embeddings, model.image_size)
-            step = torch.compile(step, mode=cfg.compile, dynamic=False)
+            # normalize's constants made now: made during the first trace, Dynamo guards on their
+            # absence, and the second call compiled the whole step again.
+            normalize(torch.zeros((1, 1, 1, 3), dtype=torch.uint8, device=device))
+            step = _within_recompile_limit(torch.compile(step, mode=cfg.compile, dynamic=False))
         self._compiled = step
         # Compiled shapes are static: a last short batch would compile (and, with
         # CUDA graphs, record) the whole step again, so it is dropped; the

@@ -543,3 +543,31 @@ def test_the_weights_digest_names_the_base_not_its_storage():
     with torch.no_grad():
         other.model.clip.text_model.encoder.layers[-1].mlp.fc2.bias.add_(1e-6)
     assert weights_digest(other.model) != weights_digest(plain.model)
+
+
+def test_a_long_lived_process_keeps_compiling(tiny_base, site, monkeypatch):
+    """Every fit compiles the same step function, so each new configuration a process meets (adapter
+    variant, prompt bucket, base, dtype: a site worker serving several runs) is a recompile of it. The
+    step used to compile twice in its first fit (normalize's constants, made during the first trace,
+    failed Dynamo's guard on the second call), and once Dynamo's recompile limit (8 by default, 1
+    here) was reached, a fit silently trained eagerly while its record said compiled."""
+    import dataclasses as dc
+
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    fast._NORM.clear()
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", compile="default", select_best=False,
+                      early_stop_patience=10**6)
+    graphs = {}
+    try:
+        for variant in ("dense-vl", "dense-v"):
+            before = counters["stats"]["unique_graphs"]
+            model = build_model(tiny_base, variant)
+            fit(model, _ds(site, tiny_base), None, tiny_base.tokenizer, dc.replace(cfg, seed=1))
+            graphs[variant] = counters["stats"]["unique_graphs"] - before
+            fast.restore_fp32(model)
+    finally:
+        torch._dynamo.reset()
+    # one graph per prompt bucket the epoch meets (this site's prompts fall in two: 16 and 32 tokens)
+    assert graphs == {"dense-vl": 2, "dense-v": 2}
