@@ -641,6 +641,12 @@ class FastEpochs:
             images, masks = images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb)
             self.pixels.put(index, images, masks)
             yield len(index), images, masks, self._ids(index)
+        # Items this epoch did not load (a compiled step's dropped short batch): loaded now, or the
+        # next epoch would find the store incomplete and go through the loader again.
+        missing = (~self.pixels.filled).nonzero().flatten().tolist()
+        if missing:
+            for index, images, masks in self.loader([missing]):
+                self.pixels.put(index, images.to(self.device, non_blocking=nb), masks.to(self.device, non_blocking=nb))
 
 
 # ------------------------------------------------------------------ batching for evaluation

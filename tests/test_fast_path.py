@@ -571,3 +571,26 @@ def test_a_long_lived_process_keeps_compiling(tiny_base, site, monkeypatch):
         torch._dynamo.reset()
     # one graph per prompt bucket the epoch meets (this site's prompts fall in two: 16 and 32 tokens)
     assert graphs == {"dense-vl": 2, "dense-v": 2}
+
+
+def test_a_dropped_short_batch_is_still_made_resident(tiny_base, site):
+    """Compiled steps drop an epoch's short last batch (static shapes); its items were never loaded, so
+    the store stayed incomplete and every epoch went through the loader again."""
+    resident_pixels.clear()
+    ds = _ds(site, tiny_base)
+    arrays, count = ds.arrays, [0]
+    ds.arrays = lambda i: (count.__setitem__(0, count[0] + 1), arrays(i))[1]
+    model = build_model(tiny_base, "dense-vl")
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(batch_size=4, progress=False, fast="on", activation_cache="off")
+    params = model.trainable_parameters()
+    runner = fast.FastEpochs(model, ds, tiny_base.tokenizer, cfg, cpu, fast.make_optimizer(params, 1e-3, 0.0, cpu),
+                             torch.amp.GradScaler("cpu", enabled=False), params, torch.Generator().manual_seed(0),
+                             None)
+    runner.drop_last = True  # as compile modes set it
+    assert len(ds) % 4, "the test needs a short last batch"
+    steps = [runner.run_epoch(lambda it: it)[2] for _ in range(3)]
+    runner.close()
+    fast.restore_fp32(model)
+    assert steps == [len(ds) // 4] * 3
+    assert count[0] == len(ds)  # every item read once, in epoch 1; epochs 2 and 3 from the store
