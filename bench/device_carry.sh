@@ -5,11 +5,12 @@
 #               not monai; it is pure Python, so one wheel serves any CPython 3)
 #   .devcarry/  the shared anchor script (../shared/bench/anchor_clipseg_gpu.py), which
 #               does not travel with the repository
-# Both folders are gitignored; the device call names them in `carry`. Then, on the device
-# (one call; 470 s of parts + start-up fit a 535 s limit and leave time for a rerun):
-#   G=/tmp/g; mkdir -p $G; BUDGET_S=470 OUT=$G timeout 535 bash bench/gpu.sh 2>&1 | tee $G/console.log;
-#   tar czf $OUT/gpu.tgz -C $G .
-# and the JSON and table from gpu.tgz into bench/results/ under the card's name.
+# Both folders are gitignored; the device call names them in `carry`. Then, on the device, one
+# call with timeout_s 540 (gpu.sh ends within its 450 s budget plus a part's 10 s kill grace and
+# the table; the machine's start-up counts against the session's 15 minutes too, so plan on one shot):
+#   mkdir -p $OUT/g; BUDGET_S=450 OUT=$OUT/g timeout 520 bash bench/gpu.sh 2>&1 | tee $OUT/g/console.log
+# Everything is written straight under $OUT, row by row: a call cut short still brings back what it
+# measured. Then the JSON and table from $OUT/g into bench/results/ under the card's name.
 #
 #   bash bench/device_carry.sh        # from anywhere; needs pip's index (PyPI) and ../shared
 set -euo pipefail

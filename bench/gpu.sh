@@ -19,14 +19,16 @@
 # so the whole script ends within 8 minutes (a part that no longer fits is skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$(date +%s)  # before the install: the 8 minutes are the whole call's
 if ! python3 -c "import monai" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-rm -f "$OUT"/fast-*.json "$OUT"/anchor.json
-START=$(date +%s)
+# A rerun on a warm machine must not report an earlier run's files as its own.
+rm -f "$OUT"/fast-*.json "$OUT"/fast-*.log "$OUT"/anchor.json "$OUT"/anchor.log "$OUT"/table.txt \
+      "$OUT"/gpu-*-fast.json "$OUT"/cli.log "$OUT"/gpu.txt
 BUDGET_S=${BUDGET_S:-450}
 # A part's timeout: its own limit, or what is left of the budget (minus 10 s for the table), if less.
 part_limit() { local left=$(( BUDGET_S - ($(date +%s) - START) - 10 )); echo $(( left < $1 ? left : $1 )); }
@@ -39,9 +41,15 @@ ANCHOR=""
 for a in .devcarry/anchor_clipseg_gpu.py ../shared/bench/anchor_clipseg_gpu.py /work/shared/bench/anchor_clipseg_gpu.py; do
     [ -f "$a" ] && { ANCHOR=$a; break; }
 done
+if [ -z "${TINY:-}" ]; then  # the card's time is scarce: stop now rather than run without what the ratios need
+    [ -n "$ANCHOR" ] || [ -n "${SKIP_ANCHOR:-}" ] || { echo "gpu.sh: no anchor script (.devcarry/: run bench/device_carry.sh and carry it)"; exit 1; }
+    python3 -c "import monai" || { echo "gpu.sh: monai cannot be imported (.whl/: run bench/device_carry.sh and carry it)"; exit 1; }
+    python3 -c "import torch; assert torch.cuda.is_available()" || { echo "gpu.sh: no CUDA device"; exit 1; }
+fi
 if [ -n "$ANCHOR" ] && [ -z "${SKIP_ANCHOR:-}" ]; then
     echo "== anchor ($ANCHOR)"
-    OUT=$OUT COMPILE=0 timeout "$(part_limit 150)" python3 "$ANCHOR" 2>&1 | grep -v '^{' | tee "$OUT/anchor.log"
+    OUT=$OUT COMPILE=0 timeout -k 10 "$(part_limit 150)" python3 "$ANCHOR" 2>&1 | grep --line-buffered -v '^{' \
+        | tee "$OUT/anchor.log"
 else
     echo "== anchor not found or skipped: ratios will be missing"
 fi
@@ -51,7 +59,8 @@ ours() {  # one bench_fast.py part in its own process, cut to its limit or what 
     if [ "$limit" -lt 30 ]; then echo "== ours: $part skipped (the ${BUDGET_S}s budget is spent)"; return; fi
     echo "== ours: $part (timeout ${limit}s)"
     local t0=$(date +%s)
-    OUT=$OUT PART=$part timeout "$limit" python3 bench/bench_fast.py 2>&1 | grep -v "^\s*warnings.warn" \
+    OUT=$OUT PART=$part timeout -k 10 "$limit" python3 bench/bench_fast.py 2>&1 \
+        | grep --line-buffered -v "^\s*warnings.warn" \
         | tee "$OUT/fast-$part.log" | tail -30
     echo "== ours: $part took $(( $(date +%s) - t0 )) s"
 }
@@ -62,7 +71,7 @@ cli_check() {  # the documented site commands, verbatim, on the card (the fast p
     echo "== fedvlsm train / eval on the card"
     D=$(mktemp -d)
     if [ -n "${TINY:-}" ]; then CLI_DEVICE=${CLI_DEVICE:-cpu}; CLI_COMPILE=${CLI_COMPILE:-off}; fi
-    timeout "$limit" bash -c "python3 -m common.cli data synth $D/data --sites 1 --per-site 60 --seed 3 >/dev/null &&
+    timeout -k 10 "$limit" bash -c "python3 -m common.cli data synth $D/data --sites 1 --per-site 60 --seed 3 >/dev/null &&
         python3 -m common.cli train $D/data/site-0 --base demo --adapter dense-vl --out $D/adapter --epochs 10 \
             --device ${CLI_DEVICE:-cuda} --quiet && python3 -m common.cli eval $D/data/site-0 --adapter-dir $D/adapter \
             --device ${CLI_DEVICE:-cuda} &&

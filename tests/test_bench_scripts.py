@@ -74,3 +74,29 @@ def test_round_overhead_bench_runs_and_writes_its_json(tmp_path):
         assert abs(res[noop]["steady_mean"] - sum(pooled) / len(pooled)) < 1e-12
     assert res["ratio_overhead_to_noop"] == res["fedvlsm"]["steady_overhead_mean"] / res["noop"]["steady_mean"]
     assert "no-op steady round means per simulation" in proc.stdout and "steady rounds (2..): overhead" in proc.stdout
+
+
+def test_gpu_table_divides_each_row_by_its_own_reference(tmp_path):
+    """`bench_fast.py --table` (the last step of bench/gpu.sh, which runs once on a lent card): training
+    rows by the anchor's reference-style step; inference rows by inference in the reference style, not
+    by a training step (a forward is about a third of a step: that ratio passed 2x whatever inference
+    did); both dense epochs (loader, resident) against the step; the anchor read from its log when it
+    was cut before writing anchor.json."""
+    meta = {"device": "Test Card", "torch": "x", "batch": 32, "image_size": 352, "base": "arch:x"}
+    (tmp_path / "fast-eager.json").write_text(json.dumps({
+        **meta, "dense-vl_fast": {"img_per_s": 600.0}, "dense-vl_fast_epoch_loader": {"img_per_s": 480.0},
+        "dense-vl_fast_epoch_resident": {"img_per_s": 570.0}, "inference_fast": {"img_per_s": 1000.0},
+        "inference_reference-style": {"img_per_s": 800.0}}))
+    (tmp_path / "anchor.log").write_text(
+        "ref_fp16_eager_all12 {'s_per_step': 0.1, 'img_per_s': 300.0, 'tflops': 60.0}\n"
+        "some other line\nshallow_cached {'img_per_s': 3000.0}\n")
+    proc = subprocess.run([sys.executable, "bench/bench_fast.py", "--table"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "gpu-Test-Card-fast.json").read_text())
+    assert out["anchor"]["from_log"] and out["anchor"]["shallow_cached_step"]["img_per_s"] == 3000.0
+    assert out["ours"]["dense-vl_fast"]["x_ref"] == 2.0
+    assert out["ours"]["inference_fast"]["x_ref_inference"] == 1.25
+    assert "x_ref" not in out["ours"]["inference_fast"]
+    assert out["epoch_vs_step_loader"] == 0.8 and out["epoch_vs_step_resident"] == 0.95
+    assert "fast epoch, loader / fast step: 0.80" in proc.stdout
