@@ -460,7 +460,9 @@ class FastEpochs:
         step = self._step_cached if self.cache is not None else self._step
         if cfg.compile not in ("off", "cuda-graph"):
             # Only when compiling: eager, cuDNN's transposed convolution is fine, and the
-            # matmul form's rounding differs slightly (see PatchConvTranspose2d).
+            # matmul form's rounding differs slightly (see PatchConvTranspose2d). Once swapped, the
+            # shared base keeps it (later eager fast fits use it too; restore_fp32 swaps it back):
+            # swapping back after each compiled fit would make the next one compile again.
             use_patch_transposed_convs(model.clipseg, True)
             model.fast.warm_positions(model.clipseg.clip.vision_model.embeddings, model.image_size)
             # normalize's constants made now: made during the first trace, Dynamo guards on their
