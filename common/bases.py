@@ -161,7 +161,7 @@ def _load_pretrained(spec: str, base_id: str) -> Base:
         )
         raise BaseLoadError(
             f"cannot load base '{spec}': not a local folder with a CLIPSeg checkpoint, and {hint}. "
-            f"Download it where the hub is reachable (huggingface-cli download {spec} --local-dir DIR) "
+            f"Download it where the hub is reachable (hf download {spec} --local-dir DIR) "
             f"and pass --base DIR. Cause: {err}"
         ) from err
     finally:

@@ -180,7 +180,9 @@ def cmd_params(args: argparse.Namespace) -> int:
         "full_model_fedavg_bytes_fp32": 4 * base_params,
         "tensors": tensors,
     }
-    info["int8_reduction_vs_full_model_fp32"] = info["full_model_fedavg_bytes_fp32"] / info["payload_bytes_int8"]
+    # None for variant "none" (nothing to send): there is no ratio to a zero-byte update.
+    info["int8_reduction_vs_full_model_fp32"] = (info["full_model_fedavg_bytes_fp32"] / info["payload_bytes_int8"]
+                                                 if info["payload_bytes_int8"] else None)
     if args.json:
         print(json.dumps(info))
     else:
@@ -189,8 +191,9 @@ def cmd_params(args: argparse.Namespace) -> int:
               f"|| trainable%: {info['trainable_percent']:.4f}")
         print(f"payload per site and round: {info['payload_bytes_fp32']:,} bytes fp32, "
               f"{info['payload_bytes_fp16']:,} fp16, {info['payload_bytes_int8']:,} int8 ({info['tensors']} tensors); "
-              f"full-model FedAvg in fp32: {info['full_model_fedavg_bytes_fp32']:,} "
-              f"({info['int8_reduction_vs_full_model_fp32']:.0f}x the int8 update)")
+              f"full-model FedAvg in fp32: {info['full_model_fedavg_bytes_fp32']:,}"
+              + (f" ({info['int8_reduction_vs_full_model_fp32']:.0f}x the int8 update)"
+                 if info["int8_reduction_vs_full_model_fp32"] else " (this variant sends nothing)"))
     return 0
 
 

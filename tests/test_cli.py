@@ -24,6 +24,16 @@ def test_params_json_full_architecture(capsys):
     assert 150_000_000 < info["total"] - info["trainable"] < 151_000_000
 
 
+def test_params_of_the_variant_that_trains_nothing(capsys):
+    # README's table lists `none` (0 trainable); the command divided by its zero-byte update.
+    assert main(["params", "--base", "demo", "--adapter", "none", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable"] == 0 and info["payload_bytes_int8"] == 0
+    assert info["int8_reduction_vs_full_model_fp32"] is None
+    assert main(["params", "--base", "demo", "--adapter", "none"]) == 0
+    assert "this variant sends nothing" in capsys.readouterr().out
+
+
 def test_train_eval_predict(tmp_path, synth_sites, capsys):
     site = synth_sites[0]
     out = tmp_path / "adapter"
