@@ -10,8 +10,8 @@ actors; every site served by one actor shares that process's frozen base
 (client/site.py's per-process cache), so memory follows the actor count, not
 the site count.
 
-    nice python bench/memory_sites.py                  # 2 and 8 sites
-    SITES=2,8 CPUS_PER_SITE=1 python bench/memory_sites.py
+    nice python bench/memory_sites.py                  # 2 and 8 sites, 2 Ray actors
+    SITES=2,8 ACTORS=2 python bench/memory_sites.py    # or CPUS_PER_SITE=... to set it directly
 Writes bench/results/cpu-<host>-memory_sites.json (or $OUT/...).
 """
 
@@ -32,7 +32,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = [int(s) for s in os.environ.get("SITES", "2,8").split(",")]
-CPUS_PER_SITE = float(os.environ.get("CPUS_PER_SITE", "1"))
+# Memory follows the number of Ray actors (one base each), so both runs get the same number: ACTORS
+# (default 2) on any machine, i.e. cpus-per-site = CPUs / ACTORS, unless CPUS_PER_SITE is given. With
+# cpus-per-site 1 on a machine with 8+ cores, 8 sites would run 8 actors and load 8 bases.
+ACTORS = int(os.environ.get("ACTORS", "2"))
+CPUS_PER_SITE = float(os.environ.get("CPUS_PER_SITE", str((os.cpu_count() or 1) / ACTORS)))
 BASE = os.environ.get("BASE", "arch:clipseg-rd64-refined")
 
 

@@ -21,8 +21,13 @@ Overhead of a round = round wall time - the slowest site's training time
 (the issue's definition). With fewer Ray actors than sites, sites train one
 after the other inside an actor, so a second figure subtracts the training
 time on the critical path instead (sum of train_seconds / actors); both are
-reported. Round 1 pays the actors' start-up and is reported apart; Ray's own
-start-up (``ray.init`` to a ready cluster) is timed separately too.
+reported. Round 1 pays the actors' start-up (for fedvlsm also torch,
+transformers and the base loaded in each actor) and is reported apart, with
+what it costs beyond the no-op's round 1; the 1.5x target is checked on the
+steady rounds. Ray's own start-up (``ray.init`` to a ready cluster, in a
+session of its own) is timed separately too. The fedvlsm run must train and
+evaluate every site in every round (a failed site answers fast), and the
+no-op runs bracket it (half before, half after).
 
     nice python bench/round_overhead.py                 # 10 sites, 8 rounds
     SITES=10 ROUNDS=8 CPUS_PER_SITE=1 NOOP_RUNS=2 python bench/round_overhead.py
@@ -150,6 +155,11 @@ def part_fedvlsm(out: Path) -> None:
         rounds = [json.loads(line) for line in (cfg.runs_dir / cfg.run_name / "rounds.jsonl").read_text().splitlines()]
     out.write_text(json.dumps({"rc": rc, "total_seconds": total, "rounds": [
         {"round_seconds": r["round_seconds"], "train_phase_seconds": r["train_seconds"],
+         # a failed site answers fast and would make a round look cheap: main() checks these
+         "sites_trained": sum(s.get("train_seconds") is not None for s in r["sites"].values()),
+         "sites_evaluated": sum(s.get("val_dice") is not None for s in r["sites"].values()),
+         "failures": len(r.get("failures") or []), "excluded": len(r.get("excluded") or []),
+         "status": r.get("status"),
          "site_train_seconds": [s.get("train_seconds") for s in r["sites"].values()],
          "site_handler_seconds": [s.get("handler_seconds") for s in r["sites"].values()],
          "base_loads": [s.get("base_loads") for s in r["sites"].values()],
@@ -189,15 +199,28 @@ def main() -> None:
     actors = min(actors, SITES)
     ray = child("ray")
     noops, noop_polls = [], []
-    for _ in range(NOOP_RUNS):
-        noops.append(child("noop"))
-        noop_polls.append(child("noop_poll"))
+    ours = None
+    # The no-op runs bracket ours (half before, half after): a drift in the machine's speed over the
+    # bench does not fall on one side only.
+    for i in range(max(NOOP_RUNS, 1)):
+        if i == NOOP_RUNS // 2:
+            ours = child("fedvlsm")
+        if i < NOOP_RUNS:
+            noops.append(child("noop"))
+            noop_polls.append(child("noop_poll"))
+    if ours is None:
+        ours = child("fedvlsm")
     noop, noop_poll = noops[0], noop_polls[0]  # the per-round table shows the first of each
-    ours = child("fedvlsm")
+    bad = [i + 1 for i, r in enumerate(ours["rounds"])
+           if (r["sites_trained"], r["sites_evaluated"], r["failures"], r["excluded"]) != (SITES, SITES, 0, 0)]
+    if ours["rc"] != 0 or bad or len(ours["rounds"]) != ROUNDS:
+        raise SystemExit(f"the fedvlsm run did not train and evaluate every site in every round (exit {ours['rc']}, "
+                         f"{len(ours['rounds'])} rounds, incomplete: {bad}): its round times would mislead")
     rows = []
     for i, r in enumerate(ours["rounds"]):
         train = [t for t in r["site_train_seconds"] if t is not None]
         rows.append({"round": i + 1, "round_seconds": r["round_seconds"], "slowest_train": max(train),
+                     "sites_trained": r["sites_trained"], "sites_evaluated": r["sites_evaluated"],
                      "sum_train": sum(train), "overhead": r["round_seconds"] - max(train),
                      "overhead_critical_path": r["round_seconds"] - sum(train) / actors})
     steady = rows[1:] or rows
@@ -222,7 +245,14 @@ def main() -> None:
         "fedvlsm": {"rounds": rows, "total_seconds": ours["total_seconds"],
                     "steady_overhead_mean": mean([r["overhead"] for r in steady]),
                     "steady_overhead_critical_mean": mean([r["overhead_critical_path"] for r in steady]),
-                    "steady_round_mean": mean([r["round_seconds"] for r in steady])},
+                    "steady_round_mean": mean([r["round_seconds"] for r in steady]),
+                    "every_round_all_sites": True},
+        # Round 1 is out of the steady figures: it pays the actors' start-up, for fedvlsm also torch,
+        # transformers and the base loaded in each actor. What that costs beyond the no-op's round 1:
+        "first_round": {"fedvlsm_seconds": rows[0]["round_seconds"], "fedvlsm_overhead": rows[0]["overhead"],
+                        "noop_seconds": mean([r["round_seconds"][0] for r in noops]),
+                        "extra_over_noop_seconds": rows[0]["round_seconds"]
+                        - mean([r["round_seconds"][0] for r in noops])},
     }
     res["ratio_overhead_to_noop"] = res["fedvlsm"]["steady_overhead_mean"] / res["noop"]["steady_mean"]
     res["ratio_critical_overhead_to_noop"] = res["fedvlsm"]["steady_overhead_critical_mean"] / res["noop"]["steady_mean"]
@@ -230,7 +260,10 @@ def main() -> None:
                                               / res["noop_poll_002"]["steady_mean"])
     print(f"{SITES} sites, {actors} Ray actor(s) (cpus-per-site {CPUS_PER_SITE}, {os.cpu_count()} CPUs), "
           f"payload {res['payload_bytes']:,} B in {res['tensors']} tensors, {ROUNDS} rounds")
-    print(f"Ray start-up (init to first task): {ray['init_to_first_task_seconds']:.2f} s")
+    print(f"Ray start-up (init to first task): {ray['init_to_first_task_seconds']:.2f} s; round 1 (actors' "
+          f"start-up; for fedvlsm also its imports and the base in each actor): fedvlsm "
+          f"{res['first_round']['fedvlsm_seconds']:.2f} s, no-op {res['first_round']['noop_seconds']:.2f} s "
+          f"(+{res['first_round']['extra_over_noop_seconds']:.2f} s)")
     print(f"{'round':>5} {'fedvlsm round s':>16} {'slowest train s':>16} {'overhead s':>11} "
           f"{'ovh (crit. path) s':>19} {'no-op round s':>14} {'no-op, 0.02 s poll':>19}")
     print("no-op steady round means per simulation: "

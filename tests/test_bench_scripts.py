@@ -74,6 +74,11 @@ def test_round_overhead_bench_runs_and_writes_its_json(tmp_path):
         assert abs(res[noop]["steady_mean"] - sum(pooled) / len(pooled)) < 1e-12
     assert res["ratio_overhead_to_noop"] == res["fedvlsm"]["steady_overhead_mean"] / res["noop"]["steady_mean"]
     assert "no-op steady round means per simulation" in proc.stdout and "steady rounds (2..): overhead" in proc.stdout
+    assert res["fedvlsm"]["every_round_all_sites"] is True
+    assert all((r["sites_trained"], r["sites_evaluated"]) == (2, 2) for r in res["fedvlsm"]["rounds"])
+    first = res["first_round"]  # round 1 (start-up) reported beside the no-op's, not dropped unseen
+    assert first["fedvlsm_seconds"] == rounds[0]["round_seconds"]
+    assert abs(first["extra_over_noop_seconds"] - (first["fedvlsm_seconds"] - first["noop_seconds"])) < 1e-12
 
 
 def test_gpu_table_divides_each_row_by_its_own_reference(tmp_path):
