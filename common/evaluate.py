@@ -120,7 +120,7 @@ def evaluate(
     device = device or resolve_device(cfg.device)
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(tokenizer),
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(tokenizer, model.max_prompt_tokens),
                         num_workers=plain_workers(cfg))
     loss_fn = make_loss(cfg)
     amp = autocast_dtype(cfg.amp, device)
@@ -133,8 +133,7 @@ def evaluate(
         fast = fast_path.fast_enabled(cfg, device)
     if fast:  # bf16 frozen weights, cached positions, bucketed prompts
         fast_path.prepare_model(model, device, amp)
-        max_len = min(77, int(model.clipseg.config.text_config.max_position_embeddings))
-        tokens = fast_path.PromptTokens(tokenizer, cfg.prompt_buckets, max_len)
+        tokens = fast_path.PromptTokens(tokenizer, cfg.prompt_buckets, model.max_prompt_tokens)
     else:
         fast_path.restore_fp32(model)
     per_item, losses, weights = [], [], []
@@ -209,7 +208,8 @@ def predict(
     else:
         fast.restore_fp32(model)
     x = preprocess_image(image, model.image_size).to(device)
-    tokens = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+    tokens = collate_fn(tokenizer, model.max_prompt_tokens).tokens([prompt])
+    tokens = {"input_ids": tokens[0], "attention_mask": tokens[1]}
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"])
     return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()

@@ -442,8 +442,7 @@ class FastEpochs:
                 raise ValueError("TrainConfig.compile='cuda-graph' needs amp 'bf16' or 'off': fp16's GradScaler "
                                  "checks for infs on the host, which a CUDA graph cannot do")
         prepare_model(model, device, self.amp)
-        max_len = int(model.clipseg.config.text_config.max_position_embeddings)
-        self.tokens = PromptTokens(tokenizer, cfg.prompt_buckets, min(77, max_len))
+        self.tokens = PromptTokens(tokenizer, cfg.prompt_buckets, model.max_prompt_tokens)
         self.cuda = device.type == "cuda"
         self.workers = fast_workers(cfg, device)
         self.cache = None

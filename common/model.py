@@ -40,6 +40,8 @@ class AdaptedCLIPSeg(nn.Module):
         self.adapters: AdapterSet = build_adapter_set(spec, self.clipseg.config)
         self.adapters.requires_grad_(True)
         self.extract_layers = list(self.clipseg.config.extract_layers)
+        # Prompt tokens the text tower takes: CLIP's 77, or fewer where its position table is shorter.
+        self.max_prompt_tokens = min(77, int(self.clipseg.config.text_config.max_position_embeddings))
         # Name -> parameter, walked once: the state calls below run several times per message,
         # and walking the whole base each time cost more than the copies. A parameter keeps
         # its identity through Opacus, torch.compile and CPU <-> CUDA moves, but not through

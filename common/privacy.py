@@ -415,7 +415,7 @@ def reached_parameters(model: AdaptedCLIPSeg, tokenizer: Any, device: torch.devi
              "mask": torch.zeros(1, model.image_size, model.image_size),
              "orig_mask": torch.zeros(model.image_size, model.image_size, dtype=torch.uint8),
              "prompt": "a", "id": "probe"}
-    batch = collate_fn(tokenizer)([probe])
+    batch = collate_fn(tokenizer, model.max_prompt_tokens)([probe])
     model.zero_grad(set_to_none=True)
     out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"])
     out.sum().backward()
@@ -493,7 +493,7 @@ def fit_private(
     expected_batch = max(1, round(q * n))
     gsm, dpo = make_private_step(model, optimizer, dp, state.noise_multiplier, expected_batch, noise_gen)
     loss_fn = make_loss(train_cfg)
-    collate = collate_fn(tokenizer)
+    collate = collate_fn(tokenizer, model.max_prompt_tokens)
     prox = None
     if prox_reference and train_cfg.prox_mu > 0:
         prox = (train_cfg.prox_mu, {k: v.to(device) for k, v in prox_reference.items()})

@@ -148,7 +148,7 @@ def fit(
     else:
         runner = None
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                            collate_fn=collate_fn(tokenizer), num_workers=plain_workers(cfg))
+                            collate_fn=collate_fn(tokenizer, model.max_prompt_tokens), num_workers=plain_workers(cfg))
 
     history: list[dict[str, Any]] = []
     best_dice, best_epoch, best_state, stale, steps = -1.0, None, None, 0, 0

@@ -301,17 +301,25 @@ class _Collate:
         }
 
     def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) = the tokenizer's `padding=True` batch, each prompt tokenised once.
+        """(input_ids, attention_mask): each prompt tokenised once, right-padded to the longest.
 
-        Right padding to the longest prompt with the pad id, mask 1 on real
-        tokens: what the tokenizer's batch call returns (tests/test_dataset.py
-        compares them); tokenizers that pad otherwise get their own call.
+        For a right-padding tokenizer this is its `padding=True` batch
+        (tests/test_dataset.py compares them). Every tokenizer is padded on
+        the right, whatever its `padding_side`: the text tower numbers
+        positions from the first column, so left padding shifted a prompt's
+        position embeddings by its padding and its result depended on which
+        prompts shared its batch (and disagreed with the fast path, which
+        always pads right). Under the causal mask right padding cannot reach
+        the end-of-text token, the only one read. No pad id: the end-of-text
+        id pads, as on the fast path.
         """
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None)
-        if pad is None or getattr(tok, "padding_side", None) != "right":
-            t = tok(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            return t["input_ids"], t["attention_mask"]
+        if pad is None:
+            pad = getattr(tok, "eos_token_id", None)
+        if pad is None:
+            raise ValueError(f"the tokenizer ({type(tok).__name__}) has neither a pad nor an end-of-text token id; "
+                             "set tokenizer.pad_token")
         rows = [prompt_ids(tok, prompt, self.max_length) for prompt in prompts]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
