@@ -120,8 +120,8 @@ def evaluate(
     device = device or resolve_device(cfg.device)
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(tokenizer, model.max_prompt_tokens),
-                        num_workers=plain_workers(cfg))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                        collate_fn=collate_fn(tokenizer, model.max_prompt_tokens), num_workers=plain_workers(cfg))
     loss_fn = make_loss(cfg)
     amp = autocast_dtype(cfg.amp, device)
     was_training = model.training
@@ -208,8 +208,7 @@ def predict(
     else:
         fast.restore_fp32(model)
     x = preprocess_image(image, model.image_size).to(device)
-    tokens = collate_fn(tokenizer, model.max_prompt_tokens).tokens([prompt])
-    tokens = {"input_ids": tokens[0], "attention_mask": tokens[1]}
+    input_ids, attention_mask = collate_fn(tokenizer, model.max_prompt_tokens).tokens([prompt])
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        logits = model(x, tokens["input_ids"].to(device), tokens["attention_mask"])
+        logits = model(x, input_ids.to(device), attention_mask)
     return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()

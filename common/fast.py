@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import TrainConfig, autocast_dtype
-from common.data.dataset import prompt_ids
+from common.data.dataset import pad_token_id, prompt_ids
 from common.graphed_step import GraphedStep, LrTensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,7 +195,7 @@ def use_patch_transposed_convs(module: nn.Module, on: bool) -> int:
 
 
 # A module's frozen fp32 weights while cast_frozen has them narrower: {param name: tensor on the host}.
-FP32_ORIGINALS = _FP32 = "_fedvlsm_fp32"
+FP32_ORIGINALS = "_fedvlsm_fp32"
 
 
 def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
@@ -217,7 +217,7 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
         if isinstance(module, _MATMUL_MODULES):
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                    kept = module.__dict__.setdefault(_FP32, {})
+                    kept = module.__dict__.setdefault(FP32_ORIGINALS, {})
                     if name not in kept and p.dtype == torch.float32:
                         kept[name] = p.data if p.device.type == "cpu" else p.data.to("cpu", copy=True)
                     p.data = p.data.to(dtype)
@@ -248,7 +248,7 @@ def _frozen_to_fp32(clipseg: nn.Module) -> None:
     lossy = 0
     for module in clipseg.modules():
         if isinstance(module, _MATMUL_MODULES):
-            kept = module.__dict__.pop(_FP32, {})
+            kept = module.__dict__.pop(FP32_ORIGINALS, {})
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                     if name in kept and kept[name].shape == p.shape:
@@ -325,8 +325,7 @@ class PromptTokens:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = sorted({min(int(b), max_length) for b in buckets} | {max_length})
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(tokenizer)
 
     def ids(self, prompt: str) -> torch.Tensor:
         return prompt_ids(self.tokenizer, prompt, self.max_length)  # one memo per tokenizer, the collate's too

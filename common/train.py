@@ -148,7 +148,8 @@ def fit(
     else:
         runner = None
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                            collate_fn=collate_fn(tokenizer, model.max_prompt_tokens), num_workers=plain_workers(cfg))
+                            collate_fn=collate_fn(tokenizer, model.max_prompt_tokens),
+                            num_workers=plain_workers(cfg))
 
     history: list[dict[str, Any]] = []
     best_dice, best_epoch, best_state, stale, steps = -1.0, None, None, 0, 0
@@ -184,7 +185,8 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
             if runner is None:
                 train_loss = float(np.mean(losses))
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+                                      "lr": float(optimizer.param_groups[0]["lr"])}
 
             if val_ds is not None:
                 val = evaluate(model, val_ds, tokenizer, cfg, device, fast=use_fast)

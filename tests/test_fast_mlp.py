@@ -117,12 +117,16 @@ def test_restoring_an_unswapped_base_does_not_walk_it(own_base, monkeypatch):
     fast.prepare_model(model, torch.device("cpu"), None)
     fast.restore_fp32(model)  # walks once, to swap back
 
+    walks = []
+
     def walked():
+        walks.append(1)
         raise AssertionError("restore_fp32 walked an unswapped base")
 
     monkeypatch.setattr(own_base.model, "modules", walked)
     monkeypatch.setattr(own_base.model.decoder, "modules", walked)
     fast.restore_fp32(model)
+    assert walks == []
 
 
 def test_prepare_leaves_current_copies_for_a_compiled_step(own_base, monkeypatch):

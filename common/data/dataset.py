@@ -278,6 +278,17 @@ def prompt_ids(tokenizer: Any, prompt: str, max_length: int) -> torch.Tensor:
     return ids
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that right-pads prompts: the tokenizer's pad id, else its end-of-text id (both paths)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad nor an end-of-text token "
+                         "id; set tokenizer.pad_token")
+    return int(pad)
+
+
 class _Collate:
     """Picklable collate callable (DataLoader workers may be spawned, not forked)."""
 
@@ -313,16 +324,9 @@ class _Collate:
         the end-of-text token, the only one read. No pad id: the end-of-text
         id pads, as on the fast path.
         """
-        tok = self.tokenizer
-        pad = getattr(tok, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tok, "eos_token_id", None)
-        if pad is None:
-            raise ValueError(f"the tokenizer ({type(tok).__name__}) has neither a pad nor an end-of-text token id; "
-                             "set tokenizer.pad_token")
-        rows = [prompt_ids(tok, prompt, self.max_length) for prompt in prompts]
+        rows = [prompt_ids(self.tokenizer, prompt, self.max_length) for prompt in prompts]
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+        input_ids = torch.full((len(rows), width), pad_token_id(self.tokenizer), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(rows):
             input_ids[i, : len(ids)] = ids
