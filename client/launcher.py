@@ -9,7 +9,8 @@ It runs two children:
 1. the site worker (`python -m client.worker`), listening on
    `<site-dir>/worker.sock` (0600); it keeps the frozen base, caches and site
    state warm across rounds and runs;
-2. `flower-supernode`, with node config `data-path`, `site-name`,
+2. the SuperNode: `flower-supernode` run as `python -m client.supernode`
+   (one fix to Flower 1.42's message loop, see client/supernode.py), with node config `data-path`, `site-name`,
    `site-dir` and `worker="unix:<site-dir>/worker.sock"`, so every
    ClientApp process it starts forwards its message to the worker.
 
@@ -31,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -118,8 +118,9 @@ def worker_command(args: argparse.Namespace, socket: Path, ready: Path) -> list[
 
 
 def supernode_command(args: argparse.Namespace, node_config: dict[str, str], port: int) -> list[str]:
-    exe = shutil.which("flower-supernode") or str(Path(sys.executable).parent / "flower-supernode")
-    cmd = [exe, "--superlink", args.superlink, "--node-config", _node_config(node_config),
+    # flower-supernode itself, with client/supernode.py's fix to its message loop (a stale reply after a
+    # SuperLink restart hung the site).
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", args.superlink, "--node-config", _node_config(node_config),
            "--port", str(port), "--host", "127.0.0.1"]
     if args.insecure:
         cmd.append("--insecure")

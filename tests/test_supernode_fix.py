@@ -1,0 +1,114 @@
+"""client/supernode.py: Flower 1.42's own SuperNode loop, driven with a fake SuperLink connection.
+
+The state the CI hang left a site in (after a SuperLink restart, see the module's docstring): the
+resumed run's message was pulled and answered, but the push that followed sent a stale reply of
+the crashed run, so the answer sits in the node's state, and the SuperLink has nothing more to
+send (its server waits for that answer). Flower's loop, unpatched, never sends it; patched, it
+sends it at its next pull.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supernode import start_client_internal as loop
+from flwr.supernode.nodestate import NodeStateFactory
+
+from client import supernode
+
+NODE_ID = 7
+
+
+class _Stop(BaseException):
+    """Ends Flower's endless loop from inside (it catches only Exception and RunNotRunningException)."""
+
+
+def _pulled_and_answered(state, store) -> Message:
+    """A message of the resumed run, taken by its ClientApp, whose reply is in the state untaken."""
+    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=600.0, message_type="train", src_task_id=1,
+                    dst_task_id=None)
+    msg = Message(content=RecordDict({"c": ConfigRecord({"round": 1})}), metadata=meta)
+    msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink gives a message it stores
+    loop._insert_message(msg, state, store)
+    assert [m.object_id for m in state.get_messages_legacy(is_reply=False)] == [msg.object_id]  # taken
+    reply = Message(RecordDict({"r": ConfigRecord({"ok": 1})}), reply_to=msg)
+    loop._insert_message(reply, state, store)
+    assert supernode.pending_reply(state)
+    return reply
+
+
+def _run_loop(monkeypatch, seconds: float) -> list[Message]:
+    """Flower's start_client_internal until it sends a reply or `seconds` pass; the replies it sent."""
+    sent: list[Message] = []
+    pulls = {"n": 0}
+    deadline = time.monotonic() + seconds
+
+    def receive():
+        pulls["n"] += 1
+        if sent or time.monotonic() > deadline:
+            raise _Stop
+        return None  # the SuperLink has nothing for this node: its server waits for the reply
+
+    def send(message, object_tree, clientapp_runtime):
+        sent.append(message)
+        return set(), "session"  # no object contents asked for
+
+    def unused(*args, **kwargs):
+        raise AssertionError("not called in this scenario")
+
+    @contextmanager
+    def connection(**kwargs):
+        yield NODE_ID, receive, send, unused, unused, unused, unused, unused
+
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    expected = _pulled_and_answered(factory.state(), factory.objectstore_factory.store())
+    monkeypatch.setattr(loop, "_init_connection", connection)
+    monkeypatch.setattr(loop, "register_signal_handlers", lambda **kwargs: None)  # not pytest's signals
+    with pytest.raises(_Stop):
+        loop.start_client_internal(state_factory=factory, server_address="127.0.0.1:1", node_config={},
+                                   isolation="process")  # "process": no SuperExec is started
+    assert pulls["n"] >= 2 or sent, pulls  # the loop really went round (it sleeps 3 s per empty pull)
+    assert all(m.object_id == expected.object_id for m in sent)
+    return sent
+
+
+def test_flowers_loop_unpatched_keeps_a_pending_reply(monkeypatch):
+    """The defect, shown on the installed Flower (if this fails, Flower fixed it: drop the patch)."""
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)  # restored after
+    if getattr(loop._pull_and_store_message, supernode._PATCHED, False):
+        pytest.skip("this process runs the patched loop already")
+    assert _run_loop(monkeypatch, seconds=4.0) == []
+
+
+def test_the_patched_loop_sends_a_pending_reply_at_its_next_pull(monkeypatch):
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)  # undone after the test
+    assert supernode.install_fix()
+    assert supernode.install_fix()  # idempotent: not wrapped twice
+    assert not getattr(getattr(loop._pull_and_store_message, "__wrapped__", None), supernode._PATCHED, False)
+    start = time.monotonic()
+    sent = _run_loop(monkeypatch, seconds=20.0)
+    assert len(sent) == 1, sent
+    assert time.monotonic() - start < 10  # at the first empty pull, not at the 20 s stop
+
+
+def test_site_start_runs_the_patched_supernode():
+    import argparse
+
+    from client.launcher import add_site_commands, supernode_command
+
+    parser = argparse.ArgumentParser()
+    add_site_commands(parser.add_subparsers())
+    args = parser.parse_args(["site", "start", "--superlink", "127.0.0.1:9092", "--data", ".", "--insecure"])
+    cmd = supernode_command(args, {"site-name": "h"}, 9100)
+    assert cmd[:3] == [sys.executable, "-m", "client.supernode"]
+    # The module runs flower-supernode itself: its own argument parser answers.
+    out = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: flower-supernode" in out.stdout and "--superlink" in out.stdout, (
+        out.stdout[-1000:] + out.stderr[-1000:])
