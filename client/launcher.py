@@ -16,8 +16,10 @@ It runs two children:
 
 SIGTERM/SIGINT are forwarded to both; the command then exits 0. If the
 SuperNode exits, the worker is stopped and the command exits 1 with the
-SuperNode's exit code and log. If the worker dies, it is **restarted** (up
-to `--worker-restarts` times, default 3; messages that arrive meanwhile get
+SuperNode's exit code and log; likewise if the SuperNode's SuperExec (it
+starts the ClientApp process of every message, and Flower never restarts
+it) exits while the SuperNode runs on. If the worker dies, it is
+**restarted** (up to `--worker-restarts` times, default 3; messages that arrive meanwhile get
 an error reply "worker: the site worker is not running", which the server
 records while the round goes on); once the restarts are used up, the
 SuperNode is stopped and the command exits 1. Children get SIGKILL if this
@@ -49,6 +51,9 @@ WORKER_START_TIMEOUT_S = 300.0
 REJOIN_WAIT_S = 90.0
 REJOIN_RETRY_S = 5.0
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+SUPEREXEC_CHECK_S = 2.0  # how often watch() looks for the SuperNode's SuperExec
+SUPEREXEC_GRACE_S = 5.0  # how long it may be missing while the SuperNode runs before the site gives up
+SUPEREXEC_START_S = 60.0  # how long a new SuperNode may take to start it
 
 
 def add_site_commands(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +97,16 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _is_superexec(proc) -> bool:
+    """Whether a psutil process is a live `flower-superexec` (a zombie is not)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE and any("flower-superexec" in a for a in proc.cmdline()[:3])
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
 
 
 def _fedvlsm_home() -> Path:
@@ -173,6 +188,9 @@ class Site:
         self.stopping = False
         self._log_offset = 0  # where the current SuperNode's output starts in supernode.log
         self._refused_since: float | None = None
+        self._superexec_seen = False  # the current SuperNode's SuperExec has been running
+        self._superexec_missing_since: float | None = None
+        self._next_superexec_check = 0.0
 
     def start_worker(self) -> None:
         from client.worker_protocol import socket_address
@@ -201,6 +219,7 @@ class Site:
         log = open(self.logs / "supernode.log", "a")  # noqa: SIM115
         self._log_offset = log.tell()
         self.supernode = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self._superexec_seen, self._superexec_missing_since = False, None
         mode = "INSECURE (local trial)" if self.args.insecure else (
             "TLS" + (" + site authentication" if self.args.auth_key else ", no site authentication key"))
         _say(f"SuperNode pid {self.supernode.pid} -> {self.args.superlink} [{mode}] as site '{self.name}' "
@@ -266,6 +285,32 @@ class Site:
         self.start_supernode()
         return True
 
+    def _superexec_lost(self) -> bool:
+        """Whether the SuperNode's SuperExec, seen running before, has been gone for SUPEREXEC_GRACE_S while
+        the SuperNode itself runs on. The SuperExec starts the ClientApp process of every message; Flower
+        starts it once and never looks at it again, so without it the SuperNode stays connected and
+        'online' but serves nothing (every round waits out its round-timeout for this site)."""
+        import psutil
+
+        now = time.monotonic()
+        if now < self._next_superexec_check or self.supernode is None:
+            return False
+        self._next_superexec_check = now + SUPEREXEC_CHECK_S
+        try:
+            children = psutil.Process(self.supernode.pid).children()
+        except psutil.NoSuchProcess:
+            return False  # the SuperNode's own exit is handled by watch()
+        if any(_is_superexec(c) for c in children):
+            self._superexec_seen, self._superexec_missing_since = True, None
+            return False
+        # Missing: not started yet, or gone. The SuperNode starts it within seconds of its own start (before
+        # connecting), so one never seen counts as gone after SUPEREXEC_START_S (it may have died between two
+        # looks); one seen running is reported only if the SuperNode outlives it by SUPEREXEC_GRACE_S (a
+        # SuperNode shutting down takes it along).
+        self._superexec_missing_since = self._superexec_missing_since or now
+        missing = now - self._superexec_missing_since
+        return missing >= (SUPEREXEC_GRACE_S if self._superexec_seen else SUPEREXEC_START_S)
+
     def _tail(self, name: str) -> str:
         try:
             return "".join((self.logs / name).read_text(errors="replace").splitlines(True)[-15:])
@@ -287,6 +332,13 @@ class Site:
                     continue
                 _say(f"ERROR: the SuperNode exited with code {code}; stopping the worker. "
                      f"Last lines of {self.logs / 'supernode.log'}:\n{self._tail('supernode.log')}")
+                self.stop_all()
+                return 1
+            if self._superexec_lost():
+                _say("ERROR: the SuperNode's SuperExec (it starts the ClientApp process of every message) has "
+                     "exited while the SuperNode runs on, so this site can serve no message; stopping the "
+                     "SuperNode and the worker (start this site again). Last lines of "
+                     f"{self.logs / 'supernode.log'}:\n{self._tail('supernode.log')}")
                 self.stop_all()
                 return 1
             if self.worker is not None and self.worker.poll() is not None:

@@ -1,0 +1,74 @@
+"""`fedvlsm site start` notices when its SuperNode can no longer serve anything.
+
+Flower's SuperNode starts one SuperExec (the process that starts the ClientApp
+for every message) and never looks at it again: without it the SuperNode stays
+connected and 'online' at the SuperLink but serves nothing, so every round
+waits out its round-timeout for this site while the site's console shows
+nothing wrong. The command, run as a hospital runs it (no SuperLink needed: the
+SuperNode starts its SuperExec before connecting, and keeps retrying the
+connection), must say so and exit 1 with nothing left running.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from client.processes import stop_all
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _superexecs(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any("flower-superexec" in a for a in p.cmdline()[:3]):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def test_site_start_exits_when_the_superexec_dies_under_a_live_supernode(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    cmd = [sys.executable, "-m", "common.cli", "site", "start", "--superlink", f"127.0.0.1:{_free_port()}",
+           "--data", str(data), "--site-name", "h", "--site-dir", str(tmp_path / "site"), "--insecure"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    seen: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120  # the worker imports torch first (5-20 s on a loaded machine)
+        while not (superexec := _superexecs(root)):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no SuperExec started"
+            time.sleep(0.2)
+        seen = root.children(recursive=True)
+        supernode = superexec[0].parent()
+        assert "client.supernode" in " ".join(supernode.cmdline())  # the patched SuperNode (client/supernode.py)
+        # The launcher looks every 2 s: let it see the SuperExec running (one it never saw counts as gone
+        # only after 60 s, which the timeout below also allows).
+        time.sleep(5)
+        superexec[0].kill()  # e.g. the kernel's OOM killer
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, alive = psutil.wait_procs(seen, timeout=5)
+        stop_all(alive, timeout=5)
+    assert proc.returncode == 1, out[-3000:]
+    assert "the SuperNode's SuperExec (it starts the ClientApp process of every message) has exited" in out, out
+    assert "stopping the SuperNode and the worker" in out
+    assert alive == [], [" ".join(p.cmdline()[:4]) for p in alive]  # the launcher stopped its SuperNode and worker
