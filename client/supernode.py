@@ -16,10 +16,19 @@ run's reply (dropped: "Ignoring reply message"), and the resumed run's reply
 stays in the state while the server waits for it: the round never ends (its
 timeout, default an hour, is the only way out).
 
-The fix: when a pull brings nothing but the state holds a reply nobody has
-taken, the loop goes on to its push step at once (which sends it). Nothing else
-changes; a Flower version without the parts this relies on runs unpatched with
-a warning (pyproject pins flwr to 1.42.x, whose loop this is written against).
+Two changes, nothing else:
+- when a pull brings nothing but the state holds a reply nobody has taken,
+  the loop goes on to its push step at once (which sends it): no reply is
+  ever kept;
+- when Flower's receive gives up on a message because its run is no longer
+  running (its objects or its confirmation refused), the message is dropped
+  from the node's state if no ClientApp has taken it yet (what Flower does
+  for any other failed receive), so the site does not train for a stopped
+  run. One a ClientApp already holds still runs;
+  its reply is dropped by the SuperLink, and the first change keeps the
+  loop's pairing right.
+A Flower version without the parts this relies on runs unpatched with a
+warning (pyproject pins flwr to 1.42.x, whose loop this is written against).
 """
 
 from __future__ import annotations
@@ -35,6 +44,17 @@ def pending_reply(state: Any) -> bool:
     with state.lock_msg_store:
         return any(not entry.is_retrieved and entry.message.metadata.reply_to_message_id
                    for entry in state.msg_store.values())
+
+
+def drop_untaken_message(state: Any, object_store: Any, message_id: str) -> bool:
+    """Remove a received message from the node's state unless a ClientApp has taken it (True if removed)."""
+    with state.lock_msg_store:  # the ClientApp takes messages under this lock too
+        entry = state.msg_store.get(message_id)
+        if entry is None or entry.is_retrieved:
+            return False
+        state.delete_messages(message_ids=[message_id])
+    object_store.delete(message_id)
+    return True
 
 
 def install_fix() -> bool:
@@ -53,7 +73,21 @@ def install_fix() -> bool:
         return False
 
     def pull_or_push_pending(**kwargs: Any) -> int | None:
-        run_id = pull(**kwargs)
+        receive = kwargs["receive"]
+        received: list[str] = []
+
+        def receive_and_note() -> Any:
+            got = receive()
+            if got is not None:
+                received.append(got[0].metadata.message_id)
+            return got
+
+        run_id = pull(**{**kwargs, "receive": receive_and_note})
+        if run_id is None and received:
+            # A message came in but Flower's receive gave up on it. Its only give-up that keeps the message
+            # (the others delete it, or fail before storing it) is a run no longer running: drop it unless a
+            # ClientApp already has it.
+            drop_untaken_message(kwargs["state"], kwargs["object_store"], received[-1])
         if run_id is None and pending_reply(kwargs["state"]):
             # Any run id makes the loop push; the push step sends every untaken reply, whatever its run.
             return 0

@@ -4,7 +4,9 @@ The state the CI hang left a site in (after a SuperLink restart, see the module'
 resumed run's message was pulled and answered, but the push that followed sent a stale reply of
 the crashed run, so the answer sits in the node's state, and the SuperLink has nothing more to
 send (its server waits for that answer). Flower's loop, unpatched, never sends it; patched, it
-sends it at its next pull.
+sends it at its next pull. And the cause: a message of the stopped run whose receive Flower gave
+up on stays in the node's state for a ClientApp to run; patched, it is dropped unless a ClientApp
+already has it.
 """
 
 from __future__ import annotations
@@ -112,3 +114,53 @@ def test_site_start_runs_the_patched_supernode():
     out = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: flower-supernode" in out.stdout and "--superlink" in out.stdout, (
         out.stdout[-1000:] + out.stderr[-1000:])
+
+
+def _receive_refused(monkeypatch, taken_first: bool):
+    """Flower's receive step for one message whose run was stopped while it came in (the SuperLink refuses
+    its confirmation); `taken_first`: a ClientApp took it before the refusal. The node's state after it."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.run import Run, RunNotRunningException
+
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    state, store = factory.state(), factory.objectstore_factory.store()
+    state.set_node_id(NODE_ID)
+    run = Run.create_empty(11)
+    run.fab_hash = "f" * 64
+    state.store_run(run)  # a run the node knows (no FAB to fetch)
+    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
+                    group_id="2", created_at=time.time(), ttl=600.0, message_type="train", src_task_id=1,
+                    dst_task_id=None)
+    msg = Message(content=RecordDict({"c": ConfigRecord({"round": 2})}), metadata=meta)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    objects = {k: v.deflate() for k, v in get_all_nested_objects(msg).items()}
+
+    def confirm(run_id, message_id):
+        if taken_first:
+            assert state.get_messages_legacy(run_ids=[11], is_reply=False)  # the ClientApp takes it
+        raise RunNotRunningException
+
+    run_id = loop._pull_and_store_message(
+        state=state, object_store=store, node_config={}, receive=lambda: (msg, get_object_tree(msg)),
+        get_run=None, get_fab=None, pull_object=lambda run_id, obj_id: objects[obj_id],
+        confirm_message_received=confirm, trusted_entities=None)
+    assert run_id is None  # Flower: "Run ID 11 is not in RUNNING status. Ignoring message ..."
+    return state, msg
+
+
+def test_flowers_receive_unpatched_leaves_a_stopped_runs_message_for_a_client_app(monkeypatch):
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)
+    if getattr(loop._pull_and_store_message, supernode._PATCHED, False):
+        pytest.skip("this process runs the patched loop already")
+    state, msg = _receive_refused(monkeypatch, taken_first=False)
+    assert [m.object_id for m in state.get_messages_legacy(is_reply=False)] == [msg.object_id]  # it would run
+
+
+def test_the_patched_receive_drops_it_unless_a_client_app_has_it(monkeypatch):
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)
+    assert supernode.install_fix()
+    state, _ = _receive_refused(monkeypatch, taken_first=False)
+    assert state.get_messages_legacy(is_reply=False) == [] and state.msg_store == {}  # no training for it
+    state, msg = _receive_refused(monkeypatch, taken_first=True)
+    assert msg.metadata.message_id in state.msg_store  # the ClientApp running it still has it (its reply:
+    # dropped by the SuperLink; the loop's pairing is kept right by the first change)
