@@ -202,13 +202,12 @@ def main() -> None:
     ours = None
     # The no-op runs bracket ours (half before, half after): a drift in the machine's speed over the
     # bench does not fall on one side only.
-    for i in range(max(NOOP_RUNS, 1)):
+    for i in range(NOOP_RUNS):
         if i == NOOP_RUNS // 2:
             ours = child("fedvlsm")
-        if i < NOOP_RUNS:
-            noops.append(child("noop"))
-            noop_polls.append(child("noop_poll"))
-    if ours is None:
+        noops.append(child("noop"))
+        noop_polls.append(child("noop_poll"))
+    if ours is None:  # no no-op runs asked for
         ours = child("fedvlsm")
     noop, noop_poll = noops[0], noop_polls[0]  # the per-round table shows the first of each
     bad = [i + 1 for i, r in enumerate(ours["rounds"])

@@ -10,9 +10,10 @@ It runs two children:
    `<site-dir>/worker.sock` (0600); it keeps the frozen base, caches and site
    state warm across rounds and runs;
 2. the SuperNode: `flower-supernode` run as `python -m client.supernode`
-   (one fix to Flower 1.42's message loop, see client/supernode.py), with node config `data-path`, `site-name`,
-   `site-dir` and `worker="unix:<site-dir>/worker.sock"`, so every
-   ClientApp process it starts forwards its message to the worker.
+   (Flower 1.42's message loop fixed, see client/supernode.py), with node
+   config `data-path`, `site-name`, `site-dir` and
+   `worker="unix:<site-dir>/worker.sock"`, so every ClientApp process it
+   starts forwards its message to the worker.
 
 SIGTERM/SIGINT are forwarded to both; the command then exits 0. If the
 SuperNode exits, the worker is stopped and the command exits 1 with the
@@ -40,8 +41,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import COMPILE_MODES
+
+if TYPE_CHECKING:  # imported where used: this module stays light for the CLI
+    import psutil
 
 WORKER_START_TIMEOUT_S = 300.0
 # Flower 1.42's SuperLink activates a node only if it is registered or offline, and keeps a node whose
@@ -99,7 +104,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _is_superexec(proc) -> bool:
+def _is_superexec(proc: psutil.Process) -> bool:
     """Whether a psutil process is a live `flower-superexec` (a zombie is not)."""
     import psutil
 
@@ -133,10 +138,10 @@ def worker_command(args: argparse.Namespace, socket: Path, ready: Path) -> list[
 
 
 def supernode_command(args: argparse.Namespace, node_config: dict[str, str], port: int) -> list[str]:
-    # flower-supernode itself, with client/supernode.py's fix to its message loop (a stale reply after a
+    # flower-supernode itself, its message loop fixed by client/supernode.py (a stale reply after a
     # SuperLink restart hung the site).
-    cmd = [sys.executable, "-m", "client.supernode", "--superlink", args.superlink, "--node-config", _node_config(node_config),
-           "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", args.superlink,
+           "--node-config", _node_config(node_config), "--port", str(port), "--host", "127.0.0.1"]
     if args.insecure:
         cmd.append("--insecure")
     else:
@@ -286,10 +291,11 @@ class Site:
         return True
 
     def _superexec_lost(self) -> bool:
-        """Whether the SuperNode's SuperExec, seen running before, has been gone for SUPEREXEC_GRACE_S while
-        the SuperNode itself runs on. The SuperExec starts the ClientApp process of every message; Flower
-        starts it once and never looks at it again, so without it the SuperNode stays connected and
-        'online' but serves nothing (every round waits out its round-timeout for this site)."""
+        """Whether the SuperNode's SuperExec is gone while the SuperNode runs on (for SUPEREXEC_GRACE_S after
+        it was seen running, or SUPEREXEC_START_S if it never was). The SuperExec starts the ClientApp
+        process of every message; Flower starts it once and never looks at it again, so without it the
+        SuperNode stays connected and 'online' but serves nothing (every round waits out its round-timeout
+        for this site)."""
         import psutil
 
         now = time.monotonic()

@@ -1,4 +1,4 @@
-"""`flower-supernode`, with one fix to its message loop: a reply left in the node's state is always sent.
+"""`flower-supernode`, its message loop fixed: a stopped run's message is not run, and no reply is kept.
 
     python -m client.supernode <flower-supernode options>     (what `fedvlsm site start` runs)
 
@@ -8,8 +8,8 @@ pull finds nothing it sleeps and pulls again, and never looks at the state. A
 stale reply therefore shifts the pairing by one for ever, and the SuperNode can
 hang with a finished reply in hand. This happens after a SuperLink restart
 (seen in this project's CI and reproduced here): a message of the crashed run
-was being pulled when the SuperLink died; on reconnection its confirmation is
-refused (the run was stopped), Flower logs "Ignoring message" but leaves the
+was being pulled when the SuperLink died; on reconnection the rest of its
+receive is refused (the run was stopped), Flower logs "Ignoring message" but leaves the
 message in the node's state, so the ClientApp still runs it. The first message
 of the resumed run is then pulled, the push that follows sends the crashed
 run's reply (dropped: "Ignoring reply message"), and the resumed run's reply
@@ -24,9 +24,8 @@ Two changes, nothing else:
   running (its objects or its confirmation refused), the message is dropped
   from the node's state if no ClientApp has taken it yet (what Flower does
   for any other failed receive), so the site does not train for a stopped
-  run. One a ClientApp already holds still runs;
-  its reply is dropped by the SuperLink, and the first change keeps the
-  loop's pairing right.
+  run. One a ClientApp already holds still runs; its reply is dropped by
+  the SuperLink, and the first change keeps the loop's pairing right.
 A Flower version without the parts this relies on runs unpatched with a
 warning (pyproject pins flwr to 1.42.x, whose loop this is written against).
 """

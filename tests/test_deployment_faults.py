@@ -50,7 +50,7 @@ def flwr_run(d: Deployment, run_config: str, name: str, wait: bool = True, commo
     try:
         return subprocess.run(cmd, env=d.env, cwd=d.tmp, capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired as err:  # say where it hung: the run's output and every SuperNode's log
-        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         logs = [f"--- {p.parent.parent.name}: {p.name}\n" + p.read_text(errors="replace")[-2500:]
                 for p in sorted((d.tmp / "sites").glob("*/logs/supernode.log"))]
         pytest.fail(f"flwr run {name} did not end within 400 s:\n{out[-2000:]}\n" + "\n".join(logs))

@@ -11,7 +11,6 @@ connection), must say so and exit 1 with nothing left running.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,26 +18,14 @@ import time
 import psutil
 import pytest
 
+from client.launcher import _free_port, _is_superexec
 from client.processes import stop_all
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _superexecs(root: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for p in root.children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and any("flower-superexec" in a for a in p.cmdline()[:3]):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return found
+    return [p for p in root.children(recursive=True) if _is_superexec(p)]
 
 
 def test_site_start_exits_when_the_superexec_dies_under_a_live_supernode(tmp_path):

@@ -31,13 +31,19 @@ class _Stop(BaseException):
     """Ends Flower's endless loop from inside (it catches only Exception and RunNotRunningException)."""
 
 
+def _train_message(server_round: int) -> Message:
+    """A train message of run 11 for this node, as the SuperLink stores it (its id set)."""
+    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
+                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type="train",
+                    src_task_id=1, dst_task_id=None)
+    msg = Message(content=RecordDict({"c": ConfigRecord({"round": server_round})}), metadata=meta)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
 def _pulled_and_answered(state, store) -> Message:
     """A message of the resumed run, taken by its ClientApp, whose reply is in the state untaken."""
-    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=600.0, message_type="train", src_task_id=1,
-                    dst_task_id=None)
-    msg = Message(content=RecordDict({"c": ConfigRecord({"round": 1})}), metadata=meta)
-    msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink gives a message it stores
+    msg = _train_message(1)
     loop._insert_message(msg, state, store)
     assert [m.object_id for m in state.get_messages_legacy(is_reply=False)] == [msg.object_id]  # taken
     reply = Message(RecordDict({"r": ConfigRecord({"ok": 1})}), reply_to=msg)
@@ -128,11 +134,7 @@ def _receive_refused(monkeypatch, taken_first: bool):
     run = Run.create_empty(11)
     run.fab_hash = "f" * 64
     state.store_run(run)  # a run the node knows (no FAB to fetch)
-    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
-                    group_id="2", created_at=time.time(), ttl=600.0, message_type="train", src_task_id=1,
-                    dst_task_id=None)
-    msg = Message(content=RecordDict({"c": ConfigRecord({"round": 2})}), metadata=meta)
-    msg.metadata.__dict__["_message_id"] = msg.object_id
+    msg = _train_message(2)
     objects = {k: v.deflate() for k, v in get_all_nested_objects(msg).items()}
 
     def confirm(run_id, message_id):
