@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -144,6 +145,12 @@ class FederationConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"run config '{key}': {why}")
 
+        # NaN passes every `< 0` check below (and turns `max-update-norm` off, never ends a
+        # timeout); Flower's --run-config parser makes floats of 'nan' and 'inf'.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(_key(f.name), f"must be a finite number, got {value}")
         if self.adapter not in VARIANTS:
             raise bad("adapter", f"unknown variant {self.adapter!r}; choose one of {', '.join(VARIANTS)}")
         if self.adapter == "none":
@@ -192,8 +199,6 @@ class FederationConfig:
 
     def _check_dp(self) -> None:
         """Differential-privacy keys: values, and every combination whose epsilon would not hold."""
-        import math
-
         def bad(keys: str, why: str) -> ConfigError:
             return ConfigError(f"run config {keys}: {why}")
 

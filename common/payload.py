@@ -189,7 +189,9 @@ def encode_update(update: Mapping[str, np.ndarray], dtype: str, seed: int = 0) -
         if not np.isfinite(x).all():
             raise PayloadError(f"adapter update '{name}' holds NaN/inf; check training")
         peak = float(np.abs(x).max()) if x.size else 0.0
-        scale = peak / INT8_MAX if peak > 0 else 1.0
+        # The scale travels as float32: a subnormal peak / 127 would underflow to 0 there
+        # (and the server rejects a scale of 0), so it is at least float32's smallest normal.
+        scale = max(peak / INT8_MAX, float(np.finfo(np.float32).tiny)) if peak > 0 else 1.0
         scaled = x / scale
         # Stochastic rounding: floor(v + u), u ~ U[0, 1): E[result] = v.
         q = np.floor(scaled + rng.random(x.shape, dtype=np.float32))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ def _run(
 
     nodes = wait_for_sites(grid, cfg, simulation=is_simulation(grid))
     hooks.before_rounds(grid, cfg, nodes)
+    check_min_replies(cfg, len(nodes), simulation=is_simulation(grid))
     strategy = build_strategy(cfg, len(nodes))
     if start_round > 1:
         checkpoint = records.load_checkpoint(start_round - 1)
@@ -471,7 +473,12 @@ def round_line(record: dict[str, Any], cfg: FederationConfig) -> str:
 
 
 class SiteNames:
-    """Site names by node id, learnt from replies (a Flower-level error reply carries no name)."""
+    """Site names by node id, learnt from replies (a Flower-level error reply carries no name).
+
+    The round record keys its site rows by name, so two nodes must never share
+    one: a site's name defaults to its data folder's, and two hospitals can both
+    call theirs `data`. The second node to claim a name gets "<name> (node <id>)".
+    """
 
     def __init__(self) -> None:
         self._by_node: dict[int, str] = {}
@@ -479,7 +486,13 @@ class SiteNames:
     def of(self, reply: Message) -> str:
         node = reply.metadata.src_node_id
         if reply.has_content() and Rec.SITE in reply.content.config_records:
-            self._by_node[node] = str(reply.content.config_records[Rec.SITE]["name"])
+            name = claimed = str(reply.content.config_records[Rec.SITE]["name"])
+            if any(other == claimed for n, other in self._by_node.items() if n != node):
+                name = f"{claimed} (node {node})"
+                if self._by_node.get(node) != name:
+                    log(WARNING, "[fedvlsm] two sites call themselves %r: node %s is recorded as %r "
+                        "(give each site its own --site-name)", claimed, node, name)
+            self._by_node[node] = name
         return self._by_node.get(node, f"node-{node}")
 
     def name_of_node(self, node: int) -> str:
@@ -577,6 +590,22 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
+# No site trains on more images than this in a round; a larger count would take all of FedAvg's weight.
+MAX_EXAMPLES = 2**31 - 1
+
+
+def _example_count(value: Any) -> bool:
+    """A site's image count: a whole number in [1, MAX_EXAMPLES].
+
+    The weights of FedAvg and of the round's mean Dice are these counts: 0.5
+    would become weight 0 (an accepted update that counts for nothing; all
+    sites so: a division by zero), 1.9 a weight the record and the mean disagree on.
+    """
+    return _finite_number(value) and 1 <= value <= MAX_EXAMPLES and float(value).is_integer()
+
+
+NUM_EXAMPLES_REASON = f"num-examples missing or not a whole number in [1, {MAX_EXAMPLES}]"
+
 # Metrics every train reply must carry, as finite numbers (the round record and FedAvg's weights use them).
 TRAIN_METRICS = ("num-examples", "train-loss")
 EVAL_METRICS = ("num-examples", "dice", "dice-personal", "loss")
@@ -634,9 +663,8 @@ def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: F
         if not norm <= cfg.max_update_norm:
             raise ReplyRejected(f"update norm {norm:.4g} above max-update-norm {cfg.max_update_norm:g}")
     metrics = content[Rec.METRICS]
-    n = metrics.get("num-examples")
-    if not _finite_number(n) or n <= 0:
-        raise ReplyRejected("num-examples missing, zero or negative")
+    if not _example_count(metrics.get("num-examples")):
+        raise ReplyRejected(NUM_EXAMPLES_REASON)
     for key in TRAIN_METRICS:
         if key not in metrics or not _finite_number(metrics[key]):
             raise ReplyRejected(f"metric {key} missing or not a finite number")
@@ -668,8 +696,8 @@ def eval_reply_problem(reply: Message) -> str | None:
         return "evaluate reply holds no metrics"
     if missing := [k for k in EVAL_METRICS if k not in m or not _finite_number(m[k])]:
         return f"evaluate metric {missing[0]} missing or not a finite number"
-    if m["num-examples"] <= 0:
-        return "evaluate num-examples zero or negative"
+    if not _example_count(m["num-examples"]):
+        return f"evaluate {NUM_EXAMPLES_REASON}"
     return None
 
 
@@ -708,6 +736,25 @@ def wait_for_sites(grid: Grid, cfg: FederationConfig, simulation: bool, poll: fl
         nodes = sorted(grid.get_node_ids())
     say(f"{len(nodes)} site(s) connected")
     return nodes
+
+
+def check_min_replies(cfg: FederationConfig, num_sites: int, simulation: bool) -> None:
+    """Refuse a `min-replies` that the sites sampled per round can never reach.
+
+    Flower samples max(int(fraction-train x connected), ceil(fraction-train x sites at
+    the start)) sites a round (server/strategies.py); fewer replies skip the round, so
+    every round would train and then be thrown away until `max-skipped-rounds` ends the
+    run. A simulation's sites are fixed: an error. In deployment more sites may still
+    connect: a warning.
+    """
+    sampled = max(1, math.ceil(cfg.fraction_train * num_sites))
+    if cfg.min_replies <= sampled:
+        return
+    why = (f"run config 'min-replies' = {cfg.min_replies} but a round samples {sampled} site(s) "
+           f"(fraction-train {cfg.fraction_train:g} of {num_sites}); every round would be skipped")
+    if simulation:
+        raise ConfigError(f"{why}; lower 'min-replies' or raise 'fraction-train'")
+    log(WARNING, "[fedvlsm] %s until more sites connect", why)
 
 
 def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:

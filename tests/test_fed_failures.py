@@ -166,7 +166,7 @@ def _no_examples(reply):
 @pytest.mark.parametrize("tamper,reason", [
     (_nan, "update holds NaN/Inf"),
     (_foreign, "tensors are not the shared adapter: 1 unexpected, 0 missing (personal parts must never be sent)"),
-    (_no_examples, "num-examples missing, zero or negative"),
+    (_no_examples, "num-examples missing or not a whole number in [1, 2147483647]"),
 ])
 def test_a_bad_reply_is_excluded_and_the_round_aggregates_the_rest(tmp_path, tamper, reason):
     data = tmp_path / "data"

@@ -33,7 +33,7 @@ def data(tmp_path_factory):
 
 
 class TamperingGrid(InProcessGrid):
-    """Delivers as Flower would, then corrupts site-0's replies of one kind."""
+    """Delivers as Flower would, then corrupts site-0's replies of one kind (None: of every kind)."""
 
     def __init__(self, *a, tamper, kind="train", sites=(100,), **kw):
         super().__init__(*a, **kw)
@@ -42,7 +42,8 @@ class TamperingGrid(InProcessGrid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = super().send_and_receive(messages, timeout=timeout)
         for r in replies:
-            if r.metadata.src_node_id in self.sites and r.metadata.message_type == self.kind and r.has_content():
+            if r.metadata.src_node_id in self.sites and self.kind in (None, r.metadata.message_type) \
+                    and r.has_content():
                 self.tamper(r)
         return replies
 
@@ -110,9 +111,13 @@ CASES = [
     (_edit_arrays(_wrong_dtype), "wrong dtype: float32 where the run's payload dtype is float16"),
     (_edit_arrays(_inf), "update holds NaN/Inf"),
     (_edit_arrays(_huge), "update norm "),
-    (_metric("num-examples", None), "num-examples missing, zero or negative"),
-    (_metric("num-examples", -3.0), "num-examples missing, zero or negative"),
-    (_metric("num-examples", float("inf")), "num-examples missing, zero or negative"),
+    (_metric("num-examples", None), "num-examples missing or not a whole number in [1, 2147483647]"),
+    (_metric("num-examples", -3.0), "num-examples missing or not a whole number in [1, 2147483647]"),
+    (_metric("num-examples", float("inf")), "num-examples missing or not a whole number in [1, 2147483647]"),
+    # A fraction was accepted and truncated: 0.5 became an accepted update of weight 0.
+    (_metric("num-examples", 0.5), "num-examples missing or not a whole number in [1, 2147483647]"),
+    (_metric("num-examples", 1.9), "num-examples missing or not a whole number in [1, 2147483647]"),
+    (_metric("num-examples", 1e300), "num-examples missing or not a whole number in [1, 2147483647]"),
     (_metric("train-loss", None), "metric train-loss missing or not a finite number"),
     (_nan_loss, "metric train-loss missing or not a finite number"),
     (_metric("steps", float("nan")), "malformed metrics: 1 not finite numbers (e.g. steps)"),
@@ -191,6 +196,8 @@ def test_all_replies_bad_for_n_rounds_end_the_run_cleanly(tmp_path, data):
     (_metric("num-examples", float("nan")), "evaluate metric num-examples missing or not a finite number"),
     (lambda r: r.content.__setitem__("metrics", MetricRecord({})),
      "evaluate metric num-examples missing or not a finite number"),
+    # 1.9 was summed as 1 and weighted as 1.9: a round Dice above 1 was possible.
+    (_metric("num-examples", 1.9), "evaluate num-examples missing or not a whole number in [1, 2147483647]"),
 ])
 def test_a_malformed_evaluate_reply_is_a_failure_not_a_crash(tmp_path, data, tamper, reason):
     cfg = cfg_for(tmp_path, data)
@@ -209,6 +216,45 @@ def test_a_status_reply_without_a_reason_and_a_garbage_config_are_handled(tmp_pa
     run_federation(TamperingGrid(cfg, 3, tamper=garbage), cfg)
     (record,) = records(tmp_path)
     assert [(f["site"], f["reason"]) for f in record["failures"]] == [("site-0", "unspecified")]
+
+
+def test_every_site_reporting_a_fraction_of_an_example_skips_the_round_without_a_crash(tmp_path, data):
+    # Each count became weight 0: Flower's FedAvg divided by a total weight of 0 and the run failed.
+    cfg = cfg_for(tmp_path, data, rounds=2, max_skipped_rounds=2)
+    from server.server_app import RunFailed
+
+    with pytest.raises(RunFailed, match="no usable site update"):
+        run_federation(TamperingGrid(cfg, 3, tamper=_metric("num-examples", 0.5), sites=(100, 101, 102)), cfg)
+    assert [r["status"] for r in records(tmp_path)] == ["skipped", "skipped"]
+
+
+def test_two_sites_with_one_name_keep_two_rows_in_the_round_record(tmp_path, data):
+    def same_name(reply):
+        reply.content["site"] = ConfigRecord({"name": "data"})
+
+    cfg = cfg_for(tmp_path, data)
+    run_federation(TamperingGrid(cfg, 3, tamper=same_name, kind=None, sites=(100, 101)), cfg)
+    (record,) = records(tmp_path)
+    # Before, both went into one row "data": the record showed 2 sites, half the bytes up.
+    assert sorted(record["sites"]) == ["data", "data (node 101)", "site-2"]
+    assert all(row["num_examples"] > 0 for row in record["sites"].values())
+    assert record["payload_bytes_up"] == sum(row["payload_bytes_up"] for row in record["sites"].values())
+
+
+def test_a_min_replies_no_round_can_reach_is_refused_at_the_start(tmp_path, data):
+    # 3 sites at fraction-train 0.5 sample 2 a round: min-replies 3 skipped every round, after training.
+    cfg = cfg_for(tmp_path, data, fraction_train=0.5, min_replies=3)
+    with pytest.raises(ConfigError, match="'min-replies' = 3 but a round samples 2 site"):
+        run_federation(TamperingGrid(cfg, 3, tamper=lambda r: None), cfg)
+    assert not (tmp_path / "server/runs/checks/rounds.jsonl").exists()
+
+
+@pytest.mark.parametrize("key", ["max-update-norm", "round-timeout", "site-wait-timeout", "lr", "server-lr"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_and_inf_are_refused_for_every_float_key(key, value):
+    # `nan < 0` is False: NaN passed every range check (max-update-norm = nan turned the bound off).
+    with pytest.raises(ConfigError, match=f"'{key}': must be a finite number, got {value}"):
+        FederationConfig.from_run_config({key: float(value)})
 
 
 def test_the_new_keys_are_validated():
