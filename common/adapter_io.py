@@ -19,6 +19,7 @@ checkpoint them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -85,11 +86,39 @@ def adapter_config(model: AdaptedCLIPSeg, state: dict[str, torch.Tensor], extra:
     }
 
 
+# What an adapter folder may hold: its two files and `fedvlsm train`'s record of the training.
+ADAPTER_FOLDER_FILES = frozenset({WEIGHTS_NAME, CONFIG_NAME, "training.json"})
+
+
+def check_adapter_out(out_dir: str | Path) -> None:
+    """Refuse an output folder whose content saving an adapter would destroy.
+
+    An adapter is written as a whole new folder swapped in for the old one (a
+    crash leaves one or the other): anything else in that folder would be
+    deleted with it. So the folder must be new, empty or an adapter folder;
+    not a file, not the current folder (renamed away under the process).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out}: exists and is not a folder; give a new or empty folder for the adapter")
+    if not out.exists():
+        return
+    if os.path.abspath(out) == os.getcwd():
+        raise AdapterFileError(f"{out}: is the current folder; give a subfolder for the adapter (it is "
+                               "written as a new folder that replaces the old one)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ADAPTER_FOLDER_FILES)
+    if foreign:
+        raise AdapterFileError(
+            f"{out}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that are not an adapter's "
+            f"(e.g. {foreign[0]!r}); saving replaces the whole folder, so give a new or empty folder")
+
+
 def save_adapter_state(
     state: dict[str, torch.Tensor], config: dict, out_dir: str | Path
 ) -> Path:
     """Atomically write an adapter folder from a state dict and its config."""
     out = Path(out_dir)
+    check_adapter_out(out)
     bad = nonfinite_summary(state)
     if bad:  # refused before anything is written: the previous adapter (if any) stays in place
         raise AdapterFileError(f"{out}: refusing to save an adapter with non-finite values: {bad}")

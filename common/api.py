@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.adapter_io import load_adapter, read_adapter_config, read_adapter_spec
-from common.atomic import write_json_atomic
+from common.adapter_io import check_adapter_out, load_adapter, read_adapter_config, read_adapter_spec
+from common.atomic import atomic_path, write_json_atomic, write_text_atomic
 from common.adapters import AdapterSpec
 from common.bases import Base, load_base
 from common.config import TrainConfig, resolve_device
@@ -48,6 +48,8 @@ def train_site(
 ) -> FitResult:
     """Train adapters on one site's train split, early-stopped on its val split."""
     cfg = cfg or TrainConfig()
+    if out_dir is not None:  # before any work: a folder saving would wipe is refused now, not after training
+        check_adapter_out(out_dir)
     base = load_base(base) if isinstance(base, str) else base
     # The adapters' initial values come from cfg.seed too (fit seeds only what follows: shuffling,
     # prompt draws); the caller's RNG is left as it was.
@@ -94,20 +96,26 @@ def predict_to_files(
     adapter_dir: str | Path, image_path: str | Path, prompt: str, out_dir: str | Path,
     base: str | Base | None = None, device: str = "auto",
 ) -> tuple[Path, Path]:
-    """Write `mask.png` (0/255) and `overlay.png` (mask in red over the image) to `out_dir`."""
+    """Write `mask.png` (0/255) and `overlay.png` (mask in red over the image) to `out_dir`.
+
+    Each file is written atomically; an earlier prediction's files in `out_dir` are replaced.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # before the model loads
+        raise ValueError(f"{out}: exists and is not a folder; give a folder for mask.png and overlay.png")
     model, base = load_adapted(adapter_dir, base)
     image = read_image(image_path)
     prob = predict(model, base.tokenizer, image, prompt, resolve_device(device))
     mask = (prob > 0.5).astype(np.uint8) * 255
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     overlay = image.astype(np.float32)
     sel = mask > 0
     overlay[sel] = 0.5 * overlay[sel] + 0.5 * np.array([255.0, 0.0, 0.0])
     mask_path, overlay_path = out / "mask.png", out / "overlay.png"
-    Image.fromarray(mask).save(mask_path)
-    Image.fromarray(overlay.astype(np.uint8)).save(overlay_path)
-    (out / "prediction.json").write_text(json.dumps({
+    for path, pixels in ((mask_path, mask), (overlay_path, overlay.astype(np.uint8))):
+        with atomic_path(path) as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
+    write_text_atomic(out / "prediction.json", json.dumps({
         "image": str(Path(image_path).resolve()), "prompt": prompt, "adapter_dir": str(Path(adapter_dir).resolve()),
         "foreground_fraction": float(sel.mean()),
     }, indent=2))

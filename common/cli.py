@@ -219,6 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from common.config import TrainConfig
     from common.evaluate import json_safe
 
+    if args.out and Path(args.out).is_dir():  # before the evaluation, not after it
+        raise ValueError(f"--out {args.out}: is a folder; give a file name for the JSON report")
     cfg = TrainConfig(batch_size=args.batch_size, device=args.device, eval_prompt_index=args.eval_prompt_index)
     result = evaluate_adapter_dir(args.data, args.adapter_dir, split=args.split, cfg=cfg, base=args.base)
     summary = {"data": str(args.data), "split": args.split, "adapter_dir": str(args.adapter_dir),
@@ -250,10 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Known failures (bad data, a damaged or mismatched adapter, a base that
     # cannot load) are one "error:" line and exit 2, never a traceback:
-    # DataError, AdapterStateError and AdapterFileError are ValueErrors.
+    # DataError, AdapterStateError and AdapterFileError are ValueErrors; an
+    # output path that cannot be written (a folder, no permission) is an OSError.
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         return _fail(args, err)
     except RuntimeError as err:
         from common.bases import BaseLoadError

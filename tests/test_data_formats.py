@@ -87,6 +87,24 @@ def test_folder_csv_prompts_rows_in_order_and_mask_column(tmp_path: Path) -> Non
         load_items(root, "test")
 
 
+def test_files_saved_with_a_utf8_bom_read_like_plain_utf8(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with a BOM: the header's first column read as '\ufeffimage'
+    # and the file was refused for a missing column 'image' it visibly had.
+    root = _folder_dataset(tmp_path, ["a.png", "b.png"])
+    (root / "prompts.csv").write_text("image,prompt\na.png,lesion\nb.png,polyp\n", encoding="utf-8-sig")
+    (root / "splits.json").write_text(json.dumps({"train": ["a.png"], "val": ["b.png"]}), encoding="utf-8-sig")
+    assert [(i.id, i.prompts) for i in load_items(root, "train")] == [("a", ["lesion"])]
+    assert [i.id for i in load_items(root, "val")] == ["b"]
+
+
+def test_a_splits_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
+    root = _folder_dataset(tmp_path, ["a.png"])
+    (root / "prompts.json").write_text(json.dumps({"a.png": "lesion"}))
+    (root / "splits.json").write_bytes(b'{"train": ["a.png\xff"]}')
+    with pytest.raises(DataError, match=r"splits\.json: cannot read \('utf-8' codec can't decode"):
+        load_items(root, "train")
+
+
 def test_folder_mask_matched_by_stem_with_other_extension(tmp_path: Path) -> None:
     root = _folder_dataset(tmp_path, ["x.jpg"], mask_ext=".bmp")
     (root / "prompts.json").write_text(json.dumps({"x.jpg": "lesion"}))

@@ -337,7 +337,7 @@ def available_splits(root: str | Path) -> list[str]:
         extra = sorted(file_stem(p) for p in (root / "anns").glob("*.json"))
     elif (root / "splits.json").is_file():
         try:
-            data = json.loads((root / "splits.json").read_text(encoding="utf-8"))
+            data = json.loads((root / "splits.json").read_text(encoding="utf-8-sig"))
         except (OSError, ValueError):
             data = {}  # reported by scan_split
         extra = list(data) if isinstance(data, dict) else []
@@ -422,7 +422,7 @@ def _scan_medvlsm(root: Path, split: str) -> tuple[list[Item], list[Problem]]:
     if not ann.is_file():
         return [], [Problem(ann, "missing-split", f"{ann}: annotation file for split '{split}' not found")]
     try:
-        records = json.loads(ann.read_text(encoding="utf-8"))
+        records = json.loads(ann.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         return [], [Problem(ann, "malformed-annotation", f"{ann}: cannot read ({exc})")]
     except json.JSONDecodeError as exc:
@@ -582,7 +582,7 @@ def _folder_prompts(root: Path) -> tuple[dict[str, list[Prompt] | None] | None, 
 
 def _prompts_json(path: Path) -> tuple[dict[str, list[Prompt] | None] | None, list[Problem]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         return None, [Problem(path, "malformed-prompts", f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}")]
     except (OSError, UnicodeDecodeError) as exc:
@@ -608,7 +608,7 @@ def _prompts_csv(path: Path) -> tuple[dict[str, list[Prompt] | None] | None, dic
     masks: dict[str, str] = {}
     problems: list[Problem] = []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             missing = [c for c in ("image", "prompt") if c not in header]
@@ -663,9 +663,11 @@ def _folder_split_names(root: Path, split: str, images: dict[str, Path]) -> tupl
     if not splits_file.is_file():
         return [n for n in images if hash_split(n) == split], []
     try:
-        data = json.loads(splits_file.read_text(encoding="utf-8"))
+        data = json.loads(splits_file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         return [], [Problem(splits_file, "malformed-prompts", f"{splits_file}: invalid JSON at line {exc.lineno}: {exc.msg}")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [Problem(splits_file, "malformed-prompts", f"{splits_file}: cannot read ({exc})")]
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         return [], [Problem(splits_file, "malformed-prompts", f"{splits_file}: expected {{split: [image names]}}")]
     if split not in data:
