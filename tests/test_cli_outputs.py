@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from common.cli import main
