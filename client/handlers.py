@@ -35,7 +35,7 @@ import traceback
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 import psutil
@@ -251,6 +251,8 @@ def train(msg: Message, context: Context) -> Message:
             except BudgetExhausted as err:
                 raise SiteRefusal(err.reason) from err
             privacy = report.as_metrics()
+            log(INFO, "[fedvlsm site] round %s: DP-SGD train loss %.4f, epsilon %.3f (kept at this site)",
+                server_round, result.train_loss, report.epsilon)
         else:
             result = fit(
                 model,
@@ -275,7 +277,9 @@ def train(msg: Message, context: Context) -> Message:
     wire = encode_update(update, cfg.payload_dtype, seed=seed)
     metrics = {
         "num-examples": result.num_examples,
-        "train-loss": result.train_loss,
+        # Sample-level DP: the training loss is a figure of the private images with no noise in it
+        # (the accountant covers the update only), so it stays home, in the site's log.
+        **({} if cfg.dp == "sample" else {"train-loss": result.train_loss}),
         "train-seconds": result.seconds,
         "steps": result.steps,
         "payload-bytes-down": bytes_down,

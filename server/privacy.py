@@ -38,8 +38,10 @@ round, which must not change during the run (Flower refuses otherwise).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from common.atomic import write_json_atomic
 from common.federation_config import ConfigError, FederationConfig
 from common.privacy import clip_for_wire, clip_update_fp32, update_norm  # noqa: F401  (re-exported)
 
@@ -206,6 +209,45 @@ def server_budget_check(strategy: Strategy) -> tuple[bool, str]:
     spent = acc.get_privacy_spent()
     return False, (f"privacy budget: epsilon {spent.epsilon:.3f} (delta {spent.delta:g}) after "
                    f"{spent.num_releases} round(s); one more would exceed dp-epsilon-budget {acc.config.max_epsilon:g}")
+
+
+# <run dir>/privacy_journal.json: the client-level accountant after the last noised global made,
+# written (atomically) before any message carries that global to a site.
+JOURNAL_FILE = "privacy_journal.json"
+
+
+def journal_release(strategy: Strategy, run_dir: Path, server_round: int) -> None:
+    """Record the accountant with this round's release composed, before the release leaves the server.
+
+    The round checkpoint holds the accountant too, but it is written after
+    the round (write-behind): a crash after the noised global went out in
+    evaluate messages would resume from the previous checkpoint, run the
+    round again with fresh noise and count two releases as one.
+    """
+    write_json_atomic(Path(run_dir) / JOURNAL_FILE, {"round": server_round, "accountant": accountant_state(strategy)})
+
+
+def carry_privacy_journal(strategy: Strategy, run_dir: Path) -> str | None:
+    """Continue from the journal where it counts more releases than the accountant has (a resume
+    from a checkpoint older than the last release, or a new attempt after a crash in round 1).
+
+    Returns what was done, for the log; None when the accountant already counts them all.
+    """
+    path = Path(run_dir) / JOURNAL_FILE
+    acc = _accountant(strategy)
+    if acc is None or not path.is_file():
+        return None
+    before, checkpointed = acc.num_releases, acc.state_dict()
+    try:
+        acc.load_state_dict(json.loads(path.read_text())["accountant"])  # validates before it changes anything
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: the client-level privacy journal cannot be used ({type(err).__name__}: {err}); "
+                          "the run's epsilon would be undercounted: start a new run-name") from None
+    if acc.num_releases <= before:
+        acc.load_state_dict(checkpointed)
+        return None
+    return (f"privacy journal: {acc.num_releases} noised globals sent so far (the checkpoint counted {before}); "
+            f"epsilon continues from {acc.get_privacy_spent().epsilon:.3f}")
 
 
 def accountant_state(strategy: Strategy) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ same loop with its own hooks (server/hooks.py).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -60,7 +61,7 @@ from common.payload import (
 )
 from common.privacy import PrivacyReport, clip_update_fp32, update_norm
 from server.hooks import RunHooks
-from server.privacy import server_budget_check, server_epsilon
+from server.privacy import carry_privacy_journal, journal_release, server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
 from server.run_records import RunRecords
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
@@ -133,6 +134,15 @@ def _run(
         restore_strategy_state(strategy, checkpoint.strategy_arrays, checkpoint.state["strategy"])
         say(f"resumed after round {start_round - 1} from {records.run_dir / 'checkpoints'}")
 
+    on_release: Callable[[int], None] | None = None
+    if cfg.dp == "client":
+        # A noised global that reached a site is a release, whether or not its round completes:
+        # journal each one before it is sent, and count every one a crashed attempt sent.
+        carried = carry_privacy_journal(strategy, records.run_dir)
+        if carried:
+            say(carried)
+        on_release = functools.partial(journal_release, strategy, records.run_dir)
+
     names = SiteNames()
     skipped_in_a_row = 0
     ended_early = ""
@@ -149,7 +159,7 @@ def _run(
                     say(f"stopping before round {server_round}: {why}")
                     break
             global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
-                                                     names, ahead, since=round_end)
+                                                     names, ahead, since=round_end, on_release=on_release)
             # The next round's clock starts here: what the server does until
             # then (the strategy's state, the copies handed to the writer) is in its time.
             round_end = time.perf_counter()
@@ -316,6 +326,7 @@ def run_round(
     names: SiteNames | None = None,
     ahead: TrainAhead | None = None,
     since: float | None = None,
+    on_release: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
     """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
 
@@ -324,6 +335,8 @@ def run_round(
     strategy's state, the copies handed to the writer) is in the next round's time, also
     when its train messages were pushed earlier (`ahead`, see
     `pushes_ahead`). `train_seconds` is this call's train phase.
+    `on_release(round)`: called once the new global exists and before any
+    message carries it to a site (client-level DP journals its release there).
     """
     names = names or SiteNames()
     start = time.perf_counter()
@@ -339,7 +352,7 @@ def run_round(
     # A stable reply order makes float sums (and so resumed runs) reproducible.
     accepted.sort(key=lambda checked: names.of(checked[0]))
     ok = [reply for reply, _, _ in accepted]
-    sites = {names.of(reply): _train_row(reply, wire, down) for reply, _, wire in accepted}
+    sites = {names.of(reply): _train_row(reply, wire, down, cfg) for reply, _, wire in accepted}
     for reply, update, _ in accepted:
         # Sites send updates (local - global), decoded once by the checks;
         # Flower's strategies (and DP wrappers) aggregate weights: hand them
@@ -351,9 +364,12 @@ def run_round(
             # the norm a hair: enforce the bound the accountant assumes, in fp32.
             update = clip_update_fp32(update, cfg.dp_clip_norm)
         m = reply.content[Rec.METRICS]
+        kept = {"num-examples": int(m["num-examples"])}
+        if cfg.dp != "sample":
+            kept["train-loss"] = float(m["train-loss"])
         reply.content = RecordDict({
             Rec.ARRAYS: to_record({k: global_arrays[k] + update[k] for k in global_arrays}),
-            Rec.METRICS: MetricRecord({"num-examples": int(m["num-examples"]), "train-loss": float(m["train-loss"])}),
+            Rec.METRICS: MetricRecord(kept),
         })
     skip_reason = ""
     if not ok:
@@ -371,6 +387,8 @@ def run_round(
         if aggregated is not None else global_arrays
     )
     train_seconds = time.perf_counter() - start
+    if aggregated is not None and on_release is not None:
+        on_release(server_round)
 
     eval_replies: list[Message] = []
     next_ahead: TrainAhead | None = None
@@ -419,7 +437,7 @@ def run_round(
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if cfg.dp == "sample":
-        spent = [s["epsilon"] for s in sites.values() if "epsilon" in s]
+        spent = [s["epsilon"] for s in [*sites.values(), *excluded] if math.isfinite(s.get("epsilon", math.nan))]
         record["epsilon_max"] = max(spent) if spent else None
         record["delta"] = cfg.dp_delta
     elif cfg.dp == "client":
@@ -577,8 +595,11 @@ def _check_train_replies(
             reason = str(err)
         except Exception as err:  # noqa: BLE001 - a reply must never be able to end the run
             reason = f"malformed reply ({type(err).__name__})"
-        excluded.append(_site_event(names.of(reply), reply.metadata.src_node_id, "train", reason,
-                                    "train reply excluded"))
+        event = _site_event(names.of(reply), reply.metadata.src_node_id, "train", reason, "train reply excluded")
+        # A DP site whose update is excluded still spent budget on it: its epsilon stays in the record.
+        metrics = reply.content.metric_records.get(Rec.METRICS) if reply.has_content() else None
+        event.update(privacy_record(metrics) if metrics is not None else {})
+        excluded.append(event)
     return accepted, excluded
 
 
@@ -621,8 +642,9 @@ def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: F
     (personal parts must never arrive; int8 adds one `<name>@scale` each);
     each tensor's dtype = the run's payload dtype and shape = the global
     tensor's; int8 scales valid; all values finite; the update's L2 norm
-    (fp32) <= `max-update-norm` (0: off); `num-examples` a finite number > 0;
-    every metric a finite number (`train-loss` required).
+    (fp32) <= `max-update-norm` (0: off); `num-examples` a whole number in
+    [1, MAX_EXAMPLES]; every metric a finite number (`train-loss` required,
+    except under sample-level DP, where sites send none).
     """
     content = reply.content
     if (list(content.array_records) != [Rec.ARRAYS] or list(content.metric_records) != [Rec.METRICS]):
@@ -665,7 +687,7 @@ def accepted_update(reply: Message, global_arrays: dict[str, np.ndarray], cfg: F
     metrics = content[Rec.METRICS]
     if not _example_count(metrics.get("num-examples")):
         raise ReplyRejected(NUM_EXAMPLES_REASON)
-    for key in TRAIN_METRICS:
+    for key in TRAIN_METRICS if cfg.dp != "sample" else ():  # sample-level DP: no train-loss (see _train_row)
         if key not in metrics or not _finite_number(metrics[key]):
             raise ReplyRejected(f"metric {key} missing or not a finite number")
     bad = [k for k, v in metrics.items() if not (_finite_number(v) or (
@@ -774,14 +796,16 @@ def _put_on_wire(messages: list[Message], dtype: str) -> dict[int, int]:
     return sent
 
 
-def _train_row(reply: Message, wire: dict[str, np.ndarray], down: dict[int, int]) -> dict[str, Any]:
+def _train_row(reply: Message, wire: dict[str, np.ndarray], down: dict[int, int],
+               cfg: FederationConfig) -> dict[str, Any]:
     """Per-site record of an accepted train reply (`wire`: its arrays as the checks decoded them)."""
     names = set(wire)
     m = reply.content[Rec.METRICS]
     return {
         "node_id": reply.metadata.src_node_id,
         "num_examples": int(m["num-examples"]),
-        "train_loss": m["train-loss"],
+        # Sample-level DP: a training loss is an un-noised figure of the private images; sites send none.
+        "train_loss": None if cfg.dp == "sample" else m["train-loss"],
         "train_seconds": m.get("train-seconds"),
         "payload_bytes_up": payload_bytes(wire),
         "payload_bytes_down": down.get(reply.metadata.src_node_id, 0),
@@ -808,7 +832,10 @@ def _train_row(reply: Message, wire: dict[str, np.ndarray], down: dict[int, int]
 
 def privacy_record(metrics: Any) -> dict[str, Any]:
     """epsilon, delta, dp_steps, dp_sample_rate, dp_noise_multiplier of a DP site's reply ({} otherwise)."""
-    report = PrivacyReport.from_metrics(dict(metrics))
+    try:
+        report = PrivacyReport.from_metrics(dict(metrics))
+    except (TypeError, ValueError):  # a list where a number belongs: nothing to keep (never a crash)
+        return {}
     return report.as_record() if report is not None else {}
 
 
@@ -817,7 +844,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _weighted_train_loss(sites: dict[str, dict[str, Any]]) -> float:
-    rows = [s for s in sites.values() if "num_examples" in s]
+    rows = [s for s in sites.values() if "num_examples" in s and s["train_loss"] is not None]
     n = sum(s["num_examples"] for s in rows)
     return sum(s["train_loss"] * s["num_examples"] for s in rows) / n if n else float("nan")
 

@@ -7,6 +7,7 @@ The ServerApp's loop and the ClientApp's handlers, through fed_harness.InProcess
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -149,3 +150,77 @@ def test_a_sites_compile_choice_is_logged_as_not_applying_to_dp_sgd(data, tmp_pa
     assert [r["status"] for r in rounds_of(tmp_path)] == ["ok"]
     said = [m for m in records if "compile=cuda-graph does not apply to DP-SGD" in m]
     assert len(said) == 2  # one per site
+
+
+class SpyGrid(InProcessGrid):
+    """Keeps every train reply's metric keys as the server receives them."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.train_metric_keys: list[set[str]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.train_metric_keys += [set(r.content["metrics"].keys()) for r in replies
+                                   if r.metadata.message_type == "train" and r.has_content()]
+        return replies
+
+
+def test_sample_level_dp_sites_send_no_training_loss(data, tmp_path):
+    # The loss over the drawn training images has no noise in it (the accountant covers the update only):
+    # it was sent and recorded per site every round.
+    cfg = cfg_for(data, tmp_path, rounds=1, dp="sample", dp_noise_multiplier=1.0)
+    grid = SpyGrid(cfg, 2)
+    run_federation(grid, cfg)
+    assert len(grid.train_metric_keys) == 2
+    assert all("train-loss" not in keys and "dp-epsilon" in keys for keys in grid.train_metric_keys)
+    (record,) = rounds_of(tmp_path)
+    assert record["status"] == "ok" and math.isnan(record["train_loss"])  # no figure, as for a skipped round
+    assert all(site["train_loss"] is None and site["epsilon"] > 0 for site in record["sites"].values())
+
+
+def test_an_excluded_dp_reply_keeps_its_sites_epsilon_in_the_record(data, tmp_path):
+    # Both updates are over max-update-norm: excluded, but each site spent budget on its round.
+    cfg = cfg_for(data, tmp_path, rounds=1, max_skipped_rounds=1, dp="sample", dp_noise_multiplier=1.0,
+                  max_update_norm=1e-9)
+    from server.server_app import RunFailed
+
+    with pytest.raises(RunFailed):
+        run_federation(InProcessGrid(cfg, 2), cfg)
+    (record,) = rounds_of(tmp_path)
+    assert record["status"] == "skipped" and len(record["excluded"]) == 2
+    assert all(e["epsilon"] > 0 for e in record["excluded"])
+    assert record["epsilon_max"] == max(e["epsilon"] for e in record["excluded"])  # was None
+
+
+class CrashAfterReleaseGrid(InProcessGrid):
+    """The server dies once round `crash_round`'s evaluate messages (carrying its noised global) were delivered."""
+
+    def __init__(self, *a, crash_round=None, **kw):
+        super().__init__(*a, **kw)
+        self.crash_round, self.noised_globals = crash_round, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        evaluate = [m for m in messages if m.metadata.message_type == "evaluate"]
+        if evaluate:
+            self.noised_globals += 1
+            if int(evaluate[0].content["config"]["server-round"]) == self.crash_round:
+                raise RuntimeError("server host lost power")
+        return replies
+
+
+def test_a_client_level_release_sent_before_a_crash_is_counted_after_the_resume(data, tmp_path):
+    # Round 2's noised global reached the sites, then the server died before round 2's checkpoint. The
+    # resume runs round 2 again with fresh noise: three releases in all. The accountant came back from
+    # round 1's checkpoint and counted two.
+    cfg = cfg_for(data, tmp_path, rounds=2, dp="client", dp_noise_multiplier=2.0, dp_clip_norm=1e-3)
+    first = CrashAfterReleaseGrid(cfg, 2, crash_round=2)
+    with pytest.raises(RuntimeError, match="lost power"):
+        run_federation(first, cfg)
+    resumed = cfg_for(data, tmp_path, rounds=2, dp="client", dp_noise_multiplier=2.0, dp_clip_norm=1e-3, resume=True)
+    second = CrashAfterReleaseGrid(resumed, 2)
+    run_federation(second, resumed)
+    assert first.noised_globals + second.noised_globals == 3
+    assert rounds_of(tmp_path)[-1]["epsilon_server"] == pytest.approx(compute_epsilon([(2.0, 1.0, 3)], 1e-5),
+                                                                    rel=0.01)
