@@ -65,6 +65,7 @@ from common.payload import (
     to_torch,
     update_of,
 )
+from common.site_policy import SitePolicy, SitePolicyError
 from common.site_errors import SiteRefusal, public_reason
 from common.train import fit
 
@@ -221,10 +222,23 @@ def _bump_rounds_trained(context: Context) -> int:
     return int(record["rounds-trained"])
 
 
+def _site_policy(context: Context) -> SitePolicy:
+    """The site's own privacy terms from its node config (common/site_policy.py)."""
+    try:
+        return SitePolicy.from_node_config(context.node_config)
+    except SitePolicyError as err:
+        raise SiteRefusal("site config: a privacy setting is not usable", str(err)) from err
+
+
 @served("train")
 def train(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
+    policy = _site_policy(context)
+    if policy.demands_dp and cfg.dp != "sample":
+        raise SiteRefusal("site policy: this site trains only with dp = 'sample'",
+                          f"the run asks for dp = {cfg.dp!r}; this site's node config sets dp-require or "
+                          "dp-site-budget, so it sends no update that is not sample-level DP")
     shared_in, bytes_down = _received(msg)
     with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round)) as model:
         # The update's reference: the shared adapter this site starts from (the
@@ -247,7 +261,7 @@ def train(msg: Message, context: Context) -> Message:
             try:
                 result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
                                              site_state_path(site.site_dir, run_name), server_round=server_round,
-                                             prox_reference=shared_in if mu > 0 else None)
+                                             prox_reference=shared_in if mu > 0 else None, policy=policy)
             except BudgetExhausted as err:
                 raise SiteRefusal(err.reason) from err
             privacy = report.as_metrics()

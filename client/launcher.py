@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import COMPILE_MODES
+from common.site_policy import NODE_DP_REQUIRE, NODE_DP_SITE_BUDGET, NODE_DP_SITE_DELTA, SitePolicy, SitePolicyError
 
 if TYPE_CHECKING:  # imported where used: this module stays light for the CLI
     import psutil
@@ -87,6 +89,12 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rejoin-wait", type=float, default=REJOIN_WAIT_S,
                    help="seconds to keep retrying when the SuperLink refuses to activate this site's SuperNode "
                         "(a crashed instance of the same site stays 'online' for up to 60 s), then exit 1")
+    s.add_argument("--dp-require", action="store_true",
+                   help="train only for runs with sample-level DP (dp = 'sample'); refuse every other train message")
+    s.add_argument("--dp-site-budget", type=float, default=0.0,
+                   help="this site's own epsilon limit over ALL runs on its data together (DP-SGD steps of every "
+                        "run composed); implies --dp-require; 0: none (each run's dp-epsilon-budget only)")
+    s.add_argument("--dp-site-delta", type=float, default=1e-5, help="the delta of --dp-site-budget")
     s.set_defaults(func=cmd_site_start)
 
 
@@ -151,6 +159,17 @@ def supernode_command(args: argparse.Namespace, node_config: dict[str, str], por
     return cmd
 
 
+def _policy_node_config(args: argparse.Namespace) -> dict[str, str]:
+    """The site's privacy terms as node-config entries (only those set: the defaults are the handler's)."""
+    out = {}
+    if args.dp_require:
+        out[NODE_DP_REQUIRE] = "true"
+    if args.dp_site_budget:
+        out[NODE_DP_SITE_BUDGET] = repr(float(args.dp_site_budget))
+        out[NODE_DP_SITE_DELTA] = repr(float(args.dp_site_delta))
+    return out
+
+
 def _check_args(args: argparse.Namespace) -> str | None:
     if args.insecure and (args.root_certificates or args.auth_key):
         return "--insecure turns TLS off, and site authentication needs TLS: drop --insecure"
@@ -164,6 +183,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--data: {args.data} is not a folder"
     if ":" not in args.superlink:
         return f"--superlink: expected HOST:PORT, got {args.superlink!r}"
+    try:
+        SitePolicy.from_node_config(_policy_node_config(args))
+    except SitePolicyError as err:
+        return re.sub(r"node config '([a-z-]+)'", r"--\1", str(err))  # the option, as the user typed it
     if args.compile not in ("", "off"):  # said here, before anything starts (the worker checks it too)
         from client.worker import compile_problem
 
@@ -186,7 +209,7 @@ class Site:
         self.args = args
         self.port = args.port or _free_port()
         self.node_config = {"data-path": str(data), "site-name": self.name, "site-dir": str(self.site_dir),
-                            "worker": f"unix:{self.socket}"}
+                            "worker": f"unix:{self.socket}", **_policy_node_config(args)}
         self.worker: subprocess.Popen | None = None
         self.supernode: subprocess.Popen | None = None
         self.restarts = 0

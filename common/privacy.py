@@ -37,7 +37,11 @@ Design (each point is a test in tests/test_privacy.py):
   never forget. Epsilon is composed over every step of every round in the
   state (Opacus RDP or PRV accountant, history ``[(z, q, steps), ...]``).
 - Budget: a round whose steps would take epsilon past ``epsilon_budget``
-  is refused before training (``BudgetExhausted``).
+  is refused before training (``BudgetExhausted``). That budget is the
+  run's (the server's); a site's own ``SitePolicy.budget``
+  (common/site_policy.py) bounds all its runs together: every state file in
+  its ``privacy/`` folder composed with RDP (``within_site_budget``), checked
+  and charged under a file lock.
 - ``target_epsilon``: z is calibrated once, at the site's first round, for
   ``planned_rounds x epochs x steps-per-epoch`` steps (Opacus
   ``get_noise_multiplier``: the planned run ends at or just below the
@@ -59,6 +63,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -72,6 +78,7 @@ from common.config import TrainConfig, resolve_device
 from common.data.dataset import collate_fn
 from common.evaluate import make_loss
 from common.model import AdaptedCLIPSeg
+from common.site_policy import SitePolicy
 
 STATE_VERSION = 1
 ACCOUNTANTS = ("rdp", "prv")
@@ -275,6 +282,41 @@ class SiteAccountantState:
         )
 
 
+# ------------------------------------------------------- the site's own terms (common/site_policy.py)
+def ledger_history(privacy_dir: str | Path, exclude: str | Path | None = None) -> list[tuple[float, float, int]]:
+    """Every DP-SGD step this site took, over all runs: the histories of `privacy_dir`'s state files.
+
+    A state that cannot be read is an error, not a gap (it would undercount).
+    """
+    out: list[tuple[float, float, int]] = []
+    skip = Path(exclude).resolve() if exclude is not None else None
+    for path in sorted(Path(privacy_dir).glob("*.json")):
+        if path.name.startswith(".") or path.resolve() == skip:
+            continue
+        try:
+            out += SiteAccountantState.load(path).history
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PrivacyError(f"{path}: this site's privacy state cannot be read ({type(err).__name__}); "
+                               "the site's total epsilon would be undercounted") from None
+    return out
+
+
+@contextmanager
+def ledger_lock(privacy_dir: str | Path) -> Iterator[None]:
+    """One process at a time checks and charges this site's budget (two runs at once cannot both
+    pass a check that only one of them fits)."""
+    import fcntl
+
+    folder = Path(privacy_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def site_state_path(site_dir: str | Path, run_name: str) -> Path:
     """Where a site keeps its accountant for a run: ``<site-dir>/privacy/<run-name>.json``."""
     if not run_name:
@@ -325,6 +367,18 @@ def can_train_round(state: SiteAccountantState, steps_this_round: int, budget: f
     return False, (f"privacy budget: epsilon {state.epsilon():.3f} after {state.steps} DP-SGD steps; "
                    f"this round ({steps_this_round} steps) would reach {after:.3f} > budget {budget:g} "
                    f"(delta {state.delta:g}); site stops training")
+
+
+def within_site_budget(policy: SitePolicy, state_path: Path, state: SiteAccountantState, sample_rate: float,
+                       steps: int) -> tuple[bool, str]:
+    """(True, "") if this round keeps the epsilon of all the site's runs within its own budget."""
+    history = ledger_history(state_path.parent, exclude=state_path) + state.history
+    after = compute_epsilon(history + [(state.noise_multiplier, sample_rate, int(steps))], policy.delta, "rdp")
+    if after <= policy.budget:
+        return True, ""
+    return False, (f"privacy budget: this round would take the epsilon of all this site's runs to "
+                   f"{after:.3f} > its dp-site-budget {policy.budget:g} (delta {policy.delta:g}); site stops "
+                   "training")
 
 
 # -------------------------------------------------------------------- training
@@ -436,6 +490,7 @@ def fit_private(
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     rng_seed: int | None = None,
     physical_batch: int | None = None,
+    policy: SitePolicy | None = None,
 ) -> tuple[Any, PrivacyReport]:
     """One round of sample-level DP-SGD at a site; returns (FitResult, PrivacyReport).
 
@@ -448,10 +503,12 @@ def fit_private(
     batch_size); a Poisson draw is split into such chunks, noise is added
     once per draw (memory only: the privacy accounting is the same).
     `rng_seed`: tests only (default: fresh from os.urandom).
+    `policy`: the site's own terms; with a `budget`, the round must also keep
+    the epsilon of all this site's runs together within it.
 
     Raises BudgetExhausted before reading any image if this round would
-    exceed `dp.epsilon_budget`; PrivacyError for an unsupported variant or a
-    state made with another accountant/delta.
+    exceed `dp.epsilon_budget` or the site's budget; PrivacyError for an
+    unsupported variant or a state made with another accountant/delta.
     """
     from common.train import FitResult, seed_everything
 
@@ -467,12 +524,18 @@ def fit_private(
     q, steps_per_epoch = sample_rate_and_steps(n, train_cfg.batch_size)
     round_steps = train_cfg.epochs * steps_per_epoch
 
-    state = open_state(state_path, dp, n, train_cfg.batch_size, train_cfg.epochs)
-    ok, reason = can_train_round(state, round_steps, dp.epsilon_budget, q)
-    if not ok:
-        raise BudgetExhausted(reason, state.report())
-    state.reserve(q, round_steps, server_round)
-    state.save(state_path)  # charged before any image is read: a crash can only over-count
+    state_path = Path(state_path)
+    with ledger_lock(state_path.parent):
+        state = open_state(state_path, dp, n, train_cfg.batch_size, train_cfg.epochs)
+        ok, reason = can_train_round(state, round_steps, dp.epsilon_budget, q)
+        if not ok:
+            raise BudgetExhausted(reason, state.report())
+        if policy is not None and policy.budget > 0:
+            ok, reason = within_site_budget(policy, state_path, state, q, round_steps)
+            if not ok:
+                raise BudgetExhausted(reason, state.report())
+        state.reserve(q, round_steps, server_round)
+        state.save(state_path)  # charged before any image is read: a crash can only over-count
 
     seed_everything(train_cfg.seed)
     seed = rng_seed if rng_seed is not None else int.from_bytes(os.urandom(8), "little")

@@ -176,7 +176,8 @@ def _run(
             if record["status"] == "skipped" and _all_out_of_budget(record):
                 # Sample-level budgets: no site may train any more. Data is never
                 # used past its budget; the run ends cleanly with what it has.
-                ended_early = "privacy budget: every site has spent its dp-epsilon-budget"
+                ended_early = ("privacy budget: every site has spent its budget (the run's dp-epsilon-budget "
+                               "or its own dp-site-budget)")
                 writer.wait()  # this round's line first
                 say(f"stopping after round {server_round}: {ended_early}")
                 break

@@ -1,0 +1,116 @@
+"""A site's own privacy terms (node config, set by the hospital): what a server cannot switch off.
+
+Before them a site's budget was per run and decided by the server: a new
+run-name gave the same images a fresh budget, and `dp = "off"` trained with
+no noise at all. The real round loop and handlers (fed_harness.InProcessGrid).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.launcher import _check_args, _policy_node_config
+from common.data import synthesize
+from common.federation_config import FederationConfig
+from common.privacy import compute_epsilon, sample_rate_and_steps
+from common.site_policy import SitePolicy, SitePolicyError
+from fed_harness import InProcessGrid
+from server.server_app import RunFailed, run_federation
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policy-data")
+    synthesize(root, sites=2, per_site=9, seed=0, image_size=64)
+    return root
+
+
+def cfg_for(data, home, run_name, **kw) -> FederationConfig:
+    values = {"base": "arch:tiny", "adapter": "shallow-vlc", "data": str(data), "home": str(home), "rounds": 1,
+              "local_epochs": 1, "batch_size": 2, "compare": False, "lr": 0.01, "run_name": run_name, **kw}
+    return FederationConfig(**values)
+
+
+def grid_with(cfg, policy: dict) -> InProcessGrid:
+    return InProcessGrid(cfg, 2, node_configs=[{"partition-id": k, "num-partitions": 2, **policy} for k in range(2)])
+
+
+def records(home, run_name) -> list[dict]:
+    return [json.loads(x) for x in (home / "runs" / run_name / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_a_site_that_requires_dp_refuses_a_run_without_it(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, "plain", max_skipped_rounds=1)
+    with pytest.raises(RunFailed):
+        run_federation(grid_with(cfg, {"dp-require": "true"}), cfg)
+    (record,) = records(tmp_path, "plain")
+    assert record["status"] == "skipped" and record["sites"] == {}
+    assert [f["reason"] for f in record["failures"]] == ["site policy: this site trains only with dp = 'sample'"] * 2
+
+
+def test_the_sites_own_budget_holds_across_runs_the_server_starts(data, tmp_path):
+    # Run A spends one round of DP-SGD. Run B has a fresh run budget (its own dp-epsilon-budget is
+    # generous), but the site's budget admits only 1.5 rounds over both runs: B's round is refused
+    # before training and B ends cleanly. Before, B trained: its accountant started from zero.
+    from client.site import Site
+
+    probe = cfg_for(data, tmp_path, "a")
+    n_train = len(Site(probe, {"partition-id": 0, "num-partitions": 2}).items("train"))
+    q, steps = sample_rate_and_steps(n_train, 2)
+    one, two = (compute_epsilon([(1.0, q, steps * k)], 1e-5) for k in (1, 2))
+    policy = {"dp-site-budget": (one + two) / 2, "dp-site-delta": 1e-5}
+    dp = {"dp": "sample", "dp_noise_multiplier": 1.0, "dp_epsilon_budget": 100.0}
+
+    cfg_a = cfg_for(data, tmp_path, "a", **dp)
+    run_federation(grid_with(cfg_a, policy), cfg_a)
+    assert records(tmp_path, "a")[0]["status"] == "ok"
+
+    cfg_b = cfg_for(data, tmp_path, "b", **dp)
+    summary = run_federation(grid_with(cfg_b, policy), cfg_b)
+    (record,) = records(tmp_path, "b")
+    assert record["sites"] == {} and len(record["failures"]) == 2
+    assert all(f["reason"].startswith("privacy budget: this round would take the epsilon of all this site's runs")
+               for f in record["failures"])
+    assert summary["ended_early"].startswith("privacy budget")
+    # Nothing was charged for the refused round: each site's run-B state is as it was (none at all).
+    assert not list((tmp_path / "sites").rglob("privacy/b.json"))
+
+    # Without the site's budget the same run trains (the run's own budget allows it).
+    cfg_c = cfg_for(data, tmp_path, "c", **dp)
+    run_federation(grid_with(cfg_c, {}), cfg_c)
+    assert records(tmp_path, "c")[0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"dp-require": "maybe"}, "node config 'dp-require': expected true or false"),
+    ({"dp-site-budget": "lots"}, "node config 'dp-site-budget': expected a number"),
+    ({"dp-site-budget": -1.0}, "node config 'dp-site-budget': must be a finite epsilon >= 0"),
+    ({"dp-site-budget": float("inf")}, "node config 'dp-site-budget': must be a finite epsilon >= 0"),
+    ({"dp-site-budget": 3.0, "dp-site-delta": 1.0}, "node config 'dp-site-delta': must be in \\(0, 1\\)"),
+])
+def test_unusable_policy_values_are_refused_naming_the_key(config, message):
+    with pytest.raises(SitePolicyError, match=message):
+        SitePolicy.from_node_config(config)
+
+
+def test_site_start_puts_the_policy_in_the_node_config_and_checks_it_first(tmp_path):
+    from common.cli import build_parser
+
+    def args(*extra):
+        return build_parser().parse_args(["site", "start", "--superlink", "x:9092", "--data", str(tmp_path),
+                                          "--insecure", *extra])
+
+    assert _policy_node_config(args()) == {}
+    node_config = _policy_node_config(args("--dp-site-budget", "4", "--dp-site-delta", "1e-6"))
+    assert SitePolicy.from_node_config(node_config) == SitePolicy(False, 4.0, 1e-6)
+    assert SitePolicy.from_node_config(_policy_node_config(args("--dp-require"))).demands_dp
+    assert _check_args(args("--dp-site-budget", "-2")) == \
+        "--dp-site-budget: must be a finite epsilon >= 0 (0: none), got -2.0"
