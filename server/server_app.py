@@ -119,8 +119,8 @@ def _run(
     counts = model.parameter_counts()
     say(f"adapter tensors: {len(shared)} shared, {len(personal)} personal; trainable parameters "
         f"{counts['trainable']:,} of {counts['total']:,}")
-    records.set_meta({"trainable_parameters": counts["trainable"],
-                      "base_parameters": sum(p.numel() for p in frozen.model.parameters())})
+    base_parameters = sum(p.numel() for p in frozen.model.parameters())  # the frozen base alone
+    records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters})
     global_arrays = {k: v.float().numpy() for k, v in shared.items()}
     meta = adapter_config(model, shared, extra={"personal": list(cfg.personal), "shared_only": bool(personal)})
 
@@ -202,7 +202,7 @@ def _run(
         "payload_bytes_up": sum(r["payload_bytes_up"] for r in rounds),
         "payload_bytes_down": sum(r["payload_bytes_down"] for r in rounds),
         "trainable_parameters": counts["trainable"],
-        "base_parameters": counts["total"],
+        "base_parameters": base_parameters,
         "personal_tensors_kept_at_sites": sorted(personal),
         "config_fingerprint": cfg.fingerprint(),
         "ended_early": ended_early,
@@ -392,6 +392,7 @@ def run_round(
         on_release(server_round)
 
     eval_replies: list[Message] = []
+    eval_down: dict[int, int] = {}
     next_ahead: TrainAhead | None = None
     if status == "ok":
         fit_minimums_to_connected(strategy, grid, cfg)
@@ -430,7 +431,8 @@ def run_round(
         "train_loss": _weighted_train_loss(sites),
         "sites": dict(sorted(sites.items())),
         "payload_bytes_up": sum(s.get("payload_bytes_up", 0) for s in sites.values()),
-        "payload_bytes_down": sum(s.get("payload_bytes_down", 0) for s in sites.values()),
+        # Every message sent, also to sites that then failed or were excluded (their rows are not in `sites`).
+        "payload_bytes_down": sum(down.values()) + sum(eval_down.values()),
         "failures": failures,
         "excluded": excluded,
         "train_seconds": train_seconds,

@@ -74,7 +74,12 @@ def test_run_directory_records_every_round(data, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
     for ck in ("checkpoints/round-0002", "final"):
         assert (run_dir / ck / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((run_dir / "final" / "summary.json").read_text())["rounds"] == 2
+    saved = json.loads((run_dir / "final" / "summary.json").read_text())
+    assert saved["rounds"] == 2
+    # The frozen base alone (it held base + adapters, unlike the run store's figure).
+    from common.bases import load_base
+
+    assert saved["base_parameters"] == sum(p.numel() for p in load_base("arch:tiny").model.parameters())
 
 
 def test_personal_parts_never_reach_the_server(data, tmp_path):

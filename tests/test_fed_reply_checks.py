@@ -144,6 +144,8 @@ def test_each_kind_of_bad_train_reply_is_excluded_and_the_rest_aggregated(tmp_pa
     run_federation(TamperingGrid(cfg, 3, tamper=tamper), cfg)
     (record,) = records(tmp_path)
     assert record["status"] == "ok"
+    # Every message counts down, the excluded site's train message too (it was left out: 5 of 6).
+    assert record["payload_bytes_down"] == 3 * record["sites"]["site-1"]["payload_bytes_down"]
     if reason is None:
         assert record["excluded"] == [] and record["sites"]["site-0"]["base_loads"] is None
         return
