@@ -52,6 +52,19 @@ def test_unused_images_are_a_counted_warning_that_does_not_stop_training(tmp_pat
     assert "unused-images (warning)" in out and "1 warning(s)" in out
 
 
+def test_an_image_a_split_lists_without_a_prompt_is_an_error_not_also_unused(tmp_path: Path) -> None:
+    # It was reported twice, contradicting itself: no-prompt and "in no split".
+    root = tmp_path / "d"
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        image, mask = square_pair()
+        write_png(root / "images" / name, image)
+        write_png(root / "masks" / name, mask)
+    (root / "prompts.json").write_text(json.dumps({"a.png": "lesion", "b.png": "lesion", "d.png": "lesion"}))
+    (root / "splits.json").write_text(json.dumps({"train": ["a.png", "c.png"], "val": ["b.png"], "test": ["d.png"]}))
+    problems = check_dataset(root)
+    assert [(p.kind, p.path.name) for p in problems] == [("no-prompt", "c.png")]
+
+
 def test_16_bit_masks_with_levels_0_and_65535_are_binary(tmp_path: Path) -> None:
     root = make_medvlsm_dataset(tmp_path / "d", n=6)
     mask16 = (square_pair()[1].astype(np.uint16) // 255) * 65535

@@ -139,12 +139,17 @@ def _empty_mask_problems(root: Path, by_split: dict[str, list[Item]], foreground
     return problems
 
 
-def _unused_image_problems(root: Path, by_split: dict[str, list[Item]]) -> list[Problem]:
-    """A warning counting files in images/ that no split uses (they are silently never trained on)."""
+def _unused_image_problems(root: Path, by_split: dict[str, list[Item]], reported: list[Problem]) -> list[Problem]:
+    """A warning counting files in images/ that no split uses (they are silently never trained on).
+
+    An image a split lists but could not take (e.g. ``no-prompt``) already has
+    its error in `reported`: it is not also "in no split".
+    """
     images_dir = root / "images"
     if not images_dir.is_dir():
         return []
     used = {i.image.resolve() for items in by_split.values() for i in items}
+    used |= {p.path.resolve() for p in reported if p.path.parent.resolve() == images_dir.resolve()}
     unused = sorted(p.name for p in images_dir.iterdir() if p.is_file() and is_supported(p) and p.resolve() not in used)
     if not unused:
         return []
@@ -208,7 +213,7 @@ def check_dataset(root: str | Path, splits: Sequence[str] | None = None) -> list
         problems += [replace(p, split=split) for p in file_problems]
     problems += _empty_mask_problems(root, by_split, foreground)
     if splits is None:
-        problems += _unused_image_problems(root, by_split)
+        problems += _unused_image_problems(root, by_split, problems)
     return _dedupe(problems)
 
 
