@@ -229,6 +229,19 @@ def test_nifti_image_and_mask_through_monai(tmp_path: Path) -> None:
     assert raw.shape == (20, 30) and (binarize_mask(raw) == mask).all()
 
 
+def test_a_nifti_volume_of_three_slices_is_refused_not_read_as_colour(tmp_path: Path) -> None:
+    # It passed as RGB; as a mask its slices were merged (the max over "channels").
+    nib = pytest.importorskip("nibabel", reason="NIfTI needs nibabel (pip install nibabel)")
+    volume = np.zeros((40, 30, 3), np.uint8)
+    volume[5:10, 5:10, 0] = 1
+    volume[20:30, 10:20, 2] = 1
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vol3.nii.gz"))
+    for reader in (read_image, read_mask):
+        with pytest.raises(DataError, match=r"vol3\.nii\.gz: expected a 2D image, got an array of shape "
+                                            r"\(40, 30, 3\) \(a volume of 3 slices"):
+            reader(tmp_path / "vol3.nii.gz")
+
+
 def _write_dicom(path: Path, pixels: np.ndarray) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

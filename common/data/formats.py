@@ -181,15 +181,18 @@ def _read_monai(path: Path, kind: str) -> np.ndarray:
         warnings.simplefilter("ignore")
         data = loader(str(path))
     arr = np.asarray(data.detach().cpu().numpy() if hasattr(data, "detach") else data)
-    return _squeeze_to_2d(arr, path)
+    # A NIfTI array's third axis is slices (a volume of 3 would pass as RGB, and a mask's
+    # slices would be merged by the max over "channels"); a DICOM's colour is its last axis.
+    return _squeeze_to_2d(arr, path, colour=kind != "nifti")
 
 
-def _squeeze_to_2d(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Drop singleton axes; keep a trailing colour axis of 3 or 4."""
+def _squeeze_to_2d(arr: np.ndarray, path: Path, colour: bool = True) -> np.ndarray:
+    """Drop singleton axes; keep a trailing colour axis of 3 or 4 where the format has one."""
     arr = np.squeeze(arr)
-    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+    if arr.ndim == 2 or (colour and arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return arr
-    raise DataError(f"{path}: expected a 2D image, got an array of shape {tuple(arr.shape)}")
+    hint = "" if colour or arr.ndim != 3 else f" (a volume of {arr.shape[-1]} slices: give one 2D slice per file)"
+    raise DataError(f"{path}: expected a 2D image, got an array of shape {tuple(arr.shape)}{hint}")
 
 
 def _read_pil(path: Path) -> np.ndarray:
