@@ -53,7 +53,14 @@ from client.arrays import to_numpy, to_record
 from common.adapters import AdapterSpec
 from common.bases import Base
 from common.evaluate import evaluate as evaluate_model
-from common.federation_config import ConfigError, FederationConfig, SiteIdentity, fedvlsm_home
+from common.federation_config import (
+    NODE_DATA_PATH,
+    NODE_SITE_DIR,
+    ConfigError,
+    FederationConfig,
+    SiteIdentity,
+    fedvlsm_home,
+)
 from common.model import build_model
 from common.payload import (
     Cfg,
@@ -121,16 +128,25 @@ def site_log_path(msg: Message, context: Context) -> Path:
         cfg = run_config_of(msg)
         return SiteIdentity.from_node_config(context.node_config, cfg).site_dir / "logs" / "site.log"
     except Exception:  # noqa: BLE001 - identity itself failed; still log somewhere local
-        home = cfg.home_dir if cfg is not None else fedvlsm_home()
-        return home / "sites" / sites.site_name_for(context.node_config) / "logs" / "site.log"
+        node = context.node_config
+        if node.get(NODE_SITE_DIR):  # the site's own folder, as its node config names it
+            return Path(str(node[NODE_SITE_DIR])).expanduser() / "logs" / "site.log"
+        # A deployed site never takes the run's `home`: it names a folder on the server.
+        home = cfg.home_dir if cfg is not None and NODE_DATA_PATH not in node else fedvlsm_home()
+        return home / "sites" / sites.site_name_for(node) / "logs" / "site.log"
 
 
-def _log_locally(msg: Message, context: Context, text: str) -> Path:
-    path = site_log_path(msg, context)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text.rstrip()}\n")
-    return path
+def _log_locally(msg: Message, context: Context, text: str) -> Path | str:
+    """Append `text` to the site's log; where it went (or why it could not be written, for the console)."""
+    try:
+        path = site_log_path(msg, context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text.rstrip()}\n")
+        return path
+    except OSError as err:  # the failure's own reason must still reach the reply, not this one
+        log(WARNING, "[fedvlsm site] cannot write the site log (%s); the details follow\n%s", err, text)
+        return "this console"
 
 
 def served(phase: str) -> Callable[[Handler], Handler]:

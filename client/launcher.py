@@ -383,6 +383,8 @@ class Site:
                 try:
                     self.start_worker()
                 except RuntimeError as err:
+                    if self.stopping:  # SIGTERM/SIGINT while the restarted worker started: a clean stop
+                        return 0
                     _say(f"ERROR: {err}; stopping the SuperNode")
                     self.stop_all()
                     return 1

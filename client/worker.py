@@ -25,14 +25,17 @@ network interface, only the site's own user can connect.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
 import socketserver
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 from client.worker_protocol import (HANDLE, INFO, OK, REFUSED, ProtocolError, call, decode, encode, receive, send,
                                     socket_address, stamp)
@@ -120,15 +123,34 @@ def worker_alive(address: str, timeout: float = 1.0) -> dict | None:
         return None
 
 
+def _own_socket_lock(socket_path: Path) -> TextIO | None:
+    """An exclusive lock on `<socket>.lock`, kept open (held) until the process ends; None if taken."""
+    fh = open(socket_path.with_name(socket_path.name + ".lock"), "a+")  # noqa: SIM115 - held for life
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
 def serve(socket_path: Path, preload_base: str = "", ready_file: Path | None = None) -> int:
     socket_path = socket_path.expanduser().resolve()
     address = socket_address(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    if socket_path.exists():
-        if worker_alive(address):
-            print(f"fedvlsm worker: another worker already serves {socket_path}", file=sys.stderr)
+    # The lock, held for the worker's life, says who owns the socket path: a worker that is alive
+    # but slow to answer (stopped, swapping) keeps it, where a 1 s "does it answer?" probe took its
+    # socket away (and that worker, stopping later, deleted the new one's).
+    lock = _own_socket_lock(socket_path)
+    if lock is None:
+        print(f"fedvlsm worker: another worker already serves {socket_path}", file=sys.stderr)
+        return 2
+    if os.path.lexists(socket_path):
+        if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            print(f"fedvlsm worker: {socket_path} exists and is not a socket; not deleting it "
+                  "(give another --socket)", file=sys.stderr)
             return 2
-        socket_path.unlink()  # stale socket of a worker that died
+        socket_path.unlink()  # stale socket of a worker that died (no worker holds the lock)
     worker = SiteWorker()
     if preload_base:
         from client import site

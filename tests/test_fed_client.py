@@ -238,3 +238,18 @@ def test_idle_models_of_runs_no_longer_served_are_dropped(data, tmp_path, monkey
         assert "status" not in reply.content, reply.content
     assert sorted(key[1] for key in sites._IDLE_MODELS) == [2, 3]  # the two latest runs' models only
     assert sum(len(pool) for pool in sites._IDLE_MODELS.values()) == 2
+
+
+def test_a_failing_deployed_site_logs_in_its_own_site_dir_never_under_the_runs_home(data, tmp_path):
+    # The fallback log path took the run's `home` (a folder on the server) and ignored `site-dir`; where
+    # that home could not be created here, the log failed and its FileNotFoundError replaced the reason.
+    cfg = make_cfg(data, "/proc/fedvlsm-server-home")
+    site_dir = tmp_path / "hospital-a"
+    ctx = Context(run_id=1, node_id=10, state=RecordDict(), run_config=cfg.to_run_config(),
+                  node_config={"data-path": str(tmp_path / "missing"), "site-name": "hospital-a",
+                               "site-dir": str(site_dir)})
+    msg, _, _ = train_message(cfg)
+    reply = client_app.train(msg, ctx)
+    assert reply.content.config_records["status"]["error"] == "site config: data-path is not a folder"
+    logged = (site_dir / "logs" / "site.log").read_text()
+    assert "data-path" in logged and str(tmp_path / "missing") in logged  # the detail stays home

@@ -59,3 +59,24 @@ def test_site_start_exits_when_the_superexec_dies_under_a_live_supernode(tmp_pat
     assert "the SuperNode's SuperExec (it starts the ClientApp process of every message) has exited" in out, out
     assert "stopping the SuperNode and the worker" in out
     assert alive == [], [" ".join(p.cmdline()[:4]) for p in alive]  # the launcher stopped its SuperNode and worker
+
+
+def test_a_signal_while_a_dead_worker_is_restarted_is_a_clean_stop(tmp_path, monkeypatch):
+    # SIGTERM while the launcher waited for the restarted worker ended in "ERROR: stopped" and exit 1
+    # (a service manager records a failed unit), against the documented exit 0 on SIGTERM/SIGINT.
+    from client.launcher import Site
+    from common.cli import build_parser
+
+    args = build_parser().parse_args(["site", "start", "--superlink", "127.0.0.1:9", "--data", str(tmp_path),
+                                      "--site-dir", str(tmp_path / "site"), "--insecure"])
+    site = Site(args)
+    site.worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])  # the worker died
+    site.worker.wait()
+
+    def signalled_while_starting() -> None:
+        site.stopping = True  # what the SIGTERM handler does
+        raise RuntimeError("stopped")  # what start_worker raises when it sees it
+
+    monkeypatch.setattr(site, "start_worker", signalled_while_starting)
+    assert site.watch(poll=0.01) == 0
+    assert site.restarts == 1

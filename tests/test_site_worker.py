@@ -211,3 +211,38 @@ def test_the_worker_refuses_what_is_not_its_protocol_and_keeps_serving(worker):
     assert after is not None and after["pid"] == before["pid"] == proc.pid
     assert after["messages"] == before["messages"]  # none of that reached a handler
     assert proc.poll() is None
+
+
+def test_a_stalled_worker_keeps_its_socket_against_a_second_worker(tmp_path):
+    # A worker that did not answer within 1 s (stopped, swapping) lost its socket to a second one on the
+    # same path, and deleted the second one's socket when it stopped: a running worker nobody could reach.
+    import signal
+
+    from client.worker import worker_alive
+
+    socket = tmp_path / "worker.sock"
+    first = start_worker(socket, tmp_path / "first.log")
+    try:
+        first.send_signal(signal.SIGSTOP)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        second = subprocess.run([sys.executable, "-m", "client.worker", "--socket", str(socket)], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=120)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another worker already serves {socket}" in second.stderr
+        assert worker_alive(f"unix:{socket}", timeout=10)["pid"] == first.pid
+    finally:
+        first.send_signal(signal.SIGCONT)
+        stop(first)
+    assert not socket.exists()
+
+
+def test_a_file_at_the_socket_path_is_never_deleted(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "client.worker", "--socket", str(notes)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{notes} exists and is not a socket; not deleting it" in proc.stderr
+    assert notes.read_text() == "precious"
