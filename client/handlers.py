@@ -121,6 +121,11 @@ def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site
     return cfg, site, frozen, int(conf.get(Cfg.ROUND, 0)), str(conf.get(Cfg.RUN_NAME, "adhoc"))
 
 
+def _run_id(msg: Message) -> str:
+    """Which run of its name a message belongs to ('' from a server that sends none)."""
+    return str(msg.content[Rec.CONFIG].get(Cfg.RUN_ID, ""))
+
+
 def site_log_path(msg: Message, context: Context) -> Path:
     """This site's own log (never sent anywhere): `<site folder>/logs/site.log`."""
     cfg = None
@@ -256,7 +261,7 @@ def train(msg: Message, context: Context) -> Message:
                           f"the run asks for dp = {cfg.dp!r}; this site's node config sets dp-require or "
                           "dp-site-budget, so it sends no update that is not sample-level DP")
     shared_in, bytes_down = _received(msg)
-    with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round)) as model:
+    with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round, _run_id(msg))) as model:
         # The update's reference: the shared adapter this site starts from (the
         # global one it received, or the common initial one if none was sent).
         start_shared = split_personal(model.adapter_state(), cfg.personal)[0]  # adapter_state clones
@@ -293,7 +298,7 @@ def train(msg: Message, context: Context) -> Message:
                 prox_reference=shared_in if mu > 0 else None,
             )
         shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
-    site.save_personal(run_name, server_round, personal_out)
+    site.save_personal(run_name, server_round, personal_out, _run_id(msg))
     # The update (local - received global) in fp32, then encoded: int8's
     # stochastic rounding is seeded like the training, so a resumed run
     # sends bit-identical updates.
@@ -332,7 +337,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # The round record keeps Dice and loss only: skip HD95 (the costliest metric by far).
     with site.leased_model(frozen, shared_in) as model:
         global_result = evaluate_model(model, val_ds, frozen.tokenizer, train_cfg, hd95=False)
-    personal = site.load_personal(run_name, server_round + 1)
+    personal = site.load_personal(run_name, server_round + 1, _run_id(msg))
     personal_result = global_result
     if personal:
         with site.leased_model(frozen, shared_in, personal) as model:
@@ -361,7 +366,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         return evaluate_model(model, test_ds, frozen.tokenizer, train_cfg).dice
 
     base_model = build_model(frozen, AdapterSpec(variant="none"))
-    personal_model = site.model(frozen, shared_in, site.load_personal(run_name, server_round + 1))
+    personal_model = site.model(frozen, shared_in, site.load_personal(run_name, server_round + 1, _run_id(msg)))
     metrics = {
         "num-examples": len(test_ds),
         "dice-base": dice(base_model),

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, write_text_atomic
 from common.bases import Base, load_base
 from common.config import TrainConfig
 from common.data import SegDataset, load_items
@@ -67,6 +67,7 @@ _MAX_IDLE = 1  # the handlers lease one model at a time
 _MAX_IDLE_KEYS = 2
 
 _PERSONAL_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
+_RUN_ID_MARKER = "run-id"  # in a personal folder: the run whose parts it holds
 
 
 def base(spec: str) -> Base:
@@ -225,25 +226,48 @@ class Site:
         )
 
     # --------------------------------------------------------- personal parts
-    def personal_dir(self, run_name: str) -> Path:
-        return self.site_dir / "runs" / run_name / "personal"
+    def personal_dir(self, run_name: str, run_id: str = "") -> Path:
+        """`<site-dir>/runs/<run-name>/personal`, holding the parts of run `run_id` only.
 
-    def load_personal(self, run_name: str, before_round: int) -> dict[str, torch.Tensor]:
-        """The latest personal parts saved before `before_round` ({} if none yet)."""
-        folder = self.personal_dir(run_name)
+        A run of the same name made earlier (deleted at the server, then started
+        anew) left its parts there: they are moved aside to `personal-<its id>`
+        (nothing is deleted), so the new run never starts from them.
+        """
+        folder = self.site_dir / "runs" / run_name / "personal"
+        if not run_id:  # a message from a server that sends no run id: as before
+            return folder
+        marker = folder / _RUN_ID_MARKER
+        owner = marker.read_text().strip() if marker.is_file() else None
+        if owner == run_id:
+            return folder
+        if folder.is_dir() and any(folder.iterdir()):
+            aside = folder.with_name(f"personal-{owner or 'unknown'}")
+            aside = aside if not aside.exists() else aside.with_name(f"{aside.name}-{time.time_ns()}")
+            folder.rename(aside)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, run_id)
+        return folder
+
+    def load_personal(self, run_name: str, before_round: int, run_id: str = "") -> dict[str, torch.Tensor]:
+        """The latest personal parts saved before `before_round` ({} if none yet, or the run keeps none)."""
+        if not self.cfg.personal:  # a run without personal parts starts every round from the global adapter
+            return {}
+        folder = self.personal_dir(run_name, run_id)
         if not folder.is_dir():
             return {}
         rounds = [int(m.group(1)) for p in folder.iterdir() if (m := _PERSONAL_FILE.match(p.name))]
         earlier = [r for r in rounds if r < before_round]
         if not earlier:
             return {}
-        return load_file(str(folder / f"round-{max(earlier):04d}.safetensors"))
+        state = load_file(str(folder / f"round-{max(earlier):04d}.safetensors"))
+        return split_personal(state, self.cfg.personal)[1]  # only what this run keeps personal
 
-    def save_personal(self, run_name: str, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+    def save_personal(self, run_name: str, server_round: int, state: Mapping[str, torch.Tensor],
+                      run_id: str = "") -> None:
         """Atomically write this round's personal parts (never sent anywhere)."""
         if not state:
             return
-        with atomic_path(self.personal_dir(run_name) / f"round-{server_round:04d}.safetensors") as tmp:
+        with atomic_path(self.personal_dir(run_name, run_id) / f"round-{server_round:04d}.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
     # ------------------------------------------------------------------ model

@@ -264,6 +264,9 @@ class Cfg:
     ROUND = "server-round"  # set by Flower strategies
     PROX_MU = "proximal-mu"  # set by Flower's FedProx
     RUN_NAME = "run-name"
+    # Which run of that name (server/run_records.py, RunRecords.run_id): kept by a resume, new for a
+    # new run under a deleted one's name. Sites key their personal parts by it.
+    RUN_ID = "run-id"
     # The run's whole FederationConfig (JSON). Sites build their settings from
     # it, never from their own launch's run_config: a resumed run's saved
     # config governs every participant.

@@ -25,6 +25,7 @@ round that is already in the store replaces it (idempotent).
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from datetime import UTC, datetime
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ ADAPTER_DIR = "adapter"
 STRATEGY_FILE = "strategy.npz"
 STATE_FILE = "state.json"
 STATUS_FILE = "status.json"
+RUN_ID_FILE = "run-id"  # which run of this name (a resume keeps it; a new run after a deletion gets a new one)
 RUN_STATUSES = ("running", "finished", "failed", "stopped")
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -88,6 +90,7 @@ class RunRecords:
                 "continue it with --run-config \"resume=true run-name=...\" or pick another 'run-name'"
             )
         records.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(records.run_dir / RUN_ID_FILE, secrets.token_hex(8))
         # The store first: a dashboard never sees config.json without it (and imports nothing).
         records.store.register_run(run_name, config, meta)
         write_json_atomic(records.run_dir / CONFIG_FILE, config)
@@ -103,6 +106,14 @@ class RunRecords:
         ensure_store(records.run_dir).claim()
         records.set_status("running")
         return records
+
+    @property
+    def run_id(self) -> str:
+        """This run's id (sites key their personal parts by it); made once for a run from before it existed."""
+        path = self.run_dir / RUN_ID_FILE
+        if not path.is_file():
+            write_text_atomic(path, secrets.token_hex(8))
+        return path.read_text().strip()
 
     def _store(self) -> RunStore:
         """The run store; a run folder from before it existed gets one, imported from rounds.jsonl."""

@@ -144,6 +144,7 @@ def _run(
         on_release = functools.partial(journal_release, strategy, records.run_dir)
 
     names = SiteNames()
+    run_id = records.run_id  # sites key this run's personal parts by it
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
@@ -159,7 +160,8 @@ def _run(
                     say(f"stopping before round {server_round}: {why}")
                     break
             global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
-                                                     names, ahead, since=round_end, on_release=on_release)
+                                                     names, ahead, since=round_end, on_release=on_release,
+                                                     run_id=run_id)
             # The next round's clock starts here: what the server does until
             # then (the strategy's state, the copies handed to the writer) is in its time.
             round_end = time.perf_counter()
@@ -307,13 +309,14 @@ def pushes_ahead(cfg: FederationConfig, grid: Grid, server_round: int) -> bool:
 
 
 def train_messages_for(grid: Grid, strategy: Strategy, cfg: FederationConfig, server_round: int,
-                       global_arrays: dict[str, np.ndarray]) -> tuple[list[Message], dict[int, int]]:
+                       global_arrays: dict[str, np.ndarray], run_id: str = "") -> tuple[list[Message], dict[int, int]]:
     """The round's train messages (sites sampled), adapter in the downlink dtype; bytes per node."""
     # Flower samples sites with the global `random` module: seed it per round
     # so that a resumed run samples the same sites as an uninterrupted one.
     random.seed(f"{cfg.seed}:{server_round}")
     fit_minimums_to_connected(strategy, grid, cfg)
-    messages = list(strategy.configure_train(server_round, to_record(global_arrays), message_config(cfg), grid))
+    messages = list(strategy.configure_train(server_round, to_record(global_arrays), message_config(cfg, run_id),
+                                             grid))
     return messages, _put_on_wire(messages, downlink_dtype(cfg.payload_dtype))
 
 
@@ -328,6 +331,7 @@ def run_round(
     ahead: TrainAhead | None = None,
     since: float | None = None,
     on_release: Callable[[int], None] | None = None,
+    run_id: str = "",
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
     """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
 
@@ -342,11 +346,11 @@ def run_round(
     names = names or SiteNames()
     start = time.perf_counter()
     since = start if since is None else since
-    config = message_config(cfg)
+    config = message_config(cfg, run_id)
     if ahead is not None and ahead.server_round == server_round:
         train_messages, down, pushed = ahead.messages, ahead.down, ahead.pushed
     else:
-        train_messages, down = train_messages_for(grid, strategy, cfg, server_round, global_arrays)
+        train_messages, down = train_messages_for(grid, strategy, cfg, server_round, global_arrays, run_id)
         pushed = push(grid, train_messages)
     ok, failures = exchange(grid, pushed, cfg, "train", names)
     accepted, excluded = _check_train_replies(ok, global_arrays, cfg, names)
@@ -401,7 +405,7 @@ def run_round(
         eval_pushed = push(grid, eval_messages)
         if pushes_ahead(cfg, grid, server_round):
             # After configure_evaluate: the global `random` is used in the same order as without pipelining.
-            messages, next_down = train_messages_for(grid, strategy, cfg, server_round + 1, new_global)
+            messages, next_down = train_messages_for(grid, strategy, cfg, server_round + 1, new_global, run_id)
             next_ahead = TrainAhead(server_round + 1, messages, next_down, push(grid, messages))
         eval_replies, eval_failures = exchange(grid, eval_pushed, cfg, "evaluate", names)
         failures += eval_failures
@@ -473,9 +477,9 @@ def fit_minimums_to_connected(strategy: Strategy, grid: Grid, cfg: FederationCon
             say(f"{key.replace('_', '-')}: {lowered} ({connected} site(s) connected, planned {value})")
 
 
-def message_config(cfg: FederationConfig, **extra: Any) -> ConfigRecord:
-    """What every message to a site carries besides arrays: the run's name and whole config."""
-    return ConfigRecord({Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_CONFIG: cfg.to_json(), **extra})
+def message_config(cfg: FederationConfig, run_id: str = "", **extra: Any) -> ConfigRecord:
+    """What every message to a site carries besides arrays: the run's name, id and whole config."""
+    return ConfigRecord({Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_ID: run_id, Cfg.RUN_CONFIG: cfg.to_json(), **extra})
 
 
 def round_line(record: dict[str, Any], cfg: FederationConfig) -> str:

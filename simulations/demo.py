@@ -86,7 +86,8 @@ def compare_and_report(
     deployment the column reads n/a and the table says why.
     """
     epochs = cfg.rounds * cfg.local_epochs
-    config = {Cfg.RUN_NAME: cfg.run_name, Cfg.ROUND: cfg.rounds, Cfg.RUN_CONFIG: cfg.to_json()}
+    config = {Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_ID: records.run_id, Cfg.ROUND: cfg.rounds,
+              Cfg.RUN_CONFIG: cfg.to_json()}
     wire = to_wire(global_arrays, downlink_dtype(cfg.payload_dtype))
     say(f"comparison: final test Dice at every site, local-only adapters ({epochs} epoch(s) each)"
         + (", pooled bound" if pooled else " (no pooled bound outside simulation)"))

@@ -194,3 +194,30 @@ def test_work_between_rounds_is_in_the_next_rounds_time(data, tmp_path, monkeypa
     rounds = [json.loads(line) for line in (tmp_path / "runs/clock/rounds.jsonl").read_text().splitlines()]
     # Round 1's pause came after its record was made: it is in round 2's time.
     assert rounds[1]["round_seconds"] >= pause + rounds[1]["train_seconds"]
+
+
+def test_a_new_run_under_a_deleted_runs_name_never_starts_from_its_personal_parts(data, tmp_path):
+    # The sites keyed personal parts by run name only: a run deleted at the server (its folder removed)
+    # and started anew under that name trained, from round 2, on the old run's personal tensors.
+    import shutil
+
+    run(make_cfg(data, tmp_path, run_name="p", personal=("adapters.vision",), rounds=2))
+    first_id = (tmp_path / "runs/p/run-id").read_text()
+    shutil.rmtree(tmp_path / "runs" / "p")  # "already holds rounds" points users there
+    run(make_cfg(data, tmp_path, run_name="p", rounds=2))  # no personal parts this time
+    rounds = [json.loads(x) for x in (tmp_path / "runs/p/rounds.jsonl").read_text().splitlines()]
+    assert all(r["dice_personal"] == r["dice"] for r in rounds)  # the global adapter only (was not so)
+
+    shutil.rmtree(tmp_path / "runs" / "p")
+    run(make_cfg(data, tmp_path, run_name="p", personal=("adapters.vision",), rounds=1))
+    third_id = (tmp_path / "runs/p/run-id").read_text()
+    assert third_id != first_id
+    sites = list((tmp_path / "sites").rglob("runs/p"))
+    assert len(sites) == 3
+    for site in sites:
+        # The first run's parts are moved aside, not deleted; the folder now holds the third run's only.
+        assert sorted(p.name for p in site.iterdir()) == ["personal", f"personal-{first_id}"]
+        assert sorted(p.name for p in (site / "personal").iterdir()) == ["round-0001.safetensors", "run-id"]
+        assert (site / "personal" / "run-id").read_text() == third_id
+        assert sorted(p.name for p in (site / f"personal-{first_id}").iterdir()) == [
+            "round-0001.safetensors", "round-0002.safetensors", "run-id"]
