@@ -72,6 +72,9 @@ class RunRecords:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.store = RunStore.in_run_dir(self.run_dir)
+        # Whether this process has changed the run yet (created it, or rewound it to resume): a
+        # resume that fails before that leaves the run, its status and its final/ as they were.
+        self.changed = False
 
     # ----------------------------------------------------------- open/create
     @classmethod
@@ -95,17 +98,27 @@ class RunRecords:
         records.store.register_run(run_name, config, meta)
         write_json_atomic(records.run_dir / CONFIG_FILE, config)
         records.set_status("running")
+        records.changed = True
         return records
 
     @classmethod
     def open_existing(cls, runs_dir: Path, run_name: str) -> RunRecords:
-        """An existing run (to resume); a run folder from before the run store gets one, imported."""
+        """An existing run (to resume), unchanged until `continue_after` (checks first, then changes)."""
         records = cls(Path(runs_dir) / run_name)
         if not (records.run_dir / CONFIG_FILE).is_file():
             raise RunRecordsError(f"cannot resume '{run_name}': {records.run_dir / CONFIG_FILE} does not exist")
-        ensure_store(records.run_dir).claim()
-        records.set_status("running")
         return records
+
+    def continue_after(self, server_round: int, rerun: bool = True) -> None:
+        """The resume really starts: the server writes the store from now on (a run folder from
+        before the run store gets one, imported), status `running`, and with `rerun` everything
+        after `server_round` is forgotten (`rewind_to`). Without (nothing left to run: the final
+        stage is redone) final/ stays until its files are replaced."""
+        ensure_store(self.run_dir).claim()
+        if rerun:
+            self.rewind_to(server_round)
+        self.set_status("running")
+        self.changed = True
 
     @property
     def run_id(self) -> str:

@@ -91,10 +91,14 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
     try:
         summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
     except (KeyboardInterrupt, SystemExit):
-        records.set_status("stopped", "the server process was interrupted")
+        if records.changed:
+            records.set_status("stopped", "the server process was interrupted")
         raise
     except Exception as err:
-        records.set_status("failed", f"{type(err).__name__}: {err}")
+        if records.changed:
+            records.set_status("failed", f"{type(err).__name__}: {err}")
+        else:
+            say("the resume failed before the run was changed: its records, status and final/ are as they were")
         raise
     records.set_status("finished")
     return summary
@@ -133,6 +137,8 @@ def _run(
         global_arrays = checkpoint.arrays
         restore_strategy_state(strategy, checkpoint.strategy_arrays, checkpoint.state["strategy"])
         say(f"resumed after round {start_round - 1} from {records.run_dir / 'checkpoints'}")
+    if cfg.resume:  # everything is ready: only now is the run changed (rewound, `running`)
+        records.continue_after(start_round - 1, rerun=start_round <= cfg.rounds)
 
     on_release: Callable[[int], None] | None = None
     if cfg.dp == "client":
@@ -255,8 +261,12 @@ def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, 
             say("resume: the run's saved config governs every participant; this launch's values for "
                 + ", ".join(ignored) + " are ignored")
         last = records.last_complete_round()
-        records.rewind_to(last)
-        if last >= cfg.rounds:
+        if cfg.rounds < last:  # the final stage (comparison epochs, personal parts) would not match the adapter
+            raise ConfigError(f"run config 'rounds' = {cfg.rounds} but run '{cfg.run_name}' already has {last} "
+                              f"complete rounds; resume with rounds >= {last}")
+        if last:  # a damaged checkpoint is said now, before anything of the run is changed
+            records.load_checkpoint(last)
+        if last == cfg.rounds:
             say(f"run '{cfg.run_name}' already has {last} complete round(s) (rounds = {cfg.rounds})")
         new_config = cfg.replace(resume=False).to_run_config()
         return records, cfg, last + 1, (new_config if new_config != records.read_config() else None)

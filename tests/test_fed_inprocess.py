@@ -221,3 +221,39 @@ def test_a_new_run_under_a_deleted_runs_name_never_starts_from_its_personal_part
         assert (site / "personal" / "run-id").read_text() == third_id
         assert sorted(p.name for p in (site / f"personal-{first_id}").iterdir()) == [
             "round-0001.safetensors", "round-0002.safetensors", "run-id"]
+
+
+def _state(home, name):
+    run_dir = home / "runs" / name
+    return (json.loads((run_dir / "status.json").read_text())["status"],
+            sorted(p.name for p in (run_dir / "final").iterdir()) if (run_dir / "final").is_dir() else None,
+            len((run_dir / "rounds.jsonl").read_text().splitlines()))
+
+
+def test_a_resume_that_fails_before_any_round_leaves_the_finished_run_as_it_was(data, tmp_path):
+    # It set the run `running`, deleted final/ (adapter, summary) and ended `failed`, before any check.
+    from common.federation_config import ConfigError
+
+    run(make_cfg(data, tmp_path, run_name="done", rounds=2))
+    before = _state(tmp_path, "done")
+    assert before == ("finished", ["adapter", "summary.json"], 2)
+    # More sites than the simulation has: found once the server waits for them, after the base loaded.
+    with pytest.raises(ConfigError, match="min-sites"):
+        run(make_cfg(data, tmp_path, run_name="done", rounds=3, resume=True, min_sites=5))
+    assert _state(tmp_path, "done") == before
+    # A damaged last checkpoint: said at once, naming the file; nothing changed either.
+    weights = tmp_path / "runs/done/checkpoints/round-0002/adapter/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="round-0002/adapter/adapter_model.safetensors"):
+        run(make_cfg(data, tmp_path, run_name="done", rounds=3, resume=True))
+    assert _state(tmp_path, "done") == before
+
+
+def test_a_resume_with_fewer_rounds_than_the_run_has_is_refused(data, tmp_path):
+    # It was accepted: the final adapter stayed round 2's while the comparison trained its baselines for 1.
+    from common.federation_config import ConfigError
+
+    run(make_cfg(data, tmp_path, run_name="two", rounds=2))
+    with pytest.raises(ConfigError, match="'rounds' = 1 but run 'two' already has 2 complete rounds"):
+        run(make_cfg(data, tmp_path, run_name="two", rounds=1, resume=True))
+    assert _state(tmp_path, "two") == ("finished", ["adapter", "summary.json"], 2)
