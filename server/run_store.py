@@ -132,6 +132,11 @@ def _int(value: Any) -> int | None:
     return int(x) if x is not None else None
 
 
+def _text(value: Any) -> str | None:
+    """A string for a TEXT column, or None (a hand-edited record may hold anything; its JSON copy keeps it)."""
+    return value if isinstance(value, str) else None
+
+
 def _json(value: Any) -> str:
     # allow_nan=False would reject NaN Dice of a round without evaluation: write them as null.
     return json.dumps(_finite(value), sort_keys=True)
@@ -187,6 +192,29 @@ def full_model_from_meta(config: dict[str, Any], meta: dict[str, Any] | None) ->
         return None, None
     element = WIRE_ELEMENT_BYTES.get(str(config.get("payload-dtype", "fp32")), 4)
     return params, params * element
+
+
+def check_record(record: Any) -> int:
+    """The round number of a round record; ValueError saying what is wrong with one of another shape.
+
+    Checked before anything is written: a record of the wrong shape (an older
+    or hand-edited rounds.jsonl) would otherwise fail deep inside the write.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"a round record must be a JSON object, not {type(record).__name__}")
+    if "round" not in record:
+        raise ValueError("a round record needs a 'round' key")
+    number = record["round"]
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ValueError(f"a round record's 'round' must be an integer, not {number!r}")
+    sites = record.get("sites")
+    if sites is not None and not (isinstance(sites, dict)
+                                  and all(row is None or isinstance(row, dict) for row in sites.values())):
+        raise ValueError(f"round {number}: 'sites' must map site names to JSON objects")
+    for key in ("failures", "excluded"):
+        if record.get(key) is not None and not isinstance(record[key], list):
+            raise ValueError(f"round {number}: '{key}' must be a list, not {type(record[key]).__name__}")
+    return number
 
 
 def _site_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -317,9 +345,7 @@ class RunStore:
 
     def write_round(self, record: dict[str, Any]) -> None:
         """One round in one transaction; writing the same round again replaces it (idempotent)."""
-        if "round" not in record:
-            raise ValueError("a round record needs a 'round' key")
-        number = int(record["round"])
+        number = check_record(record)
         sites = _site_rows(record)
         with self._transaction() as con:
             self._check_version(con)
@@ -330,7 +356,7 @@ class RunStore:
                 (number, str(record.get("status") or "ok"), _num(record.get("dice")),
                  _num(record.get("dice_personal")), _num(record.get("train_loss")), _val_loss(sites),
                  _int(record.get("payload_bytes_up")), _int(record.get("payload_bytes_down")),
-                 _num(record.get("train_seconds")), _num(record.get("round_seconds")), record.get("time"),
+                 _num(record.get("train_seconds")), _num(record.get("round_seconds")), _text(record.get("time")),
                  _num(record.get("epsilon_max")), _num(record.get("epsilon_server")), _num(record.get("delta")),
                  _json(record)),
             )
@@ -353,12 +379,14 @@ class RunStore:
             con.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
             con.execute("UPDATE run SET status = 'running', reason = '', ended_at = NULL, updated_at = ?", (now(),))
 
-    def set_status(self, status: str, reason: str = "") -> None:
+    def set_status(self, status: str, reason: str = "", ended_at: str | None = None) -> None:
+        """`ended_at`: when the run ended, if not now (an import knows it from the records); NULL while running."""
         _check_status(status)
         with self._transaction() as con:
             self._check_version(con)
             stamp = now()
-            ended = None if status == "running" else stamp
+            # `unknown` (imports only) may still be running: no end time to show
+            ended = None if status in ("running", "unknown") else (ended_at or stamp)
             con.execute("UPDATE run SET status = ?, reason = ?, ended_at = ?, updated_at = ?",
                         (status, reason, ended, stamp))
 
@@ -408,6 +436,7 @@ class RunStore:
             con.execute("COMMIT")
         info = dict(run)
         info.pop("id")
+        info["reason"] = self._shown_reason(info["status"], info["reason"])
         info["config"] = json.loads(info.pop("config_json"))
         info["meta"] = json.loads(info.pop("meta_json"))
         for r in rounds:
@@ -419,7 +448,12 @@ class RunStore:
         return {"run": info, "rounds": rounds}
 
     def summary(self) -> dict[str, Any]:
-        """The runs-list row: name, status, reason, rounds done, last (personalised) Dice, start/end times."""
+        """The runs-list row: name, status, reason, rounds done, last round, last Dice, last privacy figures, times.
+
+        The Dice is the last `ok` round's and each privacy figure the latest
+        one recorded (as final/summary.json does): a skipped round, e.g. one
+        where every site had spent its privacy budget, has neither.
+        """
         with self._connect(write=False) as con:
             con.execute("BEGIN")
             self._check_version(con)
@@ -427,12 +461,26 @@ class RunStore:
                               "WHERE id = 1").fetchone()
             if run is None:
                 raise RunStoreError(f"{self.path}: the run store holds no run")
-            done = con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-            last = con.execute("SELECT round, dice, dice_personal FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+            done, last = con.execute("SELECT COUNT(*), MAX(round) FROM rounds").fetchone()
+            ok = con.execute("SELECT dice, dice_personal FROM rounds WHERE status = 'ok' "
+                             "ORDER BY round DESC LIMIT 1").fetchone()
+            privacy = {f"last_{key}": _latest(con, key) for key in ("epsilon_max", "epsilon_server", "delta")}
             con.execute("COMMIT")
-        return {**dict(run), "rounds_done": done, "last_round": last["round"] if last else None,
-                "last_dice": last["dice"] if last else None,
-                "last_dice_personal": last["dice_personal"] if last else None}
+        row = dict(run)
+        row["reason"] = self._shown_reason(row["status"], row["reason"])
+        return {**row, "rounds_done": done, "last_round": last, "last_dice": ok["dice"] if ok else None,
+                "last_dice_personal": ok["dice_personal"] if ok else None, **privacy}
+
+    def _shown_reason(self, status: str, reason: str) -> str:
+        """The status reason to show; a finished run that ended early says why.
+
+        The server records such a run (e.g. every site spent its privacy
+        budget) as `finished` with no reason; final/summary.json's
+        `ended_early` has the why.
+        """
+        if status == "finished" and not reason:
+            return _ended_early(self.path.parent)
+        return reason
 
     def read_records(self) -> list[dict[str, Any]]:
         """The rounds' full records as written (NaN written as null)."""
@@ -446,6 +494,24 @@ def _check_status(status: str) -> None:
         raise ValueError(f"run status must be one of {STATUSES}, got {status!r}")
 
 
+def _latest(con: sqlite3.Connection, column: str) -> Any:
+    """The latest round's non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
+    if column not in ROUND_COLUMNS:  # interpolated into the SQL: only a known column name
+        raise ValueError(f"not a rounds column: {column!r}")
+    row = con.execute(f"SELECT {column} FROM rounds WHERE {column} IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def _ended_early(run_dir: Path) -> str:
+    """Why a finished run stopped before its last round (final/summary.json's `ended_early`), or ''."""
+    try:
+        summary = json.loads((run_dir / "final" / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or unreadable: the reason is a note, never worth failing a view
+        return ""
+    reason = summary.get("ended_early") if isinstance(summary, dict) else None
+    return reason if isinstance(reason, str) else ""
+
+
 # --------------------------------------------------------------- import
 def _jsonl_stamp(run_dir: Path) -> str:
     """Changes whenever rounds.jsonl, config.json or final/summary.json change."""
@@ -456,34 +522,106 @@ def _jsonl_stamp(run_dir: Path) -> str:
     return "|".join(parts)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 file's text; RunStoreError naming the file (and the line) when it cannot be read or decoded."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RunStoreError(f"{path}: cannot read it: {err}") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise RunStoreError(f"{path} line {line}: not UTF-8 text (byte {err.start:,})") from err
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise RunStoreError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise RunStoreError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """rounds.jsonl's records, each checked (`check_record`); RunStoreError naming the file and line of a bad one."""
+    records = []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunStoreError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from err
+        try:
+            check_record(record)
+        except ValueError as err:
+            raise RunStoreError(f"{path} line {number}: {err}") from err
+        records.append(record)
+    return records
+
+
+def _utc_stamp(value: Any) -> str | None:
+    """An ISO 8601 time as this store writes it (UTC, seconds), or None when `value` is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _mtime_stamp(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
+def _imported_end(records: list[dict[str, Any]], summary_path: Path) -> str:
+    """When an imported finished run ended: its last round's `time`, else when final/summary.json was written.
+
+    Never the import's own time: a run is imported again whenever its files change.
+    """
+    if records:
+        stamp = _utc_stamp(max(records, key=lambda r: r["round"]).get("time"))
+        if stamp:
+            return stamp
+    try:
+        return _mtime_stamp(summary_path)
+    except OSError:  # removed since it was read: the import's time is all there is
+        return now()
+
+
 def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
     """Build `run.sqlite` of a run folder written before the store existed (config.json + rounds.jsonl).
 
-    Status: `finished` when `final/summary.json` exists, else `unknown` (such a
-    folder cannot tell a failed, stopped or still running run apart). The
-    import remembers the files' size and mtime; `ensure_store` imports again
-    when they change, so a run written by an older server stays current.
-    Without `replace`, a store that appeared meanwhile (a server registering
-    the run) is kept: the import never overwrites it.
+    Status: `finished` when `final/summary.json` exists (ended at the last
+    round's `time`), else `unknown` (such a folder cannot tell a failed,
+    stopped or still running run apart). The import remembers the files'
+    size and mtime; `ensure_store` imports again when they change, so a run
+    written by an older server stays current. Without `replace`, a store
+    that appeared meanwhile (a server registering the run) is kept: the
+    import never overwrites it. Files that cannot be read, or hold JSON of
+    another shape (config not an object, a record without an integer
+    `round`), raise RunStoreError naming the file and line.
     """
     run_dir = Path(run_dir)
     config_path, rounds_path = run_dir / "config.json", run_dir / "rounds.jsonl"
+    summary_path = run_dir / "final" / "summary.json"
     if not config_path.is_file() and not rounds_path.is_file():
         raise RunStoreError(f"{run_dir}: not a run folder (no config.json, no rounds.jsonl)")
     stamp = _jsonl_stamp(run_dir)
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        records = [json.loads(line) for line in rounds_path.read_text().splitlines()
-                   if line.strip()] if rounds_path.is_file() else []
-        summary_path = run_dir / "final" / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunStoreError(f"{run_dir}: cannot import the run's records: {err}") from err
+    config = _read_json_object(config_path) if config_path.is_file() else {}
+    records = _read_records(rounds_path) if rounds_path.is_file() else []
+    summary = _read_json_object(summary_path) if summary_path.is_file() else None
     meta = {}
     if summary and summary.get("trainable_parameters"):
         meta["trainable_parameters"] = summary["trainable_parameters"]
-    started = datetime.fromtimestamp((config_path if config_path.is_file() else rounds_path).stat().st_mtime,
-                                     UTC).isoformat(timespec="seconds")
+    try:
+        started = _mtime_stamp(config_path if config_path.is_file() else rounds_path)
+    except OSError as err:
+        raise RunStoreError(f"{run_dir}: cannot import the run's records: {err}") from err
     # Build aside, then rename: a reader never sees a half-imported store.
     tmp = RunStore(run_dir / f".{DB_FILE}.import-{time.monotonic_ns()}")
     try:
@@ -492,7 +630,9 @@ def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
         for record in records:
             tmp.write_round(record)
         if summary is not None:
-            tmp.set_status("finished")
+            ended_early = summary.get("ended_early")
+            tmp.set_status("finished", ended_early if isinstance(ended_early, str) else "",
+                           ended_at=_imported_end(records, summary_path))
         else:
             tmp.set_status("unknown", "imported from rounds.jsonl without final/: "
                                       "the run may have failed, been stopped, or still be running")

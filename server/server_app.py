@@ -100,7 +100,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
         else:
             say("the resume failed before the run was changed: its records, status and final/ are as they were")
         raise
-    records.set_status("finished")
+    records.set_status("finished", summary.get("ended_early") or "")  # why it ended early, if it did
     return summary
 
 

@@ -8,7 +8,8 @@ SuperLink on the machine cannot capture the run), nothing is installed or
 downloaded, and the exit code says how the run ended:
 
     0  the run finished (its run directory holds final/)
-    1  the run failed (the reason is printed and kept in status.json)
+    1  the run failed, or was stopped by Ctrl-C or SIGTERM (the reason is
+       printed and kept in status.json: failed, or stopped)
     2  the configuration was refused (one line naming the key; no traceback)
 
 `--run-config` takes `key=value ...` strings and/or TOML files (such as the
@@ -20,17 +21,28 @@ and a resume can be combined: `--run-config x.toml --run-config "resume=true"`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `fedvlsm --help` loads this module, and it stays light
+    from flwr.serverapp import Grid
+
+    from server.run_records import RunRecords
 
 DEFAULT_DEMO_SITES = 3
+# After the simulation runtime stops: how long the ServerApp thread gets to end (it notices at its
+# next grid call, within 20 ms while it waits for replies) before the run's status is settled.
+SERVER_STOP_GRACE_S = 10.0
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
@@ -167,11 +179,105 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as err:
         print(f"fedvlsm simulate: {err}", file=sys.stderr)
         return 2
-    return simulate(cfg, num_sites, args.cpus_per_site, args.gpus_per_site)
+    return simulate(cfg, num_sites, args.cpus_per_site, args.gpus_per_site, exit_on_interrupt=True)
 
 
-def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0) -> int:
-    """Run the federation in this process; the exit code of `fedvlsm simulate`."""
+class SimulationStopped(SystemExit):
+    """Raised in the ServerApp thread by its grid once the simulation runtime has stopped.
+
+    A SystemExit, so that run_federation records the run as stopped, not failed.
+    """
+
+
+def stop_with_runtime(grid: Grid, stopped: threading.Event) -> None:
+    """Make every call of `grid` raise SimulationStopped once `stopped` is set.
+
+    Ctrl-C and SIGTERM reach the main thread, where Flower's simulation
+    runtime runs; when the runtime stops, nothing tells the ServerApp thread,
+    which would wait for replies that never come (up to `round-timeout`, an
+    hour by default), keep the process alive and leave the run `running`. The
+    grid is what that thread calls all along (every 20 ms while it waits for
+    replies). Patched on the instance, not wrapped: the server and
+    server/messaging.py recognise the simulation's grid by its class.
+    """
+    for name in ("get_node_ids", "push_messages", "pull_messages", "send_and_receive"):
+        call = getattr(grid, name)
+
+        def guarded(*args: Any, _call: Any = call, **kwargs: Any) -> Any:
+            if stopped.is_set():
+                raise SimulationStopped("the simulation runtime has stopped")
+            return _call(*args, **kwargs)
+
+        setattr(grid, name, guarded)
+
+
+def interruption(error: BaseException | None) -> str:
+    """'interrupted (SIGINT)' or 'interrupted (SIGTERM)' when `error` is a signal's doing, else ''.
+
+    Ctrl-C raises KeyboardInterrupt; SIGTERM raises SystemExit(15), from the
+    handler Ray installs in the main thread when it starts, or from ours
+    (`_on_sigterm`) before that.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    if isinstance(error, SystemExit) and error.code == signal.SIGTERM:
+        return "interrupted (SIGTERM)"
+    return ""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # As Ray's own handler does, so that a SIGTERM before Ray has started ends the run the same way
+    # (the default action would kill the process on the spot, leaving the run `running`).
+    raise SystemExit(signum)
+
+
+def status_stamp(run_dir: Path) -> tuple[int, int] | None:
+    """The run's status.json as of now (mtime, size), or None: tells whether this process has written it since."""
+    from server.run_records import STATUS_FILE
+
+    try:
+        st = (run_dir / STATUS_FILE).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def record_end(records: RunRecords, error: BaseException | None, root: BaseException | None) -> None:
+    """A run this simulation left `running` is `stopped`, with why: nothing runs it any more.
+
+    Called once the ServerApp thread has ended (or had its chance to), and
+    only for a run this process opened: a run it stopped on an interrupt gets
+    the signal as its reason.
+    """
+    why = interruption(error)
+    status = records.read_status()["status"]
+    if status == "running" or (why and status == "stopped"):
+        records.set_status("stopped", why or "the simulation ended before the run did"
+                           + (f" ({type(root).__name__}: {root})" if root else ""))
+
+
+def leave_now(code: int) -> None:
+    """End the process with `code` at once: no interpreter shutdown.
+
+    After Ctrl-C or SIGTERM, Flower's simulation runtime (1.42) and Ray are
+    left half torn down: a worker thread can stay blocked for ever in
+    `ray.get` on an actor Ray's shutdown killed (the interpreter joins it at
+    exit: the command never ended), and the interpreter's final garbage
+    collection can crash in Ray's objects (exit 134). The run's status is
+    recorded by then; nothing is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0, *,
+             exit_on_interrupt: bool = False) -> int:
+    """Run the federation in this process; the exit code of `fedvlsm simulate`.
+
+    `exit_on_interrupt` (the command line): a run stopped by Ctrl-C or SIGTERM
+    ends the process once its status is recorded (`leave_now`).
+    """
     quiet_logs()
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -184,17 +290,29 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
     from simulations.demo import DemoHooks
 
     server_app = ServerApp()
+    stopped = threading.Event()
+    server_threads: list[threading.Thread] = []
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        server_threads.append(threading.current_thread())
+        stop_with_runtime(grid, stopped)
         # The config is the one parsed above: the simulation never reads a
         # run_config of its own, so what was validated is what runs.
-        run_federation(grid, cfg, DemoHooks())
+        # Recorded as stopped by run_federation; the thread ends without a traceback.
+        with contextlib.suppress(SimulationStopped):
+            run_federation(grid, cfg, DemoHooks())
 
     print(f"fedvlsm simulate: run '{cfg.run_name}', {num_sites} site(s), records in {cfg.runs_dir / cfg.run_name}",
           flush=True)
     start = time.perf_counter()
     error: BaseException | None = None
+    run_dir = cfg.runs_dir / cfg.run_name
+    # Only a status this process wrote is its to correct: another process may be running a run of
+    # this name (this one then stops at once, refused), and its `running` must stay.
+    before = status_stamp(run_dir)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         run_simulation(
             server_app=server_app,
@@ -205,11 +323,20 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
         )
     except BaseException as err:  # noqa: BLE001 - reported below, as an exit code
         error = err
+    finally:
+        stopped.set()
+        if in_main:  # None: a handler from outside Python, which signal.signal cannot put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for thread in server_threads:
+        thread.join(SERVER_STOP_GRACE_S)
     took = time.perf_counter() - start
-    status = RunRecords(cfg.runs_dir / cfg.run_name).read_status()
     root = error
     while root is not None and root.__cause__ is not None:
         root = root.__cause__
+    records = RunRecords(run_dir)
+    if status_stamp(run_dir) != before:
+        record_end(records, error, root)
+    status = records.read_status()
     if isinstance(root, ConfigError):
         print(f"fedvlsm simulate: {root}", file=sys.stderr)
         return 2
@@ -217,6 +344,8 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
         reason = status.get("reason") or (f"{type(root).__name__}: {root}" if root else "unknown")
         print(f"fedvlsm simulate: run '{cfg.run_name}' {status['status']} after {took:.1f}s: {reason}",
               file=sys.stderr)
+        if exit_on_interrupt and interruption(error):
+            leave_now(1)
         return 1
     print(f"fedvlsm simulate: run '{cfg.run_name}' finished in {took:.1f}s; final adapter in "
           f"{cfg.runs_dir / cfg.run_name / 'final' / 'adapter'}", flush=True)

@@ -104,6 +104,63 @@ def test_clear_states_and_errors(client):
     assert client.post("/api/runs").status_code == 405
 
 
+def test_a_malformed_older_run_is_one_error_row_and_its_own_page_says_why(tmp_path):
+    runs_dir = tmp_path / "runs"
+    RunRecords.create(runs_dir, "good", {"rounds": 2}).append_round({"round": 1, "dice": 0.5})
+    bad = {"old-noround": (b'{"rounds": 3}', b'{"dice": 0.5}\n'),  # older-style folders: no run.sqlite
+           "old-list": (b'{"rounds": 3}', b"[1, 2]\n"),
+           "old-roundstr": (b'{"rounds": 3}', b'{"round": "two"}\n'),
+           "old-latin1": (b'{"note": "caf\xe9"}', b'{"round": 1}\n')}
+    for name, (config, rounds) in bad.items():
+        (runs_dir / name).mkdir()
+        (runs_dir / name / "config.json").write_bytes(config)
+        (runs_dir / name / "rounds.jsonl").write_bytes(rounds)
+    with TestClient(create_app(runs_dir)) as c:
+        r = c.get("/api/runs")
+        assert r.status_code == 200, r.text
+        rows = {row["name"]: row for row in r.json()["runs"]}
+        assert rows["good"]["status"] == "running" and rows["good"]["last_dice"] == 0.5
+        assert {name for name, row in rows.items() if row["status"] == "error"} == set(bad)
+        assert "rounds.jsonl line 1: a round record needs a 'round' key" in rows["old-noround"]["error"]
+        assert "config.json line 1: not UTF-8" in rows["old-latin1"]["error"]
+        r = c.get("/api/runs/old-roundstr")
+        assert r.status_code == 500 and r.json()["error"].startswith("run 'old-roundstr' cannot be read: ")
+        assert "'round' must be an integer" in r.json()["error"]
+        r = c.get("/runs/old-list")
+        assert r.status_code == 500 and "cannot be shown" in r.text and "must be a JSON object" in r.text
+
+
+def test_any_failure_of_one_run_stays_that_runs_own(tmp_path, monkeypatch):
+    import server.dashboard.app as dashboard_app
+
+    runs_dir = tmp_path / "runs"
+    for name in ("good", "odd"):
+        RunRecords.create(runs_dir, name, {"rounds": 2})
+    real = dashboard_app.ensure_store
+
+    def ensure_store(path):  # a failure nobody foresaw, in one run only
+        if path.name == "odd":
+            raise KeyError("surprise")
+        return real(path)
+
+    monkeypatch.setattr(dashboard_app, "ensure_store", ensure_store)
+    with TestClient(create_app(runs_dir)) as c:
+        rows = {row["name"]: row for row in c.get("/api/runs").json()["runs"]}
+        assert rows["good"]["status"] == "running"
+        assert rows["odd"]["status"] == "error" and rows["odd"]["error"] == "KeyError: 'surprise'"
+        r = c.get("/api/runs/odd")
+        assert r.status_code == 500 and r.json()["error"] == "run 'odd' cannot be read: KeyError: 'surprise'"
+
+
+def test_anything_but_get_is_405_and_json_on_the_api(client):
+    for method, path in (("post", "/api/runs"), ("delete", "/api/runs/done"), ("put", "/api/runs/nope")):
+        r = getattr(client, method)(path)
+        assert r.status_code == 405 and r.headers["content-type"] == "application/json", (path, r.text)
+        assert "read-only" in r.json()["error"] and "GET" in r.headers["allow"]
+    r = client.post("/runs/done")
+    assert r.status_code == 405 and "read-only" in r.text
+
+
 def test_pages_and_static_assets_are_served_locally(client):
     for path in ("/", "/runs/done", "/runs/failed", "/runs/empty"):
         r = client.get(path)

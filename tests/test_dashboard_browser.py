@@ -3,7 +3,8 @@
 Loads the page of a finished run written by a real (short) federation, checks
 that the charts rendered and that the Dice and byte figures shown equal the
 run store's, then adds a round to the store and waits for the open page to
-show it without a reload. Where CI is set, a missing Chromium fails the test.
+show it without a reload, then a skipped round, which keeps the last Dice and
+epsilon shown. Where CI is set, a missing Chromium fails the test.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def test_run_page_shows_the_store_and_updates_live(browser, served):
     # A round added to the store shows up on the open page, no reload.
     records = RunRecords(run_dir)
     third = copy.deepcopy(records.read_rounds()[-1])
-    third.update(round=3, dice=0.4321, dice_personal=0.5432,
+    third.update(round=3, dice=0.4321, dice_personal=0.5432, epsilon_max=1.25,
                  failures=[{"site": "site-2", "phase": "train", "reason": "out of memory"}])
     browser.execute_script("window.notReloaded = true")
     records.append_round(third)
@@ -130,6 +131,13 @@ def test_run_page_shows_the_store_and_updates_live(browser, served):
     assert text(browser, "#timeline tr[data-round='3'] td.dice") == "0.4321"
     assert "site-2 (train): out of memory" in text(browser, "#timeline tr[data-round='3']")
     assert len(browser.execute_script("return Chart.getChart('chart-dice').data.datasets[0].data")) == 3
+
+    # A skipped last round (no Dice, no epsilon: e.g. every site out of its privacy budget) blanks neither figure.
+    records.append_round({"round": 4, "status": "skipped", "dice": None, "dice_personal": None, "sites": {},
+                          "failures": [{"site": "site-0", "phase": "train", "reason": "privacy budget: spent"}]})
+    wait_for(browser, "return document.body.dataset.rendered === '4'", timeout=15)
+    assert text(browser, "#fig-dice") == "0.4321" and text(browser, "#fig-dice-personal") == "0.5432"
+    assert text(browser, "#fig-epsilon") == "1.25"
 
 
 def test_runs_list_and_error_page(browser, served):

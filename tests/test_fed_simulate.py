@@ -4,7 +4,8 @@
 - a run started from a preset TOML, killed mid-run (SIGKILL of the whole
   process tree: a real crash), continued with the README's resume command,
   ends with the same final adapter as an uninterrupted run;
-- nothing is left running afterwards (no SuperLink, no Ray).
+- nothing is left running afterwards (no SuperLink, no Ray);
+- SIGTERM mid-run ends the run `stopped` (status.json and the run store) and the command at once.
 """
 
 from __future__ import annotations
@@ -147,4 +148,39 @@ def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     # Nothing left running from either run.
     time.sleep(1.0)
     left = ray_processes_of(straight) + ray_processes_of(crashed)
+    assert not left, [p.info["cmdline"] for p in left]
+
+
+def test_sigterm_stops_the_run_and_says_so_everywhere(tmp_path):
+    """SIGTERM mid-run (as `kill`, or a scheduler, sends it): the run ends `stopped`, in status.json and
+    the run store alike, with the signal as its reason; the command exits 1 at once, leaving nothing running."""
+    from server.run_store import RunStore
+
+    run_config = "run-name='int' rounds=100 compare=false demo-sites=2"
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([FEDVLSM, "simulate", "--run-config", "simulations/configs/quick.toml",
+                                 "--run-config", run_config], cwd=REPO, env=env_for(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "round 1/100" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 1, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone already, as it should be
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "fedvlsm simulate: run 'int' stopped after" in text and "interrupted (SIGTERM)" in text, text[-3000:]
+    run_dir = tmp_path / "runs" / "int"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["reason"]) == ("stopped", "interrupted (SIGTERM)")
+    row = RunStore.in_run_dir(run_dir).summary()
+    assert (row["status"], row["reason"]) == ("stopped", "interrupted (SIGTERM)") and row["ended_at"]
+    time.sleep(1.0)
+    left = ray_processes_of(tmp_path)
     assert not left, [p.info["cmdline"] for p in left]

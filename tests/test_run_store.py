@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import threading
 
@@ -175,3 +177,59 @@ def test_flower_node_ids_beyond_signed_64_bit_are_kept_exactly(tmp_path):
     records.append_round({**NEW, "round": 1, "sites": {"a": {**NEW["sites"]["a"], "node_id": big}}})
     rows = records.store.read()["rounds"][0]["sites"]
     assert [r["node_id"] for r in rows] == [str(big)]
+
+
+@pytest.mark.parametrize("config, rounds, where", [
+    (b'{"rounds": 3}', b'{"dice": 0.5}\n', "rounds.jsonl line 1: a round record needs a 'round' key"),
+    (b'{"rounds": 3}', json.dumps(OLD).encode() + b"\n[1, 2]\n",
+     "rounds.jsonl line 2: a round record must be a JSON object, not list"),
+    (b'{"rounds": 3}', b'{"round": "two"}\n', "rounds.jsonl line 1: a round record's 'round' must be an integer"),
+    (b'{"rounds": 3}', b'{"round": 1, "sites": [1]}\n', "rounds.jsonl line 1: round 1: 'sites' must map"),
+    (b'{"rounds": 3}', json.dumps(OLD).encode() + b"\n{oops\n", "rounds.jsonl line 2: not valid JSON"),
+    (b'{"rounds": 3}', json.dumps(OLD).encode() + b'\n{"round": 2, "note": "\xe9"}\n',
+     "rounds.jsonl line 2: not UTF-8"),
+    (b'{"note": "\xff"}', b"", "config.json line 1: not UTF-8"),
+    (b"[1, 2]", b"", "config.json: must hold a JSON object, not list"),
+], ids=["no-round", "a-list", "round-a-string", "sites-a-list", "not-json", "rounds-not-utf8", "config-not-utf8",
+        "config-a-list"])
+def test_import_refuses_files_of_the_wrong_shape_naming_file_and_line(tmp_path, config, rounds, where):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_bytes(config)
+    (run / "rounds.jsonl").write_bytes(rounds)
+    with pytest.raises(RunStoreError, match=re.escape(where)):
+        ensure_store(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "rounds.jsonl"]  # no store, no leftovers
+
+
+def test_summary_keeps_the_last_figures_past_a_skipped_round_and_says_why_a_run_ended_early(tmp_path):
+    records = make(tmp_path, dp="sample")
+    records.append_round({**NEW, "round": 1})
+    # every site out of its privacy budget: a skipped round without Dice or epsilon
+    records.append_round({"round": 2, "status": "skipped", "dice": None, "dice_personal": None, "sites": {},
+                          "failures": [{"site": "a", "phase": "train", "reason": "privacy budget: spent"}]})
+    why = "privacy budget: every site has spent its dp-epsilon-budget"
+    records.save_final_file("summary.json", json.dumps({"ended_early": why, "final_dice": NEW["dice"]}))
+    records.set_status("finished")
+    row = records.store.summary()
+    assert (row["last_round"], row["rounds_done"]) == (2, 2)
+    assert (row["last_dice"], row["last_dice_personal"]) == (NEW["dice"], NEW["dice_personal"])
+    assert (row["last_epsilon_max"], row["last_epsilon_server"], row["last_delta"]) == (1.5, 2.5, 1e-5)
+    assert row["status"] == "finished" and row["reason"] == why
+    assert records.store.read()["run"]["reason"] == why
+
+
+def test_an_imported_finished_run_ended_when_its_last_round_did(tmp_path):
+    run = tmp_path / "old"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    last = {**OLD, "round": 2, "time": "2026-01-02T03:04:05+00:00"}
+    (run / "rounds.jsonl").write_text(json.dumps(OLD) + "\n" + json.dumps(last) + "\n")
+    (run / "final" / "summary.json").write_text(json.dumps({"ended_early": "privacy budget: spent"}))
+    run_row = ensure_store(run).read()["run"]
+    assert (run_row["status"], run_row["ended_at"]) == ("finished", "2026-01-02T03:04:05+00:00")
+    assert run_row["reason"] == "privacy budget: spent"
+    # re-imported when a file changes: still the run's own end, not the import's time
+    (run / "rounds.jsonl").write_text(json.dumps({**OLD, "time": {"not": "a time"}}) + "\n")
+    os.utime(run / "final" / "summary.json", (1_800_000_000, 1_800_000_000))
+    assert ensure_store(run).read()["run"]["ended_at"] == "2027-01-15T08:00:00+00:00"  # summary.json's mtime

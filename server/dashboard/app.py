@@ -81,6 +81,11 @@ def run_dir_of(runs_dir: Path, name: str) -> Path:
     return path
 
 
+def unreadable(err: Exception) -> str:
+    """Why a run cannot be read: a RunStoreError says it (naming the file); anything else is named by its type."""
+    return str(err) if isinstance(err, RunStoreError) else f"{type(err).__name__}: {err}"
+
+
 def list_runs(runs_dir: Path) -> dict[str, Any]:
     runs = []
     if runs_dir.is_dir():
@@ -91,8 +96,10 @@ def list_runs(runs_dir: Path) -> dict[str, Any]:
                 row = ensure_store(path).summary()
                 row["name"] = path.name  # the folder is what the URL names
                 runs.append(row)
-            except RunStoreError as err:
-                runs.append({"name": path.name, "status": "error", "error": str(err), "rounds_done": None,
+            # Any failure, not only the store's own: one bad folder is one error row,
+            # never a list without the others.
+            except Exception as err:  # noqa: BLE001
+                runs.append({"name": path.name, "status": "error", "error": unreadable(err), "rounds_done": None,
                              "last_dice": None, "started_at": None})
     runs.sort(key=lambda r: (r.get("started_at") or "", r["name"]), reverse=True)
     return {"runs_dir": str(runs_dir), "runs_dir_exists": runs_dir.is_dir(), "runs": runs}
@@ -170,8 +177,8 @@ def create_app(runs_dir: Path, token: str | None = None) -> Starlette:
             ensure_store(run_dir).summary()
         except RunNotFound as err:
             return error_page(request, 404, str(err))
-        except RunStoreError as err:
-            return error_page(request, 500, f"run '{name}' cannot be shown: {err}")
+        except Exception as err:  # noqa: BLE001 - this run's own problem, said as such (the list shows the others)
+            return error_page(request, 500, f"run '{name}' cannot be shown: {unreadable(err)}")
         return page(request, "run.html", name=name)
 
     async def api_runs(request: Request) -> Response:
@@ -183,8 +190,9 @@ def create_app(runs_dir: Path, token: str | None = None) -> Starlette:
             return JSONResponse(read_run(runs_dir, name), headers=NO_STORE)
         except RunNotFound as err:
             return JSONResponse({"error": str(err)}, status_code=404, headers=NO_STORE)
-        except RunStoreError as err:
-            return JSONResponse({"error": f"run '{name}' cannot be read: {err}"}, status_code=500, headers=NO_STORE)
+        except Exception as err:  # noqa: BLE001 - this run's own problem, said as such (the list shows the others)
+            return JSONResponse({"error": f"run '{name}' cannot be read: {unreadable(err)}"}, status_code=500,
+                                headers=NO_STORE)
 
     async def download(request: Request) -> Response:
         name, what = request.path_params["name"], request.path_params["what"]
@@ -223,7 +231,11 @@ def create_app(runs_dir: Path, token: str | None = None) -> Starlette:
         return PlainTextResponse(message, status_code=500)
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return PlainTextResponse("the dashboard is read-only (GET only)", status_code=405)
+        message = f"the dashboard is read-only (GET only): {request.method} {request.url.path} is not allowed"
+        headers = getattr(exc, "headers", None)  # Starlette's `Allow`
+        if _is_api(request):
+            return JSONResponse({"error": message}, status_code=405, headers=headers)
+        return PlainTextResponse(message, status_code=405, headers=headers)
 
     middleware = [Middleware(TokenMiddleware, token=token)] if token else []
     return Starlette(

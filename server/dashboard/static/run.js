@@ -53,13 +53,24 @@ function siteNames(rounds) {
   return [...names].sort();
 }
 
+// The latest round's non-null value of `key`, or null: a skipped round (e.g. every site out of its
+// privacy budget) records no Dice and no epsilon, and must not blank the run's figures.
+function latest(rounds, key) {
+  for (let i = rounds.length - 1; i >= 0; i--) {
+    if (rounds[i][key] !== null && rounds[i][key] !== undefined) return rounds[i][key];
+  }
+  return null;
+}
+
 function renderFigures(data) {
   const { run, rounds } = data;
-  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  const ok = rounds.filter((r) => r.status === "ok");
+  const lastOk = ok.length ? ok[ok.length - 1] : null;  // as final/summary.json's final_dice
   const configured = run.config.rounds;
   document.getElementById("fig-rounds").textContent = rounds.length + (configured ? " / " + configured : "");
-  document.getElementById("fig-dice").textContent = last ? fmt.dice(last.dice) : "n/a";
-  document.getElementById("fig-dice-personal").textContent = last ? fmt.dice(last.dice_personal) : "n/a";
+  document.getElementById("fig-dice").textContent = lastOk ? fmt.dice(lastOk.dice) : "n/a";
+  document.getElementById("fig-dice-personal").textContent = lastOk ? fmt.dice(lastOk.dice_personal) : "n/a";
+  document.getElementById("fig-dice").title = lastOk ? "round " + lastOk.round : "";
   const sum = (k) => rounds.reduce((a, r) => a + (r[k] || 0), 0);
   const up = sum("payload_bytes_up"), down = sum("payload_bytes_down");
   document.getElementById("fig-bytes-up").textContent = fmt.bytes(up);
@@ -70,7 +81,7 @@ function renderFigures(data) {
   document.getElementById("fig-full-model").textContent =
     full === null ? "n/a" : fmt.bytes(full) + (up + down ? " (" + (full / (up + down)).toFixed(1) + "x this run)" : "");
   const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
-  const eps = last && last.epsilon_server !== null ? last.epsilon_server : (last ? last.epsilon_max : null);
+  const eps = latest(rounds, "epsilon_server") ?? latest(rounds, "epsilon_max");
   const budget = run.config["dp-epsilon-budget"];
   document.getElementById("fig-epsilon-label").textContent = dp === "client" ? "privacy (\u03b5, server)"
     : dp === "sample" ? "privacy (\u03b5, max over sites)" : "privacy (\u03b5)";
@@ -152,8 +163,8 @@ function renderCharts(data) {
     const budget = run.config["dp-epsilon-budget"];
     if (budget) sets.push(line("budget", labels.map(() => Number(budget)), "#6b7280", { borderDash: [2, 4], pointRadius: 0 }));
     draw("chart-epsilon", { type: "line", data: { labels, datasets: sets }, options: { scales: axes("epsilon", { min: 0 }) } });
-    const last = rounds[rounds.length - 1];
-    epsNote.textContent = "delta " + (last.delta === null ? "n/a" : last.delta) + (dp ? " | mode " + dp : "") +
+    const delta = latest(rounds, "delta");
+    epsNote.textContent = "delta " + (delta === null ? "n/a" : delta) + (dp ? " | mode " + dp : "") +
       (budget ? " | budget " + budget : "");
   }
 }
