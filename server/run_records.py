@@ -138,6 +138,10 @@ class RunRecords:
         """Run figures that are not config keys (e.g. `trainable_parameters`, `base_parameters`)."""
         self._store().set_meta(meta)
 
+    def read_meta(self) -> dict[str, Any]:
+        """The run figures `set_meta` recorded ({} if none)."""
+        return self._store().read()["run"]["meta"] or {}
+
     def read_config(self) -> dict[str, Any]:
         return json.loads((self.run_dir / CONFIG_FILE).read_text())
 

@@ -70,6 +70,7 @@ from server.write_behind import WriteBehind
 app = ServerApp()
 
 # Keys a resumed run takes from the new launch instead of its saved config.json.
+SIMULATED_SITES = "simulated_sites"  # run meta: a simulated run's site count (a resume must keep it)
 RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
                       "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
 
@@ -124,11 +125,19 @@ def _run(
     say(f"adapter tensors: {len(shared)} shared, {len(personal)} personal; trainable parameters "
         f"{counts['trainable']:,} of {counts['total']:,}")
     base_parameters = sum(p.numel() for p in frozen.model.parameters())  # the frozen base alone
-    records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters})
     global_arrays = {k: v.float().numpy() for k, v in shared.items()}
     meta = adapter_config(model, shared, extra={"personal": list(cfg.personal), "shared_only": bool(personal)})
 
-    nodes = wait_for_sites(grid, cfg, simulation=is_simulation(grid))
+    simulation = is_simulation(grid)
+    nodes = wait_for_sites(grid, cfg, simulation=simulation)
+    if cfg.resume and simulation:  # a simulation's sites are its data partition: the same count, or other data
+        before = records.read_meta().get(SIMULATED_SITES)
+        if before is not None and before != len(nodes):
+            raise ConfigError(f"run '{cfg.run_name}' was simulated with {before} sites, this simulation has "
+                              f"{len(nodes)}: the partition (and the demo data) would differ; resume it with "
+                              f"{before} sites (fedvlsm simulate: --num-sites {before}, or none)")
+    records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters,
+                      **({SIMULATED_SITES: len(nodes)} if simulation else {})})
     hooks.before_rounds(grid, cfg, nodes)
     check_min_replies(cfg, len(nodes), simulation=is_simulation(grid))
     strategy = build_strategy(cfg, len(nodes))

@@ -10,7 +10,8 @@ downloaded, and the exit code says how the run ended:
     0  the run finished (its run directory holds final/)
     1  the run failed, or was stopped by Ctrl-C or SIGTERM (the reason is
        printed and kept in status.json: failed, or stopped)
-    2  the configuration was refused (one line naming the key; no traceback)
+    2  the configuration was refused (one line naming the key; no traceback),
+       or the run exists already (resume it, or pick another run-name)
 
 `--run-config` takes `key=value ...` strings and/or TOML files (such as the
 presets in simulations/configs/), any number of each, applied in order on
@@ -105,6 +106,20 @@ def resolve_num_sites(cfg: Any, requested: int) -> int:
     raise ConfigError(f"partition '{cfg.partition}' splits the data over any number of sites: pass --num-sites N")
 
 
+def saved_num_sites(cfg: Any) -> int:
+    """How many sites the run to resume was simulated with (0 if it did not say): its partition
+    depends on it, so the documented resume, which gives no --num-sites, keeps it."""
+    from server.run_store import RunStore, RunStoreError
+    from server.server_app import SIMULATED_SITES
+
+    store = RunStore.in_run_dir(cfg.runs_dir / cfg.run_name)
+    try:
+        meta = store.read()["run"]["meta"] if store.exists() else {}
+    except RunStoreError:
+        return 0
+    return int((meta or {}).get(SIMULATED_SITES) or 0)
+
+
 def resume_config(launch: Any, overrides: dict[str, Any]) -> Any:
     """A resumed run's config: its saved config.json, plus only the keys given on this command line.
 
@@ -172,7 +187,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not cfg.run_name:
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
-        num_sites = resolve_num_sites(cfg, args.num_sites)
+        num_sites = resolve_num_sites(cfg, args.num_sites or (saved_num_sites(cfg) if cfg.resume else 0))
         if cfg.min_sites > num_sites:
             raise ConfigError(f"run config 'min-sites' = {cfg.min_sites} but the simulation has {num_sites} "
                               "site(s); lower 'min-sites' or pass --num-sites")
@@ -285,7 +300,7 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
 
     from client.client_app import app as client_app
     from common.federation_config import ConfigError
-    from server.run_records import RunRecords
+    from server.run_records import RunRecords, RunRecordsError
     from server.server_app import run_federation
     from simulations.demo import DemoHooks
 
@@ -334,12 +349,17 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
     while root is not None and root.__cause__ is not None:
         root = root.__cause__
     records = RunRecords(run_dir)
-    if status_stamp(run_dir) != before:
+    written = status_stamp(run_dir) != before  # this process ran (or tried) the run, not only found it
+    if written:
         record_end(records, error, root)
     status = records.read_status()
-    if isinstance(root, ConfigError):
+    if isinstance(root, (ConfigError, RunRecordsError)):  # refused as asked (e.g. a run that already exists)
         print(f"fedvlsm simulate: {root}", file=sys.stderr)
         return 2
+    if error is not None and not written:  # the status on file is another run's doing: not this one's
+        print(f"fedvlsm simulate: run '{cfg.run_name}' not started after {took:.1f}s: {type(root).__name__}: {root}",
+              file=sys.stderr)
+        return 1
     if error is not None or status["status"] != "finished":
         reason = status.get("reason") or (f"{type(root).__name__}: {root}" if root else "unknown")
         print(f"fedvlsm simulate: run '{cfg.run_name}' {status['status']} after {took:.1f}s: {reason}",

@@ -257,3 +257,19 @@ def test_a_resume_with_fewer_rounds_than_the_run_has_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="'rounds' = 1 but run 'two' already has 2 complete rounds"):
         run(make_cfg(data, tmp_path, run_name="two", rounds=1, resume=True))
     assert _state(tmp_path, "two") == ("finished", ["adapter", "summary.json"], 2)
+
+
+def test_a_simulated_run_resumes_only_with_its_own_number_of_sites(data, tmp_path):
+    # The site count is no config key: a run simulated with 4 sites, resumed with the documented
+    # command (no --num-sites), went on with 3: other demo data, another partition, exit 0.
+    from common.federation_config import ConfigError
+    from simulations.simulate import saved_num_sites
+
+    cfg = make_cfg(data, tmp_path, run_name="four", rounds=1, partition="iid")
+    run(cfg, sites=4)
+    assert saved_num_sites(cfg) == 4  # what `fedvlsm simulate` resumes with when given no --num-sites
+    with pytest.raises(ConfigError, match="was simulated with 4 sites, this simulation has 3"):
+        run(make_cfg(data, tmp_path, run_name="four", rounds=2, partition="iid", resume=True), sites=3)
+    assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 1)
+    run(make_cfg(data, tmp_path, run_name="four", rounds=2, partition="iid", resume=True), sites=4)
+    assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 2)

@@ -105,6 +105,12 @@ def test_readme_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "\x1b[" not in out.stderr  # no ANSI colours into a pipe
     assert "Manually terminating" not in out.stderr
+    # The same command again: the run exists. Refused (exit 2, one line); it said "run 'quick' finished
+    # after ...: RunRecordsError" (the old run's status) and exited 1.
+    again = run(START, straight)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "already holds rounds of a run named 'quick'" in again.stderr and "finished after" not in again.stderr
+    assert json.loads((straight / "runs/quick/status.json").read_text())["status"] == "finished"
 
     # The same command, killed (SIGKILL, whole process tree) as soon as round 1 is recorded.
     argv = shlex.split(START)
