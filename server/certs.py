@@ -68,6 +68,19 @@ def planned_files(out: Path, sites: list[str]) -> list[Path]:
     return files
 
 
+# A DNS name: dot-separated labels of letters, digits and inner hyphens (max 253 characters).
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                        r"[A-Za-z0-9])?)*$")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def write_certs(out: Path, server_names: list[str], sites: list[str]) -> list[Path]:
     """Write the CA, server certificate and site key pairs; refuse if any of them exists already."""
     for s in sites:
@@ -75,6 +88,10 @@ def write_certs(out: Path, server_names: list[str], sites: list[str]) -> list[Pa
             raise ValueError(f"--site {s!r}: use letters, digits, '.', '_' or '-' (max 64)")
     if len(set(sites)) != len(sites):
         raise ValueError("--site: each site name once")
+    for name in server_names:  # before anything is written: a bad name made an unusable certificate
+        if not _is_ip(name) and not _HOST_NAME.match(name):
+            raise ValueError(f"--server-name {name!r}: a DNS name (e.g. consortium.example.org) or an IP address, "
+                             "without port or scheme")
     existing = [p for p in planned_files(out, sites) if p.exists()]
     if existing:
         raise FileExistsError("refusing to overwrite existing key material: "

@@ -171,3 +171,25 @@ def test_lazy_public_names_still_import():
     assert again is evaluate and not isinstance(again, type(common))
     assert AdapterSpec("dense-vl").variant == "dense-vl"
     assert set(common.__all__) <= set(dir(common))
+
+
+@pytest.mark.parametrize("name", ["consortium.example.org:9092", "bad name", "", "https://consortium.org"])
+def test_deploy_certs_refuses_a_server_name_no_certificate_can_use(tmp_path, capsys, name):
+    # It wrote the CA, keys and a server certificate whose name matched nothing (or failed half-way,
+    # cryptically, leaving an empty folder).
+    out = tmp_path / "certs"
+    assert main(["deploy", "certs", str(out), "--server-name", name, "--site", "hospital-a"]) == 2
+    assert f"--server-name {name!r}: a DNS name" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_deploy_certs_names_dns_names_and_ip_addresses(tmp_path, capsys):
+    from cryptography import x509
+
+    out = tmp_path / "certs"
+    assert main(["deploy", "certs", str(out), "--server-name", "consortium.example.org",
+                 "--server-name", "10.0.0.5", "--site", "hospital-a"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "consortium.example.org" in san.get_values_for_type(x509.DNSName)
+    assert "10.0.0.5" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
