@@ -13,6 +13,7 @@
 #   NOOP_BASELINE=after ...  # ...or run it after the fedvlsm run
 #
 # Extra run config: RUN_CONFIG="base='arch:tiny' local-epochs=1" (appended).
+# Extra `fedvlsm site start` options: SITE_ARGS="--dp-require" (each site).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -93,7 +94,7 @@ for i in $(seq 0 $((K - 1))); do
     tls=(--insecure); [ "$INSECURE" = 1 ] || tls=(--root-certificates "$WORK/certs/ca.crt"
       --auth-key "$WORK/certs/sites/hospital-$i.key")
     fedvlsm site start --superlink "127.0.0.1:$PORT" --data "$WORK/data/site-$i" --site-name "hospital-$i" \
-      --site-dir "$site_dir" "${tls[@]}" >"$WORK/logs/site-$i.log" 2>&1 &
+      --site-dir "$site_dir" "${tls[@]}" ${SITE_ARGS:-} >"$WORK/logs/site-$i.log" 2>&1 &
   fi
   pids+=($!)
 done
