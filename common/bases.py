@@ -283,23 +283,17 @@ def check_prompts(base: Base, where: str | None = None) -> None:
         )
 
 
-def weights_digest(model: CLIPSegForImageSegmentation) -> str:
-    """A hash of every weight of the frozen towers (``model.clip``), computed once per loaded base.
+def _weights_hash(root: torch.nn.Module) -> str:
+    """blake2b of every parameter and buffer under `root` (names, shapes, dtypes, values).
 
-    For what must not mix between bases: cached frozen activations
-    (common/activation_cache.py) computed on one base are wrong for another
-    that differs anywhere, also outside the few slices ``base_fingerprint``
-    samples (a fine-tuned checkpoint of the same architecture, say). Reads
-    the fp32 originals where the fast path has cast weights to bf16, so it
-    names the base, not its storage. About 1 s per 600 MB of weights.
+    Reads the fp32 originals where the fast path has cast weights to bf16
+    (common/fast.py), so it names the weights, not their storage. About 1 s
+    per 600 MB of weights on a CPU.
     """
     from common.fast import FP32_ORIGINALS  # local: fast is not needed to load a base
 
-    pinned = getattr(model, "_fedvlsm_digest", None)
-    if pinned is not None:
-        return pinned
     h = hashlib.blake2b(digest_size=16)
-    for module_name, module in model.clip.named_modules():
+    for module_name, module in root.named_modules():
         kept = module.__dict__.get(FP32_ORIGINALS, {})
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for name, t in tensors:
@@ -308,24 +302,47 @@ def weights_digest(model: CLIPSegForImageSegmentation) -> str:
             if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
                 t = t.view(torch.int16)
             h.update(t.cpu().contiguous().numpy().tobytes())
-    model._fedvlsm_digest = digest = h.hexdigest()
-    return digest
+    return h.hexdigest()
+
+
+def weights_digest(model: CLIPSegForImageSegmentation) -> str:
+    """A hash of every weight of the frozen towers (``model.clip``), computed once per loaded base.
+
+    For what must not mix between bases: cached frozen activations
+    (common/activation_cache.py) computed on one base are wrong for another
+    whose towers differ anywhere (the decoder does not enter them).
+    """
+    pinned = getattr(model, "_fedvlsm_digest", None)
+    if pinned is None:
+        model._fedvlsm_digest = pinned = _weights_hash(model.clip)
+    return pinned
 
 
 def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:
-    """A short hash of the base's frozen weights, independent of where they were loaded from.
+    """A hash of every weight of the base (towers and decoder), independent of where it was loaded from.
 
-    Adapters are only meaningful on the weights they were trained against: two
-    bases with identical shapes (rd64 vs rd64-refined, a random arch) must
-    still be told apart. A few slices of tensors spread over the model are
-    enough to tell different checkpoints apart cheaply.
-
-    A base whose frozen weights the GPU fast path cast to bf16 in place
-    (common/fast.py) keeps the fingerprint of its fp32 weights, recorded
-    before the cast in ``_fedvlsm_fingerprint``: the weights are the same
-    base, only stored narrower.
+    Adapters are only meaningful on the weights they were trained against:
+    two bases with identical shapes (rd64 vs rd64-refined, a random arch, a
+    fine-tuned checkpoint) must be told apart wherever they differ. Computed
+    once per loaded base (pinned in ``_fedvlsm_fingerprint``), from the fp32
+    weights also after the GPU fast path cast them to bf16 in place.
+    32 hex digits; adapters saved before it carry the 16-digit
+    ``legacy_fingerprint`` (common/model.py, check_fingerprint).
     """
     pinned = getattr(model, "_fedvlsm_fingerprint", None)
+    if pinned is None:
+        model._fedvlsm_fingerprint = pinned = _weights_hash(model)
+    return pinned
+
+
+def legacy_fingerprint(model: CLIPSegForImageSegmentation) -> str:
+    """The fingerprint adapters carried until 2026-12-07: a hash of a few sampled slices (16 hex digits).
+
+    It told different checkpoints apart only where they differ inside the
+    slices; kept so that adapters saved with it still load on their base.
+    Pinned like ``base_fingerprint`` (before a bf16 cast rounds the slices).
+    """
+    pinned = getattr(model, "_fedvlsm_legacy_fingerprint", None)
     if pinned is not None:
         return pinned
     h = hashlib.sha256()
@@ -341,4 +358,5 @@ def base_fingerprint(model: CLIPSegForImageSegmentation) -> str:
         flat = t.detach().float().reshape(-1)[:4096].cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
         h.update(flat.numpy().round(5).tobytes())
-    return h.hexdigest()[:16]
+    model._fedvlsm_legacy_fingerprint = pinned = h.hexdigest()[:16]
+    return pinned

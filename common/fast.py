@@ -208,10 +208,10 @@ def cast_frozen(clipseg: nn.Module, dtype: torch.dtype) -> int:
     from a GPU): a plain (fp32) fit, evaluate or DP-SGD round in the same
     process later gets the base back exactly, not rounded to bf16.
     """
-    from common.bases import base_fingerprint
+    from common.bases import base_fingerprint, legacy_fingerprint
 
-    if getattr(clipseg, "_fedvlsm_fingerprint", None) is None:
-        clipseg._fedvlsm_fingerprint = base_fingerprint(clipseg)
+    base_fingerprint(clipseg)  # both pinned from the fp32 weights, before the cast
+    legacy_fingerprint(clipseg)
     n = 0
     for module in clipseg.modules():
         if isinstance(module, _MATMUL_MODULES):

@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask
 
 from common.adapters import AdapterSet, AdapterSpec, build_adapter_set
 from common.adapters.baselines import MUTATING, prepare_base
-from common.bases import Base, base_fingerprint
+from common.bases import Base, base_fingerprint, legacy_fingerprint
 
 
 class AdapterStateError(ValueError):
@@ -35,6 +35,7 @@ class AdaptedCLIPSeg(nn.Module):
         self.spec = spec
         self.base_id = base.base_id
         self.base_fingerprint = base_fingerprint(base.model)
+        self.legacy_base_fingerprint = legacy_fingerprint(base.model)  # adapters saved before 2026-12-07
         self.image_size = base.image_size
         self.clipseg: CLIPSegForImageSegmentation = prepare_base(base.model, spec)
         self.adapters: AdapterSet = build_adapter_set(spec, self.clipseg.config)
@@ -244,7 +245,9 @@ def build_model(base: Base, spec: AdapterSpec | str) -> AdaptedCLIPSeg:
 
 
 def check_fingerprint(model: AdaptedCLIPSeg, fingerprint: str, base_id: str, source: str) -> None:
-    if fingerprint != model.base_fingerprint:
+    # An adapter saved before 2026-12-07 carries the 16-digit sampled fingerprint: checked as it was made.
+    mine = model.legacy_base_fingerprint if len(str(fingerprint)) == 16 else model.base_fingerprint
+    if fingerprint != mine:
         raise AdapterStateError(
             f"{source}: adapter was trained on base '{base_id}' (fingerprint {fingerprint}), "
             f"but this model's base is '{model.base_id}' (fingerprint {model.base_fingerprint})"

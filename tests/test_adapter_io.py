@@ -50,6 +50,39 @@ def test_refuses_other_base(tiny_base, tmp_path):
         load_adapter(build_model(other_base, "dense-vl"), tmp_path / "a")
 
 
+@pytest.mark.parametrize("edit", ["decoder", "vision layer"])
+def test_refuses_a_base_that_differs_outside_the_old_sampled_slices(tiny_base, tmp_path, edit):
+    # The fingerprint hashed a few slices of five tensors: a base differing anywhere else (its decoder,
+    # a deeper vision layer: a fine-tuned checkpoint) had the same one and took the adapter silently.
+    save_adapter(_trained(tiny_base, "dense-vl"), tmp_path / "a")
+    other_base = load_base("arch:tiny")
+    with torch.no_grad():
+        if edit == "decoder":
+            other_base.model.decoder.layers[0].mlp.fc1.weight.add_(0.5)
+        else:
+            other_base.model.clip.vision_model.encoder.layers[1].mlp.fc1.weight.add_(0.3)
+    with pytest.raises(AdapterStateError, match="trained on base 'arch:tiny'.*fingerprint"):
+        load_adapter(build_model(other_base, "dense-vl"), tmp_path / "a")
+
+
+def test_an_adapter_saved_with_the_old_fingerprint_still_loads_on_its_base(tiny_base, tmp_path):
+    from common.bases import legacy_fingerprint
+
+    model = _trained(tiny_base, "dense-vl")
+    save_adapter(model, tmp_path / "a")
+    config_path = tmp_path / "a" / CONFIG_NAME
+    cfg = json.loads(config_path.read_text())
+    assert len(cfg["base_fingerprint"]) == 32  # every weight of the base
+    cfg["base_fingerprint"] = legacy_fingerprint(tiny_base.model)  # as adapters were saved before
+    config_path.write_text(json.dumps(cfg))
+    load_adapter(build_model(tiny_base, "dense-vl"), tmp_path / "a")
+    other_base = load_base("arch:tiny")
+    with torch.no_grad():
+        other_base.model.clip.text_projection.weight.add_(0.1)  # inside the old slices: refused as before
+    with pytest.raises(AdapterStateError, match="fingerprint"):
+        load_adapter(build_model(other_base, "dense-vl"), tmp_path / "a")
+
+
 def test_refuses_wrong_shapes_and_dtypes(tiny_base, tmp_path):
     model = _trained(tiny_base)
     save_adapter(model, tmp_path / "a")

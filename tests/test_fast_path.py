@@ -515,15 +515,15 @@ def test_cached_text_features_know_whether_they_hold_taps(tiny_base, site):
 
 
 def test_cached_activations_are_keyed_by_all_of_the_base(site, tmp_path):
-    """Two bases that the adapters' fingerprint (a few sampled slices) cannot tell apart, as a fine-tuned
-    checkpoint of the same architecture may be: the second used to read the first one's cached
+    """Two bases that the adapters' old fingerprint (a few sampled slices) could not tell apart, as a
+    fine-tuned checkpoint of the same architecture may be: the second used to read the first one's cached
     activations from disk and train on another base's features."""
-    from common.bases import base_fingerprint, load_base
+    from common.bases import legacy_fingerprint, load_base
 
     base_a, base_b = load_base("arch:tiny"), load_base("arch:tiny")
     with torch.no_grad():  # outside every sampled slice
         base_b.model.clip.vision_model.encoder.layers[1].mlp.fc1.weight.mul_(1.5)
-    assert base_fingerprint(base_a.model) == base_fingerprint(base_b.model)
+    assert legacy_fingerprint(base_a.model) == legacy_fingerprint(base_b.model)
     cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
                       select_best=False, early_stop_patience=10**6)
     for base in (base_a, base_b):
