@@ -24,6 +24,7 @@ naming the folder and the fix.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -144,15 +145,32 @@ def _build_arch(name: str) -> Base:
     return Base(_freeze(model), tokenizer, f"arch:{name}", image_size)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def _load_pretrained(spec: str, base_id: str) -> Base:
+    folder = Path(spec).expanduser()
+    local = folder.is_dir()
+    if not local and spec.startswith((".", "/", "~")):  # a path, not a hub id: no hub advice
+        raise BaseLoadError(f"base folder {folder}: no such folder")
+    if local:
+        _check_folder_is_clipseg(folder)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 2 MB model in every round
     try:
         # fp32 master weights whatever the checkpoint's dtype (the demo ships
         # fp16 to stay small); autocast gives bf16/fp16 speed on GPUs.
-        model = CLIPSegForImageSegmentation.from_pretrained(spec, dtype=torch.float32)
+        model, info = CLIPSegForImageSegmentation.from_pretrained(spec, dtype=torch.float32,
+                                                                  output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever a damaged checkpoint raises, one line naming it
+        if local:
+            raise BaseLoadError(f"base folder {folder}: its checkpoint cannot be loaded (damaged, truncated or "
+                                f"not matching its config.json?): {_first_line(err)}") from err
+        if not isinstance(err, (OSError, ValueError)):
+            raise BaseLoadError(f"cannot load base '{spec}': {_first_line(err)}") from err
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
         hint = (
             "offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so only the local cache is searched"
@@ -167,8 +185,28 @@ def _load_pretrained(spec: str, base_id: str) -> Base:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    # Weights the checkpoint lacks would be random, and differently so in every process.
+    absent = sorted({*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                       for k in info.get("mismatched_keys", ()))})
+    if absent:
+        raise BaseLoadError(f"base '{spec}': the checkpoint lacks or mismatches {len(absent)} weight(s) of a "
+                            f"CLIPSeg model (e.g. {', '.join(absent[:3])}); is it a whole "
+                            "CLIPSegForImageSegmentation checkpoint?")
     image_size = int(getattr(model.config, "fedvlsm_image_size", DEFAULT_IMAGE_SIZE))
     return Base(_freeze(model), tokenizer, base_id, image_size)
+
+
+def _check_folder_is_clipseg(folder: Path) -> None:
+    """A local base folder's config.json must exist and be a CLIPSeg one (a CLIP checkpoint loads with a
+    random decoder, with nothing but a warning)."""
+    config = folder / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:  # (a missing config.json is refused before: load_base)
+        raise BaseLoadError(f"{config}: cannot be read as a model config ({_first_line(err)})") from None
+    if model_type != "clipseg":
+        raise BaseLoadError(f"{config}: model_type {model_type!r}, not 'clipseg': fedvlsm needs a CLIPSeg "
+                            "checkpoint (e.g. CIDAS/clipseg-rd64-refined)")
 
 
 def demo_base_dir() -> Path:

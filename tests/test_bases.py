@@ -70,3 +70,46 @@ def test_shipped_and_random_bases_pass(tiny_base, full_arch_base):
     check_prompts(full_arch_base)  # random weights: different prompts still give different embeddings
     check_prompts(load_base("demo"))
     assert issubclass(BasePromptError, BaseLoadError)
+
+
+def _weights_file(folder: Path) -> Path:
+    return next(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_are_one_error_naming_the_folder(tiny_base, tmp_path, damage):
+    # A SafetensorError is no OSError/ValueError: it escaped as a traceback (exit 1).
+    folder = _save(tiny_base, tmp_path / "damaged")
+    weights = _weights_file(folder)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2] if damage == "truncated" else b"\0" * 100)
+    with pytest.raises(BaseLoadError, match=f"base folder {folder}: its checkpoint cannot be loaded"):
+        load_base(str(folder))
+
+
+def test_a_checkpoint_without_the_decoder_or_of_clip_is_refused_not_completed_at_random(tiny_base, tmp_path):
+    # Both loaded with a random decoder (a different one in every process) and exit 0.
+    from transformers import CLIPSegModel
+
+    towers = CLIPSegModel(tiny_base.model.config)
+    towers.load_state_dict(tiny_base.model.clip.state_dict())
+    folder = tmp_path / "towers-only"
+    towers.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    with pytest.raises(BaseLoadError, match="lacks or mismatches .* weight\\(s\\) of a CLIPSeg model"):
+        load_base(str(folder))
+    clip = _save(tiny_base, tmp_path / "clip")
+    cfg = json.loads((clip / "config.json").read_text())
+    cfg["model_type"] = "clip"
+    (clip / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BaseLoadError, match="model_type 'clip', not 'clipseg'"):
+        load_base(str(clip))
+
+
+def test_a_folder_spec_never_gets_hub_advice(tmp_path):
+    with pytest.raises(BaseLoadError, match="no such folder") as err:
+        load_base(str(tmp_path / "nowhere"))
+    assert "hf download" not in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BaseLoadError, match="has no config.json"):
+        load_base(str(empty))
