@@ -464,7 +464,9 @@ class RunStore:
             done, last = con.execute("SELECT COUNT(*), MAX(round) FROM rounds").fetchone()
             ok = con.execute("SELECT dice, dice_personal FROM rounds WHERE status = 'ok' "
                              "ORDER BY round DESC LIMIT 1").fetchone()
-            privacy = {f"last_{key}": _latest(con, key) for key in ("epsilon_max", "epsilon_server", "delta")}
+            # Epsilon spent so far: the largest recorded (a round records only the sites it sampled).
+            privacy = {"last_epsilon_max": _largest(con, "epsilon_max"),
+                       "last_epsilon_server": _largest(con, "epsilon_server"), "last_delta": _latest(con, "delta")}
             con.execute("COMMIT")
         row = dict(run)
         row["reason"] = self._shown_reason(row["status"], row["reason"])
@@ -500,6 +502,13 @@ def _latest(con: sqlite3.Connection, column: str) -> Any:
         raise ValueError(f"not a rounds column: {column!r}")
     row = con.execute(f"SELECT {column} FROM rounds WHERE {column} IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
     return row[0] if row else None
+
+
+def _largest(con: sqlite3.Connection, column: str) -> Any:
+    """The largest non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
+    if column not in ROUND_COLUMNS:  # interpolated into the SQL: only a known column name
+        raise ValueError(f"not a rounds column: {column!r}")
+    return con.execute(f"SELECT MAX({column}) FROM rounds").fetchone()[0]
 
 
 def _ended_early(run_dir: Path) -> str:

@@ -233,3 +233,12 @@ def test_an_imported_finished_run_ended_when_its_last_round_did(tmp_path):
     (run / "rounds.jsonl").write_text(json.dumps({**OLD, "time": {"not": "a time"}}) + "\n")
     os.utime(run / "final" / "summary.json", (1_800_000_000, 1_800_000_000))
     assert ensure_store(run).read()["run"]["ended_at"] == "2027-01-15T08:00:00+00:00"  # summary.json's mtime
+
+
+def test_the_epsilon_spent_is_the_largest_recorded_not_the_last_rounds(tmp_path):
+    # With fraction-train < 1 a round records only the sites it sampled: round 2's maximum (site b, 1.2)
+    # is below round 1's (site a, 1.9), yet a has spent 1.9. The summary showed 1.2.
+    records = make(tmp_path, dp="sample")
+    records.append_round({**NEW, "round": 1, "epsilon_max": 1.9})
+    records.append_round({**NEW, "round": 2, "epsilon_max": 1.2})
+    assert records.store.summary()["last_epsilon_max"] == 1.9

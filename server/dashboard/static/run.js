@@ -62,6 +62,13 @@ function latest(rounds, key) {
   return null;
 }
 
+// The largest recorded `key`: the epsilon spent so far. Each site's epsilon only grows, but a round
+// records only the sites it sampled, so the latest round's maximum can be below an earlier one's.
+function largest(rounds, key) {
+  const values = rounds.map((r) => r[key]).filter((v) => v !== null && v !== undefined);
+  return values.length ? Math.max(...values) : null;
+}
+
 function renderFigures(data) {
   const { run, rounds } = data;
   const ok = rounds.filter((r) => r.status === "ok");
@@ -81,7 +88,7 @@ function renderFigures(data) {
   document.getElementById("fig-full-model").textContent =
     full === null ? "n/a" : fmt.bytes(full) + (up + down ? " (" + (full / (up + down)).toFixed(1) + "x this run)" : "");
   const dp = run.config.dp && run.config.dp !== "off" ? run.config.dp : null;
-  const eps = latest(rounds, "epsilon_server") ?? latest(rounds, "epsilon_max");
+  const eps = largest(rounds, "epsilon_server") ?? largest(rounds, "epsilon_max");
   const budget = run.config["dp-epsilon-budget"];
   document.getElementById("fig-epsilon-label").textContent = dp === "client" ? "privacy (\u03b5, server)"
     : dp === "sample" ? "privacy (\u03b5, max over sites)" : "privacy (\u03b5)";
