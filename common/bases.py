@@ -151,12 +151,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _load_pretrained(spec: str, base_id: str) -> Base:
-    folder = Path(spec).expanduser()
-    local = folder.is_dir()
-    if not local and spec.startswith((".", "/", "~")):  # a path, not a hub id: no hub advice
-        raise BaseLoadError(f"base folder {folder}: no such folder")
-    if local:
-        _check_folder_is_clipseg(folder)
+    folder = Path(spec)
+    local = folder.is_dir()  # a folder load_base has checked; else a hub id
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 2 MB model in every round
     try:
@@ -202,7 +198,7 @@ def _check_folder_is_clipseg(folder: Path) -> None:
     config = folder / "config.json"
     try:
         model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:  # (a missing config.json is refused before: load_base)
+    except (OSError, ValueError, AttributeError) as err:
         raise BaseLoadError(f"{config}: cannot be read as a model config ({_first_line(err)})") from None
     if model_type != "clipseg":
         raise BaseLoadError(f"{config}: model_type {model_type!r}, not 'clipseg': fedvlsm needs a CLIPSeg "
@@ -244,6 +240,7 @@ def load_base(spec: str = "demo") -> Base:
         if path.exists():
             if not (path / "config.json").exists():
                 raise BaseLoadError(f"base folder '{path}' has no config.json (expected a saved CLIPSeg model)")
+            _check_folder_is_clipseg(path)
             if not any((path / name).is_file() for name in TOKENIZER_FILES):
                 raise BasePromptError(
                     f"base folder '{path}' has no tokenizer ({' or '.join(TOKENIZER_FILES)} missing): every prompt "
@@ -251,6 +248,8 @@ def load_base(spec: str = "demo") -> Base:
                     f"tokenizer.save_pretrained('{path}')"
                 )
             base = _load_pretrained(str(path), str(path.resolve()))
+        elif spec.startswith((".", "/", "~")):  # a path, not a hub id: no hub advice
+            raise BaseLoadError(f"base folder {path}: no such folder")
         else:
             base = _load_pretrained(spec, spec)
     check_prompts(base, where=f"base '{spec}'")

@@ -39,7 +39,6 @@ round, which must not change during the run (Flower refuses otherwise).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from flwr.serverapp.strategy import (
 
 from common.atomic import write_json_atomic
 from common.federation_config import ConfigError, FederationConfig
+from server.strategies import num_sampled_sites  # re-exported: the m of the accountant
 from common.privacy import clip_for_wire, clip_update_fp32, update_norm  # noqa: F401  (re-exported)
 
 DP_WEIGHT_KEY = "dp-unit-weight"
@@ -66,11 +66,6 @@ __all__ = [
     "DP_WEIGHT_KEY", "PrivacyBudgetExhausted", "accountant_state", "clip_update_fp32", "num_sampled_sites",
     "restore_accountant", "server_budget_check", "server_epsilon", "wrap_strategy",
 ]
-
-
-def num_sampled_sites(cfg: FederationConfig, num_sites: int) -> int:
-    """How many sites FedAvg samples per round with build_strategy's minimums (ceil(fraction x n), >= 1)."""
-    return max(1, math.ceil(cfg.fraction_train * num_sites))
 
 
 class _Uniform:

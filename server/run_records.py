@@ -93,7 +93,7 @@ class RunRecords:
                 "continue it with --run-config \"resume=true run-name=...\" or pick another 'run-name'"
             )
         records.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(records.run_dir / RUN_ID_FILE, secrets.token_hex(8))
+        records._new_run_id()
         # The store first: a dashboard never sees config.json without it (and imports nothing).
         records.store.register_run(run_name, config, meta)
         write_json_atomic(records.run_dir / CONFIG_FILE, config)
@@ -125,8 +125,11 @@ class RunRecords:
         """This run's id (sites key their personal parts by it); made once for a run from before it existed."""
         path = self.run_dir / RUN_ID_FILE
         if not path.is_file():
-            write_text_atomic(path, secrets.token_hex(8))
+            self._new_run_id()
         return path.read_text().strip()
+
+    def _new_run_id(self) -> None:
+        write_text_atomic(self.run_dir / RUN_ID_FILE, secrets.token_hex(8))
 
     def _store(self) -> RunStore:
         """The run store; a run folder from before it existed gets one, imported from rounds.jsonl."""

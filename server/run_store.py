@@ -496,19 +496,22 @@ def _check_status(status: str) -> None:
         raise ValueError(f"run status must be one of {STATUSES}, got {status!r}")
 
 
-def _latest(con: sqlite3.Connection, column: str) -> Any:
-    """The latest round's non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
+def _round_column(column: str) -> str:
     if column not in ROUND_COLUMNS:  # interpolated into the SQL: only a known column name
         raise ValueError(f"not a rounds column: {column!r}")
-    row = con.execute(f"SELECT {column} FROM rounds WHERE {column} IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
+    return column
+
+
+def _latest(con: sqlite3.Connection, column: str) -> Any:
+    """The latest round's non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
+    c = _round_column(column)
+    row = con.execute(f"SELECT {c} FROM rounds WHERE {c} IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
     return row[0] if row else None
 
 
 def _largest(con: sqlite3.Connection, column: str) -> Any:
     """The largest non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
-    if column not in ROUND_COLUMNS:  # interpolated into the SQL: only a known column name
-        raise ValueError(f"not a rounds column: {column!r}")
-    return con.execute(f"SELECT MAX({column}) FROM rounds").fetchone()[0]
+    return con.execute(f"SELECT MAX({_round_column(column)}) FROM rounds").fetchone()[0]
 
 
 def _ended_early(run_dir: Path) -> str:

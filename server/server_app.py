@@ -64,7 +64,7 @@ from server.hooks import RunHooks
 from server.privacy import carry_privacy_journal, journal_release, server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
 from server.run_records import RunRecords
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.strategies import build_strategy, num_sampled_sites, restore_strategy_state, strategy_state
 from server.write_behind import WriteBehind
 
 app = ServerApp()
@@ -795,7 +795,7 @@ def check_min_replies(cfg: FederationConfig, num_sites: int, simulation: bool) -
     run. A simulation's sites are fixed: an error. In deployment more sites may still
     connect: a warning.
     """
-    sampled = max(1, math.ceil(cfg.fraction_train * num_sites))
+    sampled = num_sampled_sites(cfg, num_sites)
     if cfg.min_replies <= sampled:
         return
     why = (f"run config 'min-replies' = {cfg.min_replies} but a round samples {sampled} site(s) "

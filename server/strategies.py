@@ -48,13 +48,18 @@ from common.federation_config import FederationConfig
 MOMENTS = ("m_t", "v_t")
 
 
+def num_sampled_sites(cfg: FederationConfig, num_sites: int) -> int:
+    """How many sites a round samples with build_strategy's minimums (ceil(fraction-train x n), >= 1)."""
+    return max(1, math.ceil(cfg.fraction_train * num_sites))
+
+
 def build_strategy(cfg: FederationConfig, num_sites: int) -> Strategy:
     if num_sites < 1:
         raise ValueError("build_strategy needs at least one connected site")
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": max(1, math.ceil(cfg.fraction_train * num_sites)),
+        "min_train_nodes": num_sampled_sites(cfg, num_sites),
         "min_evaluate_nodes": max(1, math.ceil(cfg.fraction_evaluate * num_sites)),
         "min_available_nodes": num_sites,
     }
