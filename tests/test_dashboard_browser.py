@@ -139,6 +139,13 @@ def test_run_page_shows_the_store_and_updates_live(browser, served):
     assert text(browser, "#fig-dice") == "0.4321" and text(browser, "#fig-dice-personal") == "0.5432"
     assert text(browser, "#fig-epsilon") == "1.25"
 
+    # A later round that sampled other sites records a smaller maximum: the epsilon spent stays the largest.
+    fifth = copy.deepcopy(third)
+    fifth.update(round=5, dice=0.5, epsilon_max=0.75, failures=[])
+    records.append_round(fifth)
+    wait_for(browser, "return document.body.dataset.rendered === '5'", timeout=15)
+    assert text(browser, "#fig-dice") == "0.5000" and text(browser, "#fig-epsilon") == "1.25"
+
 
 def test_runs_list_and_error_page(browser, served):
     url, _ = served
