@@ -239,15 +239,26 @@ class RunRecords:
         path = self.run_dir / CHECKPOINTS / checkpoint_name(server_round)
         if not (path / STATE_FILE).is_file():
             raise RunRecordsError(f"{path}: no complete checkpoint ({STATE_FILE} missing)")
-        # One-line errors naming the file for a damaged or non-finite checkpoint.
-        weights = read_adapter_weights(path / ADAPTER_DIR / WEIGHTS_FILE)
-        with np.load(path / STRATEGY_FILE) as data:
-            strategy_arrays = {k: data[k] for k in data.files}
+        try:  # checkpoints are written atomically, so damage came later (a disk, a copy): say which and what to do
+            weights = read_adapter_weights(path / ADAPTER_DIR / WEIGHTS_FILE)
+            try:
+                with np.load(path / STRATEGY_FILE) as data:
+                    strategy_arrays = {k: data[k] for k in data.files}
+            except Exception as err:  # zipfile.BadZipFile, ValueError, EOFError ... for a damaged .npz
+                raise ValueError(f"{path / STRATEGY_FILE}: not a readable .npz ({type(err).__name__}: {err})") from None
+            try:
+                state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path / STATE_FILE}: not valid JSON ({err})") from None
+        except (OSError, ValueError) as err:  # AdapterFileError is a ValueError
+            raise RunRecordsError(
+                f"damaged checkpoint of round {server_round}: {err}. To continue from round {server_round - 1} "
+                f"instead, remove the folder {path}") from None
         return Checkpoint(
             round=server_round,
             arrays={k: v.float().numpy() for k, v in weights.items()},
             strategy_arrays=strategy_arrays,
-            state=json.loads((path / STATE_FILE).read_text()),
+            state=state,
         )
 
     def rewind_to(self, server_round: int) -> None:

@@ -233,6 +233,7 @@ def _state(home, name):
 def test_a_resume_that_fails_before_any_round_leaves_the_finished_run_as_it_was(data, tmp_path):
     # It set the run `running`, deleted final/ (adapter, summary) and ended `failed`, before any check.
     from common.federation_config import ConfigError
+    from server.run_records import RunRecordsError
 
     run(make_cfg(data, tmp_path, run_name="done", rounds=2))
     before = _state(tmp_path, "done")
@@ -244,7 +245,7 @@ def test_a_resume_that_fails_before_any_round_leaves_the_finished_run_as_it_was(
     # A damaged last checkpoint: said at once, naming the file; nothing changed either.
     weights = tmp_path / "runs/done/checkpoints/round-0002/adapter/adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="round-0002/adapter/adapter_model.safetensors"):
+    with pytest.raises(RunRecordsError, match="round-0002/adapter/adapter_model.safetensors.*remove the folder"):
         run(make_cfg(data, tmp_path, run_name="done", rounds=3, resume=True))
     assert _state(tmp_path, "done") == before
 

@@ -79,3 +79,25 @@ def test_a_failed_write_keeps_the_previous_file_whole(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "checkpoints" / "round-0002").exists()
     assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []
     assert records.last_complete_round() == 1
+
+
+@pytest.mark.parametrize("damage", ["weights", "strategy", "state"])
+def test_a_damaged_checkpoint_is_named_with_the_way_back_to_the_round_before(tmp_path, damage):
+    # A truncated strategy.npz raised a bare zipfile error and a damaged state a JSONDecodeError, naming no file.
+    records = RunRecords.create(tmp_path, "r", {})
+    save_round(records, 1)
+    save_round(records, 2)
+    folder = tmp_path / "r" / "checkpoints" / "round-0002"
+    target = {"weights": folder / "adapter" / "adapter_model.safetensors",
+              "strategy": next(folder.glob("*.npz")), "state": folder / "state.json"}[damage]
+    target.write_bytes(target.read_bytes()[:40])
+    with pytest.raises(RunRecordsError) as err:
+        records.load_checkpoint(2)
+    message = str(err.value)
+    assert str(target) in message and f"remove the folder {folder}" in message and "\n" not in message
+    # The way out it names works: without the folder, round 1 is the last complete one and loads.
+    import shutil
+
+    shutil.rmtree(folder)
+    assert records.last_complete_round() == 1
+    assert records.load_checkpoint(1).state["round"] == 1
