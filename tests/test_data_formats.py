@@ -186,6 +186,20 @@ def test_read_image_gray_16bit_rgba_palette(tmp_path: Path) -> None:
     assert read_image(tmp_path / "p.bmp").shape == (3, 4, 3)
 
 
+def test_thin_images_keep_their_size_and_gray_alpha_reads_as_gray(tmp_path: Path) -> None:
+    # A 1x40 RGB image was squeezed to (40, 3) and read as a 40x3 gray image (predict's mask the wrong size);
+    # a 40x1 gray one failed with "expected a 2D image, got (40,)"; gray + alpha (LA) was refused as not 2D.
+    Image.fromarray(np.full((1, 40, 3), 200, np.uint8)).save(tmp_path / "row.png")
+    assert read_image(tmp_path / "row.png").shape == (1, 40, 3)
+    assert read_mask(tmp_path / "row.png").shape == (1, 40)
+    Image.fromarray(np.full((40, 1), 255, np.uint8)).save(tmp_path / "col.png")
+    assert read_image(tmp_path / "col.png").shape == (40, 1, 3) and read_mask(tmp_path / "col.png").all()
+    gray = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
+    Image.fromarray(gray).convert("LA").save(tmp_path / "la.png")
+    out = read_image(tmp_path / "la.png")
+    assert out.shape == (5, 6, 3) and (out[..., 1] == gray).all()
+
+
 def test_read_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")

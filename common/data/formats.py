@@ -196,15 +196,21 @@ def _squeeze_to_2d(arr: np.ndarray, path: Path, colour: bool = True) -> np.ndarr
 
 
 def _read_pil(path: Path) -> np.ndarray:
+    """(H, W) or (H, W, 3|4), never squeezed: a 1-pixel-high RGB image must not pass as (W, 3) gray."""
     with Image.open(path) as img:
         img.load()
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
         elif img.mode == "1":
             img = img.convert("L")
+        elif img.mode in ("LA", "La"):  # gray + alpha: the gray, as RGBA's alpha is dropped
+            img = img.getchannel("L")
         elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGB")
-        return np.asarray(img)
+        arr = np.asarray(img)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+        return arr
+    raise DataError(f"{path}: unsupported image layout (PIL mode '{img.mode}', array shape {tuple(arr.shape)})")
 
 
 def read_array(path: str | Path) -> np.ndarray:
@@ -224,7 +230,7 @@ def read_array(path: str | Path) -> np.ndarray:
             return _read_monai(path, "nifti")
         if ext in DICOM_EXTS:
             return _read_monai(path, "dicom")
-        return _squeeze_to_2d(_read_pil(path), path)
+        return _read_pil(path)
     except DataError:
         raise
     except Exception as exc:  # decoders raise many types; name the file once
