@@ -136,6 +136,9 @@ def save_adapter(model: AdaptedCLIPSeg, out_dir: str | Path, extra: dict | None 
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The checked ``adapter_config.json`` of an adapter folder; one error naming the file and the field."""
+    if Path(adapter_dir).is_file():
+        raise AdapterFileError(f"{adapter_dir}: is a file; give the adapter folder (with {CONFIG_NAME} and {WEIGHTS_NAME})")
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} beside {WEIGHTS_NAME})")
@@ -148,11 +151,40 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     for key in ("format_version", "base", "base_fingerprint", "adapter", "tensors"):
         if key not in cfg:
             raise AdapterStateError(f"{path}: missing key '{key}'")
+    _check_config_types(cfg, path)
     if cfg["format_version"] > FORMAT_VERSION:
         raise AdapterStateError(
             f"{path}: format_version {cfg['format_version']} is newer than this fedvlsm supports ({FORMAT_VERSION})"
         )
+    try:
+        AdapterSpec.from_dict(cfg["adapter"])
+    except ValueError as err:  # a default for a missing field (init: "paper") would load silently
+        raise AdapterFileError(f"{path}: 'adapter': {err}") from None
     return cfg
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config_types(cfg: dict, path: Path) -> None:
+    """Refuse wrong-typed fields with one error naming the key: they raised TypeError/AttributeError tracebacks."""
+    def bad(key: str, want: str) -> AdapterFileError:
+        return AdapterFileError(f"{path}: '{key}' must be {want}; damaged or not an adapter config")
+
+    if not _is_int(cfg["format_version"]) or cfg["format_version"] < 1:
+        raise bad("format_version", "a whole number >= 1")
+    for key in ("base", "base_fingerprint"):
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            raise bad(key, "a non-empty string")
+    if not isinstance(cfg["adapter"], dict):
+        raise bad("adapter", "a JSON object")
+    if not isinstance(cfg["tensors"], dict):
+        raise bad("tensors", "a JSON object of tensor name -> {shape, dtype}")
+    for name, meta in cfg["tensors"].items():
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise bad(f"tensors.{name}", "an object whose 'shape' is a list of whole numbers")
 
 
 def read_adapter_spec(adapter_dir: str | Path) -> AdapterSpec:
@@ -187,5 +219,10 @@ def load_adapter(model: AdaptedCLIPSeg, adapter_dir: str | Path) -> dict:
     try:
         model.load_adapter_state(state, strict=True)
     except AdapterStateError as err:
-        raise AdapterStateError(f"{where}: {err}") from err
+        extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
+        hint = ""
+        if extra.get("shared_only"):  # a personalised run's final/ or checkpoint adapter: not a whole adapter
+            hint = (f"; this adapter holds a personalised run's shared tensors only: its personal ones "
+                    f"(prefixes {extra.get('personal')}) are at each site, in <site-dir>/runs/<run>/personal/")
+        raise AdapterStateError(f"{where}: {err}{hint}") from err
     return cfg

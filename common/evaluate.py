@@ -198,6 +198,14 @@ def predict(
     """Probability map (H, W) in [0, 1] for `prompt` on a uint8 (H, W, 3) image, at its own size."""
     if not prompt.strip():
         raise ValueError("predict needs a non-empty prompt")
+    # Checked here: a float [0, 1], grayscale, RGBA or CHW array failed deep in PIL or numpy
+    # ("Cannot handle this data type", "axes don't match array") saying nothing of what to pass.
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
+        got = (f"{image.dtype} array of shape {tuple(image.shape)}" if isinstance(image, np.ndarray)
+               else type(image).__name__)
+        raise ValueError(f"predict needs a uint8 RGB image of shape (H, W, 3), as common.data.formats.read_image "
+                         f"returns, got a {got}")
     from common import fast
 
     device = device or resolve_device("auto")

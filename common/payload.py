@@ -195,7 +195,9 @@ def encode_update(update: Mapping[str, np.ndarray], dtype: str, seed: int = 0) -
         scaled = x / scale
         # Stochastic rounding: floor(v + u), u ~ U[0, 1): E[result] = v.
         q = np.floor(scaled + rng.random(x.shape, dtype=np.float32))
-        out[name] = np.ascontiguousarray(np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8))
+        # reshape: np.ascontiguousarray makes a 0-d array 1-d, and the `full` variant has a 0-d
+        # tensor (CLIP's logit_scale) whose update the server then refused as misshaped.
+        out[name] = np.ascontiguousarray(np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)).reshape(x.shape)
         out[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)
     return out
 
@@ -215,7 +217,9 @@ def decode_update(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             if scale is None or scale.shape != (1,) or scale.dtype != np.float32 or not np.isfinite(scale).all() \
                     or float(scale[0]) <= 0:
                 raise PayloadError(f"int8 tensor '{name}' without a valid float32 scale")
-            out[name] = arr.astype(np.float32) * np.float32(scale[0])
+            deq = arr.astype(np.float32)
+            deq *= np.float32(scale[0])  # in place: `arr * scale` of a 0-d array is a numpy scalar, not an array
+            out[name] = deq
         elif arr.dtype in (np.float16, np.float32):
             if name in scales:
                 raise PayloadError(f"tensor '{name}' is {arr.dtype} but has an int8 scale")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, UNK, EOS = "<|pad|>", "<|startoftext|>", "<|unk|>", "<|endoftext|>"
@@ -42,17 +42,23 @@ background foreground
 """.split()
 
 
+# One rule for the pieces of a text, used both to build the vocabulary and to split prompts:
+# words (hyphenated ones whole: "x-ray") and single punctuation marks. The pre-tokenizer used
+# to isolate every punctuation mark, hyphens included, so vocabulary words such as "x-ray"
+# could never be produced and a prompt's "x-ray" became <unk> - <unk>.
+PIECE = r"\w+(?:-\w+)*|[^\w\s]"
+
+
 def build_word_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over BASE_WORDS + `words`."""
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIALS)}
     for w in list(BASE_WORDS) + [w.lower() for w in words]:
-        for piece in re.findall(r"[\w\-]+|[^\w\s]", w):
+        for piece in re.findall(PIECE, w):
             vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
-    )
+    # invert: the pattern's matches are the pieces; what lies between them (whitespace) is dropped.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE), behavior="removed", invert=True)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )

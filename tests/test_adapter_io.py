@@ -213,3 +213,53 @@ def test_cli_eval_and_predict_on_a_damaged_adapter_exit_with_one_line(tiny_base,
         lines = [li for li in proc.stderr.splitlines() if li.strip()]
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert lines[0].startswith(f"fedvlsm {argv[0]}: error: {weights}") and "truncated" in lines[0]
+
+
+@pytest.mark.parametrize("edit,field", [
+    # a missing init read as "paper" changed an identity-init adapter's forward, with no error
+    (lambda c: c["adapter"].pop("init"), "'adapter': adapter spec lacks init"),
+    (lambda c: c["adapter"].pop("variant"), "'adapter': adapter spec lacks variant"),
+    (lambda c: c["adapter"].update(scale=2.0), "'adapter': adapter spec has unknown scale"),
+    (lambda c: c["adapter"].update(dense_dim="64"), "'adapter': adapter spec field dense_dim has the wrong type"),
+    # these raised TypeError/AttributeError: a traceback from the CLI
+    (lambda c: c.update(format_version="1"), "'format_version' must be a whole number"),
+    (lambda c: c.update(adapter=["dense-vl"]), "'adapter' must be a JSON object"),
+    (lambda c: c.update(tensors=[]), "'tensors' must be a JSON object"),
+    (lambda c: c.update(base=None), "'base' must be a non-empty string"),
+    (lambda c: c["tensors"].update({"adapters.cond.up.bias": "64"}), "'tensors.adapters.cond.up.bias' must be"),
+])
+def test_a_config_with_a_missing_unknown_or_wrong_typed_field_is_refused_naming_it(tiny_base, tmp_path, edit, field):
+    from common.api import load_adapted
+
+    save_adapter(_trained(tiny_base, "dense-vlc"), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFileError) as err:
+        load_adapted(tmp_path / "a", tiny_base)
+    assert str(err.value).startswith(f"{path}: {field}"), err.value
+
+
+def test_an_adapter_dir_that_is_a_file_is_named_as_such(tmp_path):
+    from common.api import load_adapted
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(AdapterFileError, match=f"{tmp_path / 'a.png'}: is a file; give the adapter folder"):
+        load_adapted(tmp_path / "a.png", "arch:tiny")
+
+
+def test_a_personalised_runs_shared_only_adapter_says_where_its_personal_tensors_are(tiny_base, tmp_path):
+    # README's load_adapted("runs/<run>/final/adapter") on a personalised run failed with
+    # "missing 4 tensor(s)" and no word of why (final/ holds the shared tensors only).
+    from common.adapter_io import adapter_config
+    from common.api import load_adapted
+    from common.payload import split_personal
+
+    model = _trained(tiny_base, "shallow-vlc")
+    shared, _ = split_personal(model.adapter_state(), ["adapters.cond"])
+    save_adapter_state(shared, adapter_config(model, shared, extra={"personal": ["adapters.cond"], "shared_only": True}),
+                       tmp_path / "final")
+    with pytest.raises(AdapterStateError, match=r"missing 4 tensor.*shared tensors only: its personal ones "
+                                                r"\(prefixes \['adapters.cond'\]\) are at each site"):
+        load_adapted(tmp_path / "final", tiny_base)

@@ -206,3 +206,10 @@ def test_trainable_parameters_follow_conversions_that_make_new_parameters(tiny_b
     assert len(after) == len(before) and all(p is not q for p, q in zip(after, before))  # really new objects
     assert all(own[name] is p for name, p in model._trainable_index.items())
     assert all(t.dtype == torch.float64 for t in model.adapter_state().values())
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "lora_rank", "dense_dim"])
+def test_a_zero_size_or_lora_alpha_is_refused(field):
+    # lora_alpha = 0 scales the LoRA update by 0: a model that never changes and never trains.
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+        AdapterSpec("lora", **{field: 0})

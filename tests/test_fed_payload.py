@@ -180,6 +180,19 @@ def test_int8_update_is_within_one_step_unbiased_and_seeded():
     assert abs(float(draws) - 30.49 * step) < 0.05 * step
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_every_update_encoding_keeps_each_tensor_shape_a_0d_one_included(dtype):
+    # The `full` variant trains CLIP's logit_scale, a 0-d tensor; int8 sent it as shape (1,),
+    # which the server refused ("wrong shape"), so a full + int8 federation never aggregated.
+    update = {"clipseg.clip.logit_scale": np.array(0.25, np.float32), "w": np.ones((2, 3), np.float32)}
+    wire = encode_update(update, dtype, seed=0)
+    back = decode_update(wire)
+    for name, x in update.items():
+        assert wire[name].shape == x.shape and back[name].shape == x.shape, (name, wire[name].shape)
+        assert isinstance(back[name], np.ndarray) and back[name].dtype == np.float32
+    np.testing.assert_allclose(back["clipseg.clip.logit_scale"], 0.25, rtol=1e-2)
+
+
 def test_fp_updates_round_trip_like_weights():
     update = {"w": np.linspace(-1, 1, 10, dtype=np.float32)}
     np.testing.assert_array_equal(decode_update(encode_update(update, "fp32"))["w"], update["w"])

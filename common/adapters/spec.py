@@ -45,7 +45,9 @@ class AdapterSpec:
             raise ValueError(f"unknown adapter variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
         if self.init not in INITS:
             raise ValueError(f"adapter init must be one of {INITS}, got {self.init!r}")
-        for name in ("shallow_dim", "dense_dim", "cond_dim", "lora_rank"):
+        # lora_alpha too: LoRA scales its update by alpha / rank, so 0 made a LoRA that changed
+        # nothing and never trained (a zero gradient), without any error.
+        for name in ("shallow_dim", "dense_dim", "cond_dim", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         allowed = {"q_proj", "k_proj", "v_proj", "out_proj"}
@@ -67,7 +69,26 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdapterSpec":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "lora_targets" in known:
-            known["lora_targets"] = tuple(known["lora_targets"])
-        return cls(**known)
+        """The spec `to_dict` wrote; ValueError naming any missing, unknown or wrong-typed field.
+
+        Strict because defaults would be silent: a missing ``init`` read as "paper"
+        changes the forward of an identity-init adapter with no shape to betray it.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"adapter spec must be a JSON object, got {type(d).__name__}")
+        fields = cls.__dataclass_fields__
+        missing, unknown = sorted(set(fields) - set(d)), sorted(set(d) - set(fields))
+        if missing or unknown:
+            raise ValueError("adapter spec " + "; ".join(
+                ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has unknown {', '.join(unknown)}"] if unknown else [])))
+        for name in fields:
+            value = d[name]
+            if name in ("variant", "init"):
+                ok = isinstance(value, str)
+            elif name == "lora_targets":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            else:  # the sizes; bool is an int in Python, never a size
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"adapter spec field {name} has the wrong type: {value!r}")
+        return cls(**{**d, "lora_targets": tuple(d["lora_targets"])})
