@@ -5,7 +5,8 @@ towers run unchanged, so what they give an item is a pure function of
 
 - the frozen base (a hash of all its towers' weights, ``bases.weights_digest``:
   the adapters' sampled fingerprint could not tell apart checkpoints that
-  differ outside its slices), the dtype the features are kept in and
+  differ outside its slices, and of the towers' configs: ``trunk_identity``),
+  the dtype the features are kept in and
   the model's extracted layers and image size: the *namespace*;
 - the item's preprocessed pixels: ``SegDataset.cache_key`` (files, mtimes,
   sizes, image size, preprocessing version), the key the site's npz cache
@@ -32,6 +33,7 @@ path's loss (tests/test_fast_path.py); on a GPU in the autocast dtype
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +99,21 @@ def clear_memory() -> None:
     _TEXT.clear()
 
 
+def trunk_identity(model: Any) -> str:
+    """What the frozen towers compute with: all their weights, and their configs.
+
+    The weights alone are not enough: a base folder whose config.json differs (a layer-norm
+    eps, an activation) with the same weights computes other activations, and was served
+    the first one's cached features. Where a config was loaded from is left out.
+    """
+    config = model.clipseg.config
+    towers = {name: {k: v for k, v in getattr(config, name).to_dict().items()
+                     if not k.startswith("_") and k != "transformers_version"}
+              for name in ("vision_config", "text_config")}
+    text = json.dumps(towers, sort_keys=True, default=str)
+    return f"{weights_digest(model.clipseg)}|{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def namespace(fingerprint: str, dtype: torch.dtype, extract_layers: list[int], image_size: int) -> str:
     key = f"v{ACT_VERSION}|{fingerprint}|{dtype}|{list(extract_layers)}|{image_size}"
     return hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -109,7 +126,7 @@ class ShallowFeatures:
                  folder: Path | None, budget: int) -> None:
         self.model, self.ds, self.tokens, self.device, self.amp = model, ds, tokens, device, amp
         self.dtype = amp or torch.float32
-        self.ns = namespace(weights_digest(model.clipseg), self.dtype, model.extract_layers, model.image_size)
+        self.ns = namespace(trunk_identity(model), self.dtype, model.extract_layers, model.image_size)
         tok = tokens.tokenizer
         # Whether the text taps were collected is part of an entry: a shallow-v(c) model stores none,
         # and a shallow-vl(c) model sharing the process must not take those (its text adapters
@@ -129,11 +146,14 @@ class ShallowFeatures:
         budget = budget_bytes(device)
         if cache_dir is not None:
             folder = Path(cache_dir) / "activations" / namespace(
-                weights_digest(model.clipseg), amp or torch.float32, model.extract_layers, model.image_size)
+                trunk_identity(model), amp or torch.float32, model.extract_layers, model.image_size)
         else:
             vc = model.clipseg.config.vision_config
             tokens_per_image = (model.image_size // vc.patch_size) ** 2 + 1
             per_item = len(model.extract_layers) * tokens_per_image * vc.hidden_size * (2 if amp else 4)
+            # An entry also holds its uint8 mask: left out, a site within a few % of the budget
+            # evicted its own entries while filling and failed with "item vanished".
+            per_item += int(getattr(ds, "image_size", model.image_size)) ** 2
             if per_item * len(ds) > budget:
                 return None  # would thrash: train without the cache
         return cls(model, ds, tokens, device, amp, folder, budget)

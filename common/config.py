@@ -7,6 +7,7 @@ on validation Dice) with CPU-friendly epoch and batch sizes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -58,11 +59,19 @@ class TrainConfig:
     activation_cache: str = "auto"
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size")
+        # early_stop_patience: fit stops once this many epochs in a row brought no better val Dice;
+        # 0 (or less) stopped every training after its first epoch, improving or not.
+        positive = ("epochs", "batch_size", "early_stop_patience")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "prox_mu"):
+        # NaN passes every `< 0` check: grad_clip NaN made every weight NaN, prox_mu NaN turned
+        # FedProx off (`nan > 0` is False), lr or weight_decay inf diverged in the first step.
+        for name in ("lr", "weight_decay", "grad_clip", "prox_mu", "plateau_factor", "lambda_dice", "lambda_ce"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value}")
+        for name in ("weight_decay", "grad_clip", "prox_mu", "plateau_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:

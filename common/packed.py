@@ -27,6 +27,7 @@ server turns into a failed reply.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -70,12 +71,14 @@ def unpack_tensors(buffer: np.ndarray, manifest_json: str) -> dict[str, np.ndarr
     for entry in manifest:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
                 and entry[1] in _DTYPES and isinstance(entry[2], list)
-                and all(isinstance(d, int) and d >= 0 for d in entry[2])):
+                and all(type(d) is int and d >= 0 for d in entry[2])):  # not bool, a JSON true
             raise PackError("packed manifest entry malformed")
         name, dtype, shape = entry
         if name in out:
             raise PackError("packed manifest names a tensor twice")
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        # Python ints: an int64 product wrapped around (dims 2**32 x 2**32 gave 0 bytes), passed the
+        # size checks and failed in reshape with a ValueError the receivers do not catch.
+        n = math.prod(shape) * np.dtype(dtype).itemsize
         if offset + n > buffer.size:
             raise PackError("packed manifest larger than its buffer")
         out[name] = buffer[offset:offset + n].view(np.dtype(dtype).newbyteorder("<")).reshape(shape).copy()

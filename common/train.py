@@ -1,7 +1,8 @@
 """Local training at one site: one readable loop.
 
 Order per epoch: train steps (forward, loss [+ FedProx term], backward, clip,
-step), then validation, LR schedule on validation loss, best checkpoint on
+step), a check that the adapter is still finite (``TrainingDiverged`` if
+not), then validation, LR schedule on validation loss, best checkpoint on
 validation Dice, early stop. Only parameters with ``requires_grad`` reach the
 optimizer, so the frozen base can never move.
 """
@@ -27,6 +28,10 @@ from common.data.dataset import collate_fn
 from common import fast
 from common.evaluate import evaluate, make_loss
 from common.model import AdaptedCLIPSeg
+
+
+class TrainingDiverged(ValueError):
+    """The adapter's weights became NaN/Inf during training (too high a learning rate, bad data)."""
 
 
 @dataclass
@@ -185,6 +190,11 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.4f}", dice=f"{dice:.3f}")
             if runner is None:
                 train_loss = float(np.mean(losses))
+            # A NaN/Inf step poisons every weight it updates, and such an adapter predicts no
+            # foreground: its validation Dice (0, or 1 on empty masks) could even win "best".
+            # Checked on the weights, not the loss: fp16's GradScaler skips inf steps harmlessly.
+            if not _all_finite(params):
+                raise _diverged(epoch + 1, train_loss, lr, out_dir if best_epoch is not None else None, best_epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
                                       "lr": float(optimizer.param_groups[0]["lr"])}
 
@@ -225,6 +235,20 @@ def fit(
         history=history,
         path=runner.describe() if runner is not None else {"fast": False},
     )
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every value of `params` is finite (one host sync)."""
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def _diverged(epoch: int, train_loss: float, lr: float, saved: str | Path | None,
+              best_epoch: int | None) -> TrainingDiverged:
+    where = f"; the best adapter so far (epoch {best_epoch}) is in {saved}" if saved is not None else ""
+    return TrainingDiverged(
+        f"training diverged in epoch {epoch}: the adapter weights became NaN/Inf (mean train loss "
+        f"{train_loss:.4g}); lower the learning rate (lr {lr:g}){where}")
 
 
 def _batch_dice(logits: torch.Tensor, mask: torch.Tensor) -> float:

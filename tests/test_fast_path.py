@@ -594,3 +594,47 @@ def test_a_dropped_short_batch_is_still_made_resident(tiny_base, site):
     fast.restore_fp32(model)
     assert steps == [len(ds) // 4] * 3
     assert count[0] == len(ds)  # every item read once, in epoch 1; epochs 2 and 3 from the store
+
+
+def test_a_site_just_over_the_memory_budget_trains_without_the_cache(tiny_base, site, monkeypatch):
+    # Without a cache folder, a site whose features do not fit the memory budget trains uncached.
+    # The estimate left out each entry's mask: a site whose activations alone fitted, and not
+    # with their masks, evicted its own entries while filling and failed ("item 2 vanished").
+    activation_cache.clear_memory()
+    ds = _ds(site, tiny_base)
+    model = build_model(tiny_base, "shallow-vlc")
+    vc = model.clipseg.config.vision_config
+    acts = len(model.extract_layers) * ((model.image_size // vc.patch_size) ** 2 + 1) * vc.hidden_size * 4
+    monkeypatch.setenv("FEDVLSM_ACTIVATION_CACHE_GB", str(acts * len(ds) / 2**30))
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", select_best=False)
+    try:
+        assert fit(model, ds, None, tiny_base.tokenizer, cfg).steps == 5
+        assert activation_cache._VISION.bytes == 0  # trained uncached
+    finally:
+        fast.restore_fp32(model)  # the session's shared base, as later tests expect it
+
+
+def test_cached_activations_are_keyed_by_the_towers_config_too(site, tmp_path):
+    """Same weights, another tower config (a base folder whose config.json sets another layer-norm eps):
+    other activations. The namespace hashed the weights only, so the second base trained on the
+    first one's cached features."""
+    from common.bases import load_base, weights_digest
+
+    base_a, base_b = load_base("arch:tiny"), load_base("arch:tiny")
+    base_b.model.config.vision_config.layer_norm_eps = 0.5  # as from_pretrained builds it from such a config
+    for m in base_b.model.clip.vision_model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 0.5
+    assert weights_digest(base_a.model) == weights_digest(base_b.model)
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
+                      select_best=False, early_stop_patience=10**6)
+    for base in (base_a, base_b):
+        activation_cache.clear_memory()
+        fit(build_model(base, "shallow-vlc"), _ds(site, base, tmp_path / "cache"), None, base.tokenizer, cfg)
+    activation_cache.clear_memory()
+    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 2
+    # where a config was loaded from is no part of it: the same base from another path shares the cache
+    base_c = load_base("arch:tiny")
+    base_c.model.config._name_or_path = "/elsewhere/clipseg"
+    ns = [activation_cache.trunk_identity(build_model(b, "shallow-v")) for b in (base_a, base_c)]
+    assert ns[0] == ns[1]

@@ -64,6 +64,9 @@ def test_packing_is_lossless_for_every_wire_dtype_and_keeps_names_order_and_shap
     ([["a", "float32", [1]], ["a", "float32", [1]]], 8, "twice"),
     ([["a", "object", [1]]], 8, "malformed"),
     ([["a", "float32", [-1]]], 4, "malformed"),
+    # dims whose int64 product wraps to 0 bytes: passed the size checks, then a bare ValueError
+    ([["a", "float32", [2**32, 2**32]]], 0, "larger than its buffer"),
+    ([["a", "float32", [True]]], 4, "malformed"),  # JSON true is no dimension (a bare TypeError before)
     ({"a": 1}, 4, "list"),
 ])
 def test_a_bad_manifest_is_refused(manifest, size, match):

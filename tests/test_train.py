@@ -72,6 +72,23 @@ def test_bad_config_is_refused():
         TrainConfig(amp="int8")
 
 
+@pytest.mark.parametrize("name", ["lr", "grad_clip", "weight_decay", "prox_mu", "lambda_dice"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_setting_is_refused(name, value):
+    # `nan < 0` is False: grad_clip NaN trained a NaN adapter, prox_mu NaN silently turned FedProx off
+    with pytest.raises(ValueError, match=f"TrainConfig.{name} must be a finite number"):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("patience", [0, -1])
+def test_an_early_stop_patience_below_one_is_refused(patience):
+    # It stopped every training after its first epoch, however much val Dice improved (`--patience 0`).
+    with pytest.raises(ValueError, match="TrainConfig.early_stop_patience must be >= 1"):
+        TrainConfig(early_stop_patience=patience)
+    with pytest.raises(ValueError, match="TrainConfig.plateau_patience must be >= 0"):
+        TrainConfig(plateau_patience=-1)
+
+
 def test_seed_everything_seeds_like_torch_manual_seed():
     # On a CPU-only machine it seeds the CPU generator directly (torch.manual_seed formats the
     # caller's stack for each accelerator kind it seeds lazily): the generator state must be the same.
@@ -89,3 +106,20 @@ def test_seed_everything_seeds_like_torch_manual_seed():
         assert torch.equal(torch.get_rng_state(), expected)
         assert random.random() == random.Random(seed).random()
         assert np.random.random() == np.random.RandomState(seed).random_sample()
+
+
+@pytest.mark.parametrize("fast", ["off", "on"])
+def test_a_diverged_training_is_refused_not_kept_as_best(tiny_base, site_data, tmp_path, fast):
+    # lr 1e3 makes the weights NaN in the first epoch. A NaN adapter predicts no foreground, so its
+    # val Dice (0) beat the initial -1: it was kept as "best" and returned without a word.
+    from common.fast import restore_fp32
+    from common.train import TrainingDiverged
+
+    torch.manual_seed(0)
+    model = build_model(tiny_base, "dense-vl")
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr=1e3, fast=fast)
+    try:
+        with pytest.raises(TrainingDiverged, match="diverged in epoch 1.*lower the learning rate"):
+            fit(model, site_data[0], site_data[1], tiny_base.tokenizer, cfg)
+    finally:
+        restore_fp32(model)  # the session's shared base: as the plain path left it, for later tests
