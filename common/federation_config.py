@@ -41,6 +41,7 @@ ADAPTER_INITS = ("paper", "identity")
 DP_MODES = ("off", "sample", "client")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_CLIPPINGS = ("server", "client")
+MAX_SEED = 2**31 - 1
 # Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
 DP_CLIENT_STRATEGIES = ("fedavg", "fedprox")
 # A run name becomes a folder name on every machine involved: keep it boring.
@@ -151,10 +152,11 @@ class FederationConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(_key(f.name), f"must be a finite number, got {value}")
-        if self.adapter not in VARIANTS:
-            raise bad("adapter", f"unknown variant {self.adapter!r}; choose one of {', '.join(VARIANTS)}")
         if self.adapter == "none":
             raise bad("adapter", "'none' has nothing to train or federate")
+        if self.adapter not in VARIANTS:
+            trainable = ", ".join(v for v in VARIANTS if v != "none")
+            raise bad("adapter", f"unknown variant {self.adapter!r}; choose one of {trainable}")
         if self.adapter_init not in ADAPTER_INITS:
             raise bad("adapter-init", f"must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
         if self.strategy not in STRATEGIES:
@@ -166,6 +168,10 @@ class FederationConfig:
         for key in ("rounds", "local_epochs", "batch_size", "demo_images", "demo_image_size", "max_skipped_rounds"):
             if getattr(self, key) < 1:
                 raise bad(_key(key), f"must be >= 1, got {getattr(self, key)}")
+        # numpy's generators (data synthesis, partitions, np.random.seed) refuse negative seeds, and
+        # np.random.seed refuses seeds >= 2**32 (the pooled bound trains with seed + 7919).
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.dashboard_port <= 65535:
             raise bad("dashboard-port", f"must be a TCP port (1-65535) or 0 (off), got {self.dashboard_port}")
         for key in ("min_sites", "demo_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):

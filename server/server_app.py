@@ -119,7 +119,10 @@ def _run(
     frozen = load_base(cfg.base)
     say(f"base '{cfg.base}' loaded in {time.perf_counter() - t:.2f}s on the server")
     model = cfg.initial_model(frozen)
-    check_personal_prefixes(model.adapter_names(), cfg.personal)
+    try:
+        check_personal_prefixes(model.adapter_names(), cfg.personal)
+    except PayloadError as err:  # a refused config (`fedvlsm simulate`: exit 2), not a failed run
+        raise ConfigError(str(err)) from None
     shared, personal = split_personal(model.adapter_state(), cfg.personal)
     counts = model.parameter_counts()
     say(f"adapter tensors: {len(shared)} shared, {len(personal)} personal; trainable parameters "

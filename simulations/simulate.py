@@ -179,6 +179,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.federation_config import ConfigError, FederationConfig
 
     try:
+        if args.num_sites < 0:
+            raise ValueError(f"--num-sites: must be >= 0 (0: the default count), got {args.num_sites}")
         overrides = parse_run_config(args.run_config)
         # FederationConfig's defaults are pyproject's [tool.flwr.app.config] (a test keeps them equal).
         cfg = FederationConfig.from_run_config(overrides)

@@ -40,6 +40,8 @@ def test_pyproject_defaults_parse_and_cover_every_field():
         ({"strategy": "fedprox", "prox-mu": 0.0}, "prox-mu"),
         ({"trim-beta": 0.5}, "trim-beta"),
         ({"local_epochs_typo": 1}, "local_epochs_typo"),
+        ({"seed": -1}, "seed"),  # numpy's generators refuse it: the run used to fail at data synthesis
+        ({"seed": 2**32}, "seed"),  # np.random.seed refuses it
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -112,3 +114,26 @@ def test_dataclass_defaults_are_the_pyproject_defaults():
     # The demo is "flwr run ." with pyproject's values; code that builds a
     # FederationConfig() directly (CLI, notebooks) must get the same run.
     assert FederationConfig.from_run_config(app_config()) == FederationConfig()
+
+
+def test_an_unknown_adapter_is_offered_only_variants_that_can_be_federated():
+    with pytest.raises(ConfigError, match="'adapter': unknown variant") as err:
+        FederationConfig.from_run_config({"adapter": "dense"})
+    assert "dense-vl" in str(err.value) and "none" not in str(err.value)
+
+
+def test_simulate_refuses_a_negative_site_count_naming_the_option(capsys):
+    from common.cli import main
+
+    assert main(["simulate", "--num-sites", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-sites" in err and "min-sites" not in err
+
+
+def test_a_personal_prefix_typo_is_a_config_refusal(tmp_path):
+    # A ConfigError, so that `fedvlsm simulate` exits 2 (configuration refused), not 1 (run failed).
+    from server.server_app import run_federation
+
+    cfg = FederationConfig(base="arch:tiny", personal=("adapters.visoin",), home=str(tmp_path), run_name="typo")
+    with pytest.raises(ConfigError, match="'personal': prefix 'adapters.visoin' matches no adapter tensor"):
+        run_federation(None, cfg)  # refused before the grid is used
