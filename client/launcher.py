@@ -63,13 +63,28 @@ SUPEREXEC_GRACE_S = 5.0  # how long it may be missing while the SuperNode runs b
 SUPEREXEC_START_S = 60.0  # how long a new SuperNode may take to start it
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where the help does not say it: it printed "(default: the data folder's
+    name) (default: )", and "(default: )" for every empty one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.required:
+            return text
+        if action.default is False:  # a flag
+            return text + " (default: off)"
+        if action.default is None or action.default == "":
+            return text + " (default: none)"
+        return super()._get_help_string(action)
+
+
 def add_site_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("site", help="run a hospital site (site worker + Flower SuperNode)",
                        description="Run a hospital site: a warm site worker and its Flower SuperNode.")
     ssub = p.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
     s = ssub.add_parser("start", help="start this site's worker and SuperNode; stop both on exit",
                         description=__doc__.split("\n\n")[0] if __doc__ else None,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_DefaultsHelp)
     s.add_argument("--superlink", required=True, help="the consortium's SuperLink Fleet API, HOST:PORT")
     s.add_argument("--data", required=True, help="this site's dataset folder (never leaves the site)")
     s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
@@ -77,14 +92,15 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="", help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
     s.add_argument("--compile", default="", choices=("",) + COMPILE_MODES,
                    help="local training's TrainConfig.compile: cuda-graph runs each step as one CUDA graph "
-                        "(CUDA, bf16; a shape whose capture fails trains eagerly, with a warning in the worker log)")
+                        "(CUDA, bf16; a shape whose capture fails trains eagerly, with a warning in the worker log) "
+                        "(default: the worker's, off)")
     s.add_argument("--root-certificates", default="", help="CA certificate (PEM) to verify the SuperLink (TLS)")
     s.add_argument("--auth-key", default="", help="this site's EC private key (PEM) for SuperNode authentication")
     s.add_argument("--insecure", action="store_true", help="no TLS: for local trials on one machine only")
     s.add_argument("--port", type=int, default=0,
                    help="the SuperNode's local runtime API port on 127.0.0.1 (0: pick a free one)")
     s.add_argument("--socket", default="", help="worker socket path (default: SITE_DIR/worker.sock)")
-    s.add_argument("--preload-base", default="", help="base spec the worker loads before serving (optional)")
+    s.add_argument("--preload-base", default="", help="base spec the worker loads before serving its first message")
     s.add_argument("--worker-restarts", type=int, default=3, help="restart a dead worker this many times, then exit 1")
     s.add_argument("--rejoin-wait", type=float, default=REJOIN_WAIT_S,
                    help="seconds to keep retrying when the SuperLink refuses to activate this site's SuperNode "

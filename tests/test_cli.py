@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,10 @@ def test_every_command_and_option_has_help_with_default():
             if action.option_strings and not action.required:
                 shown = "%(default)" in action.help or "(default" in sub._get_formatter()._get_help_string(action)
                 assert shown, f"fedvlsm {name} {action.option_strings[0]}: default not shown"
+        # Once per option, and never empty: `site start` printed "(default: the data folder's name) (default: )".
+        text = " ".join(sub.format_help().split())
+        assert "(default: )" not in text, f"fedvlsm {name}: an empty default shown"
+        assert not re.search(r"\(default[^()]*(\([^()]*\))?[^()]*\) \(default", text), f"fedvlsm {name}: a default shown twice"
 
 
 def test_help_does_not_import_heavy_modules():
