@@ -8,6 +8,8 @@
     fedvlsm data check PATH
     fedvlsm simulate [--run-config CFG ...] [--num-sites N]
     fedvlsm dashboard [--runs DIR] [--host 127.0.0.1] [--port 8050] [--token T]
+    fedvlsm site start --superlink HOST:PORT --data DIR [--root-certificates CA --auth-key KEY | --insecure]
+    fedvlsm deploy certs OUT --server-name HOST --site NAME [--site NAME ...]
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from common.api import evaluate_adapter_dir
     from common.config import TrainConfig
-    from common.evaluate import json_safe
+    from common.atomic import json_safe
 
     if args.out and Path(args.out).is_dir():  # before the evaluation, not after it
         raise ValueError(f"--out {args.out}: is a folder; give a file name for the JSON report")
