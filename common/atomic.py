@@ -8,6 +8,7 @@ site file of the project goes through here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -45,8 +46,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Inf floats as None: JSON has no NaN (``json.dumps`` would write a NaN token
+    that strict parsers, such as JavaScript's ``JSON.parse`` or jq, refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON of `obj` (NaN/Inf as null): what every JSON file of the project holds."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
+    write_text_atomic(path, json_text(obj, indent=2))
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from monai.metrics import compute_hausdorff_distance, compute_iou, compute_dice
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common.atomic import json_safe  # noqa: F401 - re-exported: common.evaluate.json_safe was its home
 from common.config import TrainConfig, autocast_dtype, plain_workers, resolve_device
 from common.data.dataset import IMAGENET_MEAN, IMAGENET_STD, collate_fn
 from common.model import AdaptedCLIPSeg
@@ -169,17 +170,6 @@ def aggregate(per_item: list[dict[str, Any]], losses: list[float], weights: list
         hd95_undefined=len(per_item) - len(hd),
         per_item=per_item,
     )
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN/Inf floats as None: JSON has no NaN (``json.dumps`` would write invalid JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def preprocess_image(image: np.ndarray, image_size: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.atomic import json_text
+
 DB_FILE = "run.sqlite"
 SCHEMA_VERSION = 1
 STATUSES = ("running", "finished", "failed", "stopped", "unknown")
@@ -138,18 +140,8 @@ def _text(value: Any) -> str | None:
 
 
 def _json(value: Any) -> str:
-    # allow_nan=False would reject NaN Dice of a round without evaluation: write them as null.
-    return json.dumps(_finite(value), sort_keys=True)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    # A round without evaluation has a NaN Dice: written as null (JSON has no NaN).
+    return json_text(value, sort_keys=True)
 
 
 def parse_events(items: Any) -> list[dict[str, str]]:

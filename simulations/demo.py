@@ -20,16 +20,15 @@ Site-side work happens in the ClientApp (messages ``evaluate.final`` and
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common.atomic import json_text
 from common.bases import Base
 from common.data import SegDataset
 from common.data.formats import Item
@@ -118,7 +117,7 @@ def compare_and_report(
                 "simulation's server process on all sites' training data (impossible in a real federation)"
                 + ("." if pooled else "; not available here: this run is not a simulation."),
     }
-    records.save_final_file("comparison.json", json.dumps(result, indent=2) + "\n")
+    records.save_final_file("comparison.json", json_text(result, indent=2) + "\n")  # NaN (no pooled bound) as null
     records.save_final_file("comparison.md", table + "\n")
     say("per-site test Dice:\n" + table)
     return result

@@ -175,6 +175,9 @@ def test_outside_simulation_the_table_has_no_pooled_bound(data, tmp_path):
     rows = summary["comparison"]["rows"]
     assert all(np.isnan(r["pooled"]) and 0 <= r["local_only"] <= 1 for r in rows)
     assert "not a simulation" in summary["comparison"]["note"]
+    # The file is strict JSON: the missing bound is null (a NaN token broke JSON.parse and jq).
+    text = (tmp_path / "runs" / "deploy" / "final" / "comparison.json").read_text()
+    assert all(r["pooled"] is None for r in json.loads(text, parse_constant=lambda t: pytest.fail(t))["rows"])
 
 
 def test_work_between_rounds_is_in_the_next_rounds_time(data, tmp_path, monkeypatch):
