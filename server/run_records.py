@@ -24,13 +24,15 @@ round that is already in the store replaces it (idempotent).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import shutil
 from datetime import UTC, datetime
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -54,6 +56,38 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 class RunRecordsError(RuntimeError):
     """A run directory that cannot be created or resumed as asked."""
+
+
+def claim_run_name(runs_dir: Path, run_name: str) -> TextIO:
+    """Hold the run name `run_name` under `runs_dir` for this process; close the handle to let it go.
+
+    Why: `RunRecords.create` refuses a name only once its run has a round, so a
+    second server started with the same name while the first was still before
+    its first round's end (two runs launched at once, or default names stamped
+    in the same second) took the same folder: each overwrote the other's
+    config, run id, records, checkpoints and final adapter, and both exited 0.
+    The claim is an exclusive flock on `<runs_dir>/.<run-name>.lock` (beside the
+    run folder, so a refused resume leaves no folder behind); the kernel drops it
+    when its process dies, so a crashed run never blocks its own resume.
+    """
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(runs_dir / f".{run_name}.lock", "a+")  # noqa: SIM115 - held for the run's life
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise RunRecordsError(
+            f"run '{run_name}' is being run by another server process now{f' (pid {holder})' if holder else ''} "
+            f"under {runs_dir}; pick another 'run-name' (or resume it once that process has ended)"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))  # for the message above only: the lock, not this text, is the claim
+    fh.flush()
+    return fh
 
 
 @dataclass

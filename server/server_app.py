@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -63,7 +63,7 @@ from common.privacy import PrivacyReport, clip_update_fp32, update_norm
 from server.hooks import RunHooks
 from server.privacy import carry_privacy_journal, journal_release, server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
-from server.run_records import RunRecords
+from server.run_records import RunRecords, claim_run_name
 from server.strategies import build_strategy, num_sampled_sites, restore_strategy_state, strategy_state
 from server.write_behind import WriteBehind
 
@@ -85,24 +85,27 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
     """The whole run: set-up, rounds (or the rest of them), final adapter; its status recorded."""
     hooks = hooks or RunHooks()
     cfg.apply_threads()
-    records, cfg, start_round, config_to_save = open_run(cfg)
-    say(f"run directory: {records.run_dir}")
-    if cfg.dashboard_port:
-        start_dashboard(cfg)
-    try:
-        summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
-    except (KeyboardInterrupt, SystemExit):
-        if records.changed:
-            records.set_status("stopped", "the server process was interrupted")
-        raise
-    except Exception as err:
-        if records.changed:
-            records.set_status("failed", f"{type(err).__name__}: {err}")
-        else:
-            say("the resume failed before the run was changed: its records, status and final/ are as they were")
-        raise
-    records.set_status("finished", summary.get("ended_early") or "")  # why it ended early, if it did
-    return summary
+    records, cfg, start_round, config_to_save, claim = open_run(cfg)
+    try:  # the run name stays this process's until its status is written
+        say(f"run directory: {records.run_dir}")
+        if cfg.dashboard_port:
+            start_dashboard(cfg)
+        try:
+            summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
+        except (KeyboardInterrupt, SystemExit):
+            if records.changed:
+                records.set_status("stopped", "the server process was interrupted")
+            raise
+        except Exception as err:
+            if records.changed:
+                records.set_status("failed", f"{type(err).__name__}: {err}")
+            else:
+                say("the resume failed before the run was changed: its records, status and final/ are as they were")
+            raise
+        records.set_status("finished", summary.get("ended_early") or "")  # why it ended early, if it did
+        return summary
+    finally:
+        claim.close()
 
 
 def _run(
@@ -257,8 +260,24 @@ class RunFailed(RuntimeError):
     """The run cannot usefully go on (e.g. no site could train for several rounds)."""
 
 
-def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
-    """(records, config the run really uses, first round to run, config.json to write once a round completes)."""
+def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None, TextIO]:
+    """(records, config the run really uses, first round to run, config.json to write once a round completes,
+    the claim on the run name: close it when the run has ended).
+
+    A name another server process is running now is refused (RunRecordsError) before anything is read
+    or written: two runs at once never share a run folder."""
+    if not cfg.run_name:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
+    claim = claim_run_name(cfg.runs_dir, cfg.run_name)
+    try:
+        return (*_open_claimed_run(cfg), claim)
+    except BaseException:
+        claim.close()
+        raise
+
+
+def _open_claimed_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
     if cfg.resume:
         records = RunRecords.open_existing(cfg.runs_dir, cfg.run_name)
         saved = FederationConfig.from_run_config(records.read_config())
@@ -282,9 +301,6 @@ def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, 
             say(f"run '{cfg.run_name}' already has {last} complete round(s) (rounds = {cfg.rounds})")
         new_config = cfg.replace(resume=False).to_run_config()
         return records, cfg, last + 1, (new_config if new_config != records.read_config() else None)
-    if not cfg.run_name:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
     return records, cfg, 1, None
 
