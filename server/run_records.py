@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from common.adapter_io import read_adapter_weights, save_adapter_state
-from common.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from common.atomic import atomic_dir, json_text, write_json_atomic, write_text_atomic
 from server.run_store import RunStore, ensure_store
 
 CONFIG_FILE = "config.json"
@@ -227,7 +227,8 @@ class RunRecords:
         self._write_rounds(rounds)
 
     def _write_rounds(self, rounds: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rounds)
+        # json_text: a skipped round's NaN Dice is null (a NaN token is not JSON: jq, JSON.parse refuse it)
+        text = "".join(json_text(r, sort_keys=True) + "\n" for r in rounds)
         write_text_atomic(self.run_dir / ROUNDS_FILE, text)
 
     # ----------------------------------------------------------- checkpoints

@@ -101,3 +101,17 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back_to_the_round_before(tmp
     shutil.rmtree(folder)
     assert records.last_complete_round() == 1
     assert records.load_checkpoint(1).state["round"] == 1
+
+
+def test_rounds_jsonl_is_strict_json_with_null_for_a_missing_figure(tmp_path):
+    # A skipped round's Dice (and sample-level DP's round train_loss) is NaN: it was written as the token
+    # NaN, which is not JSON (jq and JavaScript's JSON.parse refuse the whole line).
+    records = RunRecords.create(tmp_path, "r", {})
+    records.append_round({"round": 1, "status": "skipped", "dice": float("nan"), "train_loss": float("inf")})
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    (line,) = (tmp_path / "r" / "rounds.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=refuse) == {"round": 1, "status": "skipped", "dice": None,
+                                                       "train_loss": None}
