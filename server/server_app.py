@@ -314,7 +314,7 @@ def start_dashboard(cfg: FederationConfig) -> None:
     except DashboardError as err:
         log(WARNING, "[fedvlsm] dashboard not started: %s", err)
         return
-    say(f"dashboard: {url}/runs/{cfg.run_name}")
+    say(f"dashboard: {url.rstrip('/')}/runs/{cfg.run_name}")  # url ends with '/': '//runs/x' was a 404
 
 
 def _k(key: str) -> str:
