@@ -78,14 +78,32 @@ RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_s
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = FederationConfig.from_run_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(grid, cfg, given=launch_keys(grid))
 
 
-def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = None) -> dict[str, Any]:
-    """The whole run: set-up, rounds (or the rest of them), final adapter; its status recorded."""
+def launch_keys(grid: Grid) -> set[str] | None:
+    """The run-config keys this launch gave (`flwr run --run-config`), or None if Flower does not say.
+
+    Flower fills every other key of the run config with pyproject's default, so a resume
+    (`run-name='x' resume=true`) would otherwise take `rounds = 10`, `min-sites = 0`, ...
+    from the defaults instead of the run's saved values.
+    """
+    try:
+        return set(grid.run.override_config)
+    except Exception:  # a grid without Flower's Run (tests' in-process grids): every key counts as given
+        return None
+
+
+def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = None,
+                   given: set[str] | None = None) -> dict[str, Any]:
+    """The whole run: set-up, rounds (or the rest of them), final adapter; its status recorded.
+
+    `given`: the run-config keys the launch set itself (None: all of them); on a resume only
+    those of the keys a resume may change replace the run's saved values.
+    """
     hooks = hooks or RunHooks()
     cfg.apply_threads()
-    records, cfg, start_round, config_to_save, claim = open_run(cfg)
+    records, cfg, start_round, config_to_save, claim = open_run(cfg, given)
     try:  # the run name stays this process's until its status is written
         say(f"run directory: {records.run_dir}")
         if cfg.dashboard_port:
@@ -260,7 +278,8 @@ class RunFailed(RuntimeError):
     """The run cannot usefully go on (e.g. no site could train for several rounds)."""
 
 
-def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None, TextIO]:
+def open_run(cfg: FederationConfig, given: set[str] | None = None
+             ) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None, TextIO]:
     """(records, config the run really uses, first round to run, config.json to write once a round completes,
     the claim on the run name: close it when the run has ended).
 
@@ -271,23 +290,27 @@ def open_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, 
         cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
     claim = claim_run_name(cfg.runs_dir, cfg.run_name)
     try:
-        return (*_open_claimed_run(cfg), claim)
+        return (*_open_claimed_run(cfg, given), claim)
     except BaseException:
         claim.close()
         raise
 
 
-def _open_claimed_run(cfg: FederationConfig) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
+def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
+                      ) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
     if cfg.resume:
         records = RunRecords.open_existing(cfg.runs_dir, cfg.run_name)
         saved = FederationConfig.from_run_config(records.read_config())
         # The saved config rules what shapes results; the round count (to
         # extend a run) and purely operational keys come from this launch.
         launch = cfg
-        cfg = saved.replace(resume=True, **{k: getattr(launch, k) for k in RESUME_OVERRIDABLE})
+        # `home` always: it is where this launch found the run. The others only if the launch set them.
+        taken = [k for k in RESUME_OVERRIDABLE if k == "home" or given is None or k.replace("_", "-") in given]
+        cfg = saved.replace(resume=True, **{k: getattr(launch, k) for k in taken})
         kept = saved.to_run_config()
         ignored = sorted(key for key, value in launch.to_run_config().items()
-                         if _k(key) not in RESUME_OVERRIDABLE + ("resume",) and kept.get(key) != value)
+                         if _k(key) not in RESUME_OVERRIDABLE + ("resume",) and (given is None or key in given)
+                         and kept.get(key) != value)
         if ignored:
             say("resume: the run's saved config governs every participant; this launch's values for "
                 + ", ".join(ignored) + " are ignored")
