@@ -524,13 +524,18 @@ def test_cached_activations_are_keyed_by_all_of_the_base(site, tmp_path):
     with torch.no_grad():  # outside every sampled slice
         base_b.model.clip.vision_model.encoder.layers[1].mlp.fc1.weight.mul_(1.5)
     assert legacy_fingerprint(base_a.model) == legacy_fingerprint(base_b.model)
+    assert _cache_namespaces_after_training_on(site, tmp_path / "cache", base_a, base_b) == 2
+
+
+def _cache_namespaces_after_training_on(site, cache, *bases) -> int:
+    """One cached epoch of shallow-vlc on each base in turn; how many activation namespaces the disk cache holds."""
     cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
                       select_best=False, early_stop_patience=10**6)
-    for base in (base_a, base_b):
+    for base in bases:
         activation_cache.clear_memory()
-        fit(build_model(base, "shallow-vlc"), _ds(site, base, tmp_path / "cache"), None, base.tokenizer, cfg)
+        fit(build_model(base, "shallow-vlc"), _ds(site, base, cache), None, base.tokenizer, cfg)
     activation_cache.clear_memory()
-    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 2
+    return len(list((cache / "activations").iterdir()))
 
 
 def test_the_weights_digest_names_the_base_not_its_storage():
@@ -626,13 +631,7 @@ def test_cached_activations_are_keyed_by_the_towers_config_too(site, tmp_path):
         if isinstance(m, torch.nn.LayerNorm):
             m.eps = 0.5
     assert weights_digest(base_a.model) == weights_digest(base_b.model)
-    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, fast="on", activation_cache="on",
-                      select_best=False, early_stop_patience=10**6)
-    for base in (base_a, base_b):
-        activation_cache.clear_memory()
-        fit(build_model(base, "shallow-vlc"), _ds(site, base, tmp_path / "cache"), None, base.tokenizer, cfg)
-    activation_cache.clear_memory()
-    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 2
+    assert _cache_namespaces_after_training_on(site, tmp_path / "cache", base_a, base_b) == 2
     # where a config was loaded from is no part of it: the same base from another path shares the cache
     base_c = load_base("arch:tiny")
     base_c.model.config._name_or_path = "/elsewhere/clipseg"
