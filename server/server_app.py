@@ -135,7 +135,8 @@ def _run(
     config_to_save: dict[str, Any] | None,
 ) -> dict[str, Any]:
     say(f"run name: {cfg.run_name} | strategy {cfg.strategy} | adapter {cfg.adapter} | base {cfg.base} "
-        f"| rounds {start_round}..{cfg.rounds} | payload {cfg.payload_dtype} | config {cfg.fingerprint()}")
+        f"| rounds {f'{start_round}..{cfg.rounds}' if start_round <= cfg.rounds else f'all {cfg.rounds} done'} "
+        f"| payload {cfg.payload_dtype} | config {cfg.fingerprint()}")
     t = time.perf_counter()
     frozen = load_base(cfg.base)
     say(f"base '{cfg.base}' loaded in {time.perf_counter() - t:.2f}s on the server")

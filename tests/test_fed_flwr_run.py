@@ -110,7 +110,7 @@ def test_flwr_run_with_flowers_default_two_supernodes_runs_the_demo(flwr_env):
         env=env, cwd=tmp, capture_output=True, text=True, timeout=420, check=False,
     )
     out = proc.stdout + proc.stderr
-    assert "already has 2 complete round(s) (rounds = 2)" in out, out[-4000:]
+    assert "already has 2 complete round(s) (rounds = 2)" in out and "rounds all 2 done" in out, out[-4000:]
     assert [json.loads(x)["round"] for x in (run_dir / "rounds.jsonl").read_text().splitlines()] == [1, 2]
     assert (run_dir / "config.json").read_text() == config_before
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished", out[-4000:]
