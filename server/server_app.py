@@ -60,6 +60,7 @@ from common.payload import (
     wire_dtype,
 )
 from common.privacy import PrivacyReport, clip_update_fp32, update_norm
+from server.flower_exit import STOPPED_BY_FLOWER, FlowerExit
 from server.hooks import RunHooks
 from server.privacy import carry_privacy_journal, journal_release, server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
@@ -104,6 +105,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
     hooks = hooks or RunHooks()
     cfg.apply_threads()
     records, cfg, start_round, config_to_save, claim = open_run(cfg, given)
+    # `flwr stop` of a simulated run never reaches this thread: Flower's exit records it (server/flower_exit.py)
+    flower_exit = FlowerExit(records)
     try:  # the run name stays this process's until its status is written
         say(f"run directory: {records.run_dir}")
         if cfg.dashboard_port:
@@ -112,15 +115,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
             summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
         except (KeyboardInterrupt, SystemExit):
             if records.changed:
-                records.set_status("stopped", "the server process was interrupted")
+                flower_exit.end("stopped", STOPPED_BY_FLOWER if flower_exit.fired
+                                else "the server process was interrupted")
             raise
         except Exception as err:
             if records.changed:
-                records.set_status("failed", f"{type(err).__name__}: {err}")
+                flower_exit.end("failed", f"{type(err).__name__}: {err}")
             else:
                 say("the resume failed before the run was changed: its records, status and final/ are as they were")
             raise
-        records.set_status("finished", summary.get("ended_early") or "")  # why it ended early, if it did
+        flower_exit.end("finished", summary.get("ended_early") or "")  # why it ended early, if it did
         return summary
     finally:
         claim.close()
