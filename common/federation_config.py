@@ -24,15 +24,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.adapters.spec import VARIANTS, AdapterSpec
-from common.bases import Base
 from common.config import TrainConfig
-from common.model import AdaptedCLIPSeg, build_model
 from common.site_errors import SiteRefusal
+
+if TYPE_CHECKING:  # torch, transformers: imported where a model is built, so a bad config is refused at once
+    from common.bases import Base
+    from common.model import AdaptedCLIPSeg
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 PAYLOAD_DTYPES = ("fp32", "fp16", "int8")  # int8: uploads only (updates); weights go down in fp16
@@ -41,6 +41,9 @@ ADAPTER_INITS = ("paper", "identity")
 DP_MODES = ("off", "sample", "client")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_CLIPPINGS = ("server", "client")
+# Keys a resumed run takes from the new launch (when given) instead of its saved config.json.
+RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
+                      "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
 MAX_SEED = 2**31 - 1
 # Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
 DP_CLIENT_STRATEGIES = ("fedavg", "fedprox")
@@ -339,12 +342,18 @@ class FederationConfig:
         so the server's initial global adapter, personal parts that have not
         trained yet and a site's local-only baseline start from the same tensors.
         """
+        import torch
+
+        from common.model import build_model
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return build_model(base, self.adapter_spec())
 
     def apply_threads(self) -> None:
         """Set torch's intra-op threads for this process (see `torch_threads`)."""
+        import torch
+
         if self.torch_threads and torch.get_num_threads() != self.torch_threads:
             torch.set_num_threads(self.torch_threads)
 

@@ -45,7 +45,7 @@ from flwr.supercore import log
 from client.arrays import to_numpy, to_record
 from common.adapter_io import adapter_config
 from common.bases import load_base
-from common.federation_config import ConfigError, FederationConfig
+from common.federation_config import RESUME_OVERRIDABLE, ConfigError, FederationConfig
 from common.payload import (
     Cfg,
     SCALE_SUFFIX,
@@ -70,10 +70,7 @@ from server.write_behind import WriteBehind
 
 app = ServerApp()
 
-# Keys a resumed run takes from the new launch instead of its saved config.json.
 SIMULATED_SITES = "simulated_sites"  # run meta: a simulated run's site count (a resume must keep it)
-RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
-                      "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
 
 
 @app.main()

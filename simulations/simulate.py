@@ -127,8 +127,7 @@ def resume_config(launch: Any, overrides: dict[str, Any]) -> Any:
     another value is refused (naming it), and pyproject defaults never
     creep in: `rounds` stays as saved unless given (then the run is extended).
     """
-    from common.federation_config import ConfigError, FederationConfig
-    from server.server_app import RESUME_OVERRIDABLE
+    from common.federation_config import RESUME_OVERRIDABLE, ConfigError, FederationConfig
 
     path = launch.runs_dir / launch.run_name / "config.json"
     if not path.is_file():

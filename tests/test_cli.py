@@ -156,7 +156,10 @@ def test_help_does_not_import_heavy_modules():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-    for argv in (["--help"], ["train", "--help"], ["data", "check", "--help"]):
+    # and a refused simulate config is said at once (it imported torch & co. first: 6-8 s)
+    for argv in (["--help"], ["train", "--help"], ["data", "check", "--help"],
+                 ["simulate", "--run-config", "adaptr='dense-vl'"],
+                 ["simulate", "--run-config", "resume=true run-name='nothing-here'"]):
         proc = subprocess.run(
             [sys.executable, "-c", "import sys, common.cli; sys.argv[1:] = %r\n"
              "try:\n    common.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
