@@ -102,19 +102,6 @@ def test_flwr_run_with_flowers_default_two_supernodes_runs_the_demo(flwr_env):
         assert (run_dir / name).exists(), name
     assert str(run_dir) in out  # the absolute run directory is printed
 
-    # The README's resume, verbatim but for `home`: Flower fills every key not given with pyproject's
-    # default, and the resume took rounds = 10 from it (8 more rounds, config.json rewritten).
-    config_before = (run_dir / "config.json").read_text()
-    proc = subprocess.run(
-        [FLWR, "run", str(REPO), "--stream", "--run-config", f"run-name='e2e' resume=true home='{home}'"],
-        env=env, cwd=tmp, capture_output=True, text=True, timeout=420, check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert "already has 2 complete round(s) (rounds = 2)" in out and "rounds all 2 done" in out, out[-4000:]
-    assert [json.loads(x)["round"] for x in (run_dir / "rounds.jsonl").read_text().splitlines()] == [1, 2]
-    assert (run_dir / "config.json").read_text() == config_before
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished", out[-4000:]
-
 
 def test_app_bundle_stays_small_and_carries_no_weights():
     import io
