@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +276,13 @@ class FederationConfig:
 
     def replace(self, **changes: Any) -> FederationConfig:
         return dataclasses.replace(self, **changes)
+
+    def named(self) -> FederationConfig:
+        """This config with its `run-name`, or a new one made of the time, strategy and adapter."""
+        if self.run_name:
+            return self
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        return self.replace(run_name=f"{stamp}-{self.strategy}-{self.adapter}")
 
     def to_json(self) -> str:
         """The run config as the server sends it to every site with every message."""

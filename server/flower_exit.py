@@ -56,6 +56,10 @@ class FlowerExit:
                 self._ended = True
                 self.records.set_status("stopped", STOPPED_BY_FLOWER)
 
+    def stopped(self) -> None:
+        """The run was interrupted (SystemExit, KeyboardInterrupt): by Flower, or by a signal of the user's."""
+        self.end("stopped", STOPPED_BY_FLOWER if self.fired else "the server process was interrupted")
+
     def end(self, status: str, reason: str = "") -> None:
         """Record how the run ended, unless Flower's exit has recorded it `stopped` already."""
         with self._lock:

@@ -274,21 +274,25 @@ class RunRecords:
         path = self.run_dir / CHECKPOINTS / checkpoint_name(server_round)
         if not (path / STATE_FILE).is_file():
             raise RunRecordsError(f"{path}: no complete checkpoint ({STATE_FILE} missing)")
-        try:  # checkpoints are written atomically, so damage came later (a disk, a copy): say which and what to do
-            weights = read_adapter_weights(path / ADAPTER_DIR / WEIGHTS_FILE)
-            try:
-                with np.load(path / STRATEGY_FILE) as data:
-                    strategy_arrays = {k: data[k] for k in data.files}
-            except Exception as err:  # zipfile.BadZipFile, ValueError, EOFError ... for a damaged .npz
-                raise ValueError(f"{path / STRATEGY_FILE}: not a readable .npz ({type(err).__name__}: {err})") from None
-            try:
-                state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path / STATE_FILE}: not valid JSON ({err})") from None
-        except (OSError, ValueError) as err:  # AdapterFileError is a ValueError
-            raise RunRecordsError(
-                f"damaged checkpoint of round {server_round}: {err}. To continue from round {server_round - 1} "
-                f"instead, remove the folder {path}") from None
+
+        def damaged(why: object) -> RunRecordsError:
+            # Checkpoints are written atomically, so damage came later (a disk, a copy): say which and what to do.
+            return RunRecordsError(f"damaged checkpoint of round {server_round}: {why}. To continue from round "
+                                   f"{server_round - 1} instead, remove the folder {path}")
+
+        try:
+            weights = read_adapter_weights(path / ADAPTER_DIR / WEIGHTS_FILE)  # AdapterFileError: a ValueError
+        except (OSError, ValueError) as err:
+            raise damaged(err) from None
+        try:
+            with np.load(path / STRATEGY_FILE) as data:
+                strategy_arrays = {k: data[k] for k in data.files}
+        except Exception as err:  # zipfile.BadZipFile, ValueError, EOFError ... for a damaged .npz
+            raise damaged(f"{path / STRATEGY_FILE}: not a readable .npz ({type(err).__name__}: {err})") from None
+        try:
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise damaged(f"{path / STATE_FILE}: unreadable or not valid JSON ({err})") from None
         return Checkpoint(
             round=server_round,
             arrays={k: v.float().numpy() for k, v in weights.items()},

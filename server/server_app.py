@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, NamedTuple, TextIO
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -60,11 +60,11 @@ from common.payload import (
     wire_dtype,
 )
 from common.privacy import PrivacyReport, clip_update_fp32, update_norm
-from server.flower_exit import STOPPED_BY_FLOWER, FlowerExit
+from server.flower_exit import FlowerExit
 from server.hooks import RunHooks
 from server.privacy import carry_privacy_journal, journal_release, server_budget_check, server_epsilon
 from server.messaging import Pushed, can_push_ahead, collect, push, timeline
-from server.run_records import RunRecords, claim_run_name
+from server.run_records import Checkpoint, RunRecords, claim_run_name
 from server.strategies import build_strategy, num_sampled_sites, restore_strategy_state, strategy_state
 from server.write_behind import WriteBehind
 
@@ -101,7 +101,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
     """
     hooks = hooks or RunHooks()
     cfg.apply_threads()
-    records, cfg, start_round, config_to_save, claim = open_run(cfg, given)
+    records, cfg, start_round, config_to_save, checkpoint, claim = open_run(cfg, given)
     # `flwr stop` of a simulated run never reaches this thread: Flower's exit records it (server/flower_exit.py)
     flower_exit = FlowerExit(records)
     try:  # the run name stays this process's until its status is written
@@ -109,11 +109,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, hooks: RunHooks | None = N
         if cfg.dashboard_port:
             start_dashboard(cfg)
         try:
-            summary = _run(grid, cfg, hooks, records, start_round, config_to_save)
+            summary = _run(grid, cfg, hooks, records, start_round, config_to_save, checkpoint)
         except (KeyboardInterrupt, SystemExit):
             if records.changed:
-                flower_exit.end("stopped", STOPPED_BY_FLOWER if flower_exit.fired
-                                else "the server process was interrupted")
+                flower_exit.stopped()
             raise
         except Exception as err:
             if records.changed:
@@ -134,6 +133,7 @@ def _run(
     records: RunRecords,
     start_round: int,
     config_to_save: dict[str, Any] | None,
+    checkpoint: Checkpoint | None,
 ) -> dict[str, Any]:
     say(f"run name: {cfg.run_name} | strategy {cfg.strategy} | adapter {cfg.adapter} | base {cfg.base} "
         f"| rounds {f'{start_round}..{cfg.rounds}' if start_round <= cfg.rounds else f'all {cfg.rounds} done'} "
@@ -165,10 +165,9 @@ def _run(
     records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters,
                       **({SIMULATED_SITES: len(nodes)} if simulation else {})})
     hooks.before_rounds(grid, cfg, nodes)
-    check_min_replies(cfg, len(nodes), simulation=is_simulation(grid))
+    check_min_replies(cfg, len(nodes), simulation=simulation)
     strategy = build_strategy(cfg, len(nodes))
-    if start_round > 1:
-        checkpoint = records.load_checkpoint(start_round - 1)
+    if checkpoint is not None:  # read (and checked) by open_run, before anything of the run changed
         global_arrays = checkpoint.arrays
         restore_strategy_state(strategy, checkpoint.strategy_arrays, checkpoint.state["strategy"])
         say(f"resumed after round {start_round - 1} from {records.run_dir / 'checkpoints'}")
@@ -280,26 +279,31 @@ class RunFailed(RuntimeError):
     """The run cannot usefully go on (e.g. no site could train for several rounds)."""
 
 
-def open_run(cfg: FederationConfig, given: set[str] | None = None
-             ) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None, TextIO]:
-    """(records, config the run really uses, first round to run, config.json to write once a round completes,
-    the claim on the run name: close it when the run has ended).
+class OpenedRun(NamedTuple):
+    records: RunRecords
+    cfg: FederationConfig  # the config the run really uses (a resume's: the saved one)
+    start_round: int  # the first round to run
+    config_to_save: dict[str, Any] | None  # config.json to write once a round completes
+    checkpoint: Checkpoint | None  # a resume's last complete round, to continue from
+    claim: TextIO  # the claim on the run name: close it when the run has ended
+
+
+def open_run(cfg: FederationConfig, given: set[str] | None = None) -> OpenedRun:
+    """The run to run: a new one, or the one to resume, checked before anything of it changes.
 
     A name another server process is running now is refused (RunRecordsError) before anything is read
     or written: two runs at once never share a run folder."""
-    if not cfg.run_name:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
+    cfg = cfg.named()
     claim = claim_run_name(cfg.runs_dir, cfg.run_name)
     try:
-        return (*_open_claimed_run(cfg, given), claim)
+        return OpenedRun(*_open_claimed_run(cfg, given), claim)
     except BaseException:
         claim.close()
         raise
 
 
 def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
-                      ) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None]:
+                      ) -> tuple[RunRecords, FederationConfig, int, dict[str, Any] | None, Checkpoint | None]:
     if cfg.resume:
         records = RunRecords.open_existing(cfg.runs_dir, cfg.run_name)
         saved = FederationConfig.from_run_config(records.read_config())
@@ -320,14 +324,14 @@ def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
         if cfg.rounds < last:  # the final stage (comparison epochs, personal parts) would not match the adapter
             raise ConfigError(f"run config 'rounds' = {cfg.rounds} but run '{cfg.run_name}' already has {last} "
                               f"complete rounds; resume with rounds >= {last}")
-        if last:  # a damaged checkpoint is said now, before anything of the run is changed
-            records.load_checkpoint(last)
+        # a damaged checkpoint is said now, before anything of the run is changed
+        checkpoint = records.load_checkpoint(last) if last else None
         if last == cfg.rounds:
             say(f"run '{cfg.run_name}' already has {last} complete round(s) (rounds = {cfg.rounds})")
         new_config = cfg.replace(resume=False).to_run_config()
-        return records, cfg, last + 1, (new_config if new_config != records.read_config() else None)
+        return records, cfg, last + 1, (new_config if new_config != records.read_config() else None), checkpoint
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
-    return records, cfg, 1, None
+    return records, cfg, 1, None, None
 
 
 def start_dashboard(cfg: FederationConfig) -> None:

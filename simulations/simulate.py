@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,9 +184,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = FederationConfig.from_run_config(overrides)
         if cfg.resume:
             cfg = resume_config(cfg, overrides)
-        if not cfg.run_name:
-            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-            cfg = cfg.replace(run_name=f"{stamp}-{cfg.strategy}-{cfg.adapter}")
+        cfg = cfg.named()
         num_sites = resolve_num_sites(cfg, args.num_sites or (saved_num_sites(cfg) if cfg.resume else 0))
         if cfg.min_sites > num_sites:
             raise ConfigError(f"run config 'min-sites' = {cfg.min_sites} but the simulation has {num_sites} "
