@@ -24,9 +24,7 @@ round that is already in the store replaces it (idempotent).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import secrets
 import shutil
 from datetime import UTC, datetime
@@ -39,6 +37,7 @@ import torch
 
 from common.adapter_io import read_adapter_weights, save_adapter_state
 from common.atomic import atomic_dir, json_text, write_json_atomic, write_text_atomic
+from server.run_claim import try_claim
 from server.run_store import RunStore, ensure_store
 
 CONFIG_FILE = "config.json"
@@ -70,23 +69,12 @@ def claim_run_name(runs_dir: Path, run_name: str) -> TextIO:
     run folder, so a refused resume leaves no folder behind); the kernel drops it
     when its process dies, so a crashed run never blocks its own resume.
     """
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(runs_dir / f".{run_name}.lock", "a+")  # noqa: SIM115 - held for the run's life
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip()
-        fh.close()
+    fh, holder = try_claim(runs_dir, run_name)
+    if fh is None:
         raise RunRecordsError(
             f"run '{run_name}' is being run by another server process now{f' (pid {holder})' if holder else ''} "
             f"under {runs_dir}; pick another 'run-name' (or resume it once that process has ended)"
-        ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))  # for the message above only: the lock, not this text, is the claim
-    fh.flush()
+        )
     return fh
 
 

@@ -27,10 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import json_text
+from server.run_claim import held_by_a_process
 
 DB_FILE = "run.sqlite"
 SCHEMA_VERSION = 1
 STATUSES = ("running", "finished", "failed", "stopped", "unknown")
+# Shown, never stored: a `running` run whose server process has gone (see RunStore._shown_status).
+INTERRUPTED = "interrupted"
+INTERRUPTED_REASON = ("its server process ended without recording how the run ended (killed, crashed, or its "
+                      "machine went down); resume it (resume=true) to continue after its last complete round")
 
 # Bytes per tensor element on the wire, by run-config `payload-dtype`.
 WIRE_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -406,6 +411,7 @@ class RunStore:
     # --------------------------------------------------------------- reading
     def read(self) -> dict[str, Any]:
         """The whole run: {run: {...}, rounds: [{..., sites: [...], failed: [...], excluded: [...]}]}."""
+        gone = self._process_gone()  # before the read: see _shown_status
         with self._connect(write=False) as con:
             con.execute("BEGIN")  # one snapshot for all the selects below
             self._check_version(con)
@@ -428,7 +434,7 @@ class RunStore:
             con.execute("COMMIT")
         info = dict(run)
         info.pop("id")
-        info["reason"] = self._shown_reason(info["status"], info["reason"])
+        info["status"], info["reason"] = self._shown_status(info["status"], info["reason"], gone)
         info["config"] = json.loads(info.pop("config_json"))
         info["meta"] = json.loads(info.pop("meta_json"))
         for r in rounds:
@@ -446,6 +452,7 @@ class RunStore:
         one recorded (as final/summary.json does): a skipped round, e.g. one
         where every site had spent its privacy budget, has neither.
         """
+        gone = self._process_gone()
         with self._connect(write=False) as con:
             con.execute("BEGIN")
             self._check_version(con)
@@ -461,9 +468,29 @@ class RunStore:
                        "last_epsilon_server": _largest(con, "epsilon_server"), "last_delta": _latest(con, "delta")}
             con.execute("COMMIT")
         row = dict(run)
-        row["reason"] = self._shown_reason(row["status"], row["reason"])
+        row["status"], row["reason"] = self._shown_status(row["status"], row["reason"], gone)
         return {**row, "rounds_done": done, "last_round": last, "last_dice": ok["dice"] if ok else None,
                 "last_dice_personal": ok["dice_personal"] if ok else None, **privacy}
+
+    def _process_gone(self) -> bool:
+        """True when this run's name has a claim file that no process holds (its server is gone).
+
+        Asked before the store is read: the server writes its final status and
+        only then lets the claim go, so a claim found free before a read that
+        still says `running` means no process is left to write another status.
+        """
+        run_dir = self.path.parent
+        return held_by_a_process(run_dir.parent, run_dir.name) is False
+
+    def _shown_status(self, status: str, reason: str, gone: bool) -> tuple[str, str]:
+        """The status and reason to show: a `running` run nothing runs any more is `interrupted`.
+
+        Why: a server killed by SIGKILL, the OOM killer or a power cut cannot
+        write its end, and its run said `running` for ever.
+        """
+        if status == "running" and gone:
+            return INTERRUPTED, INTERRUPTED_REASON
+        return status, self._shown_reason(status, reason)
 
     def _shown_reason(self, status: str, reason: str) -> str:
         """The status reason to show; a finished run that ended early says why.
