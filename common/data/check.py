@@ -25,7 +25,8 @@ Binary masks have two levels, {0, 1}, {0, 255} or, 16-bit, {0, 65535}
 (all read as "nonzero = foreground"). JPEG masks (lossy;
 Kvasir-SEG ships them) are accepted when at most ``LOSSY_GREY_FRACTION`` of
 their pixels lie in the grey band (``LOSSY_GREY_BAND``); they are read with
-the >127 threshold of ``formats.binarize_mask``.
+the >127 threshold of ``formats.binarize_mask`` ({0, 1} JPEG masks, all
+below the band: nonzero = foreground).
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def ensure_valid(root: str | Path, splits: Sequence[str] = ("train", "val", "tes
 # --------------------------------------------------------------------------
 
 # Bump when the checks change so that cached verdicts of older rules are redone.
-CHECK_VERSION = 2
+CHECK_VERSION = 3  # 3: JPEG {0, 1} masks have foreground (binarize_mask)
 CACHE_NAME = "data-check.json"
 # Files whose content can change a verdict; caches (.npz) and logs are not.
 _FINGERPRINT_EXTS = SUPPORTED_EXTS + (".json", ".csv")

@@ -62,7 +62,7 @@ from .formats import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 1  # bump when the preprocessing changes, to invalidate old cache files
+CACHE_VERSION = 2  # bump when the preprocessing changes, to invalidate old cache files (2: JPEG {0, 1} masks)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 # The in-memory tier of the site cache (module docstring): cache file -> read-only arrays.

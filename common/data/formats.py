@@ -71,6 +71,9 @@ SUPPORTED_EXTS = PIL_EXTS + NIFTI_EXTS + DICOM_EXTS
 LOSSY_EXTS = (".jpg", ".jpeg")
 STANDARD_SPLITS = ("train", "val", "test")
 HASH_SPLIT_BOUNDS = (0.8, 0.9)  # train below 0.8, val below 0.9, test above
+# A mask whose maximum is below this has levels {0, 1} (JPEG noise included: a lossless mask
+# with values 2..31 is refused by the data check); see binarize_mask.
+LOW_LEVEL_MAX = 32
 
 Prompt = str | list[str]
 
@@ -274,17 +277,20 @@ def read_mask(path: str | Path) -> np.ndarray:
 def binarize_mask(raw: np.ndarray) -> np.ndarray:
     """Foreground as uint8 {0, 1}.
 
-    Masks are binary with levels {0, 1} or {0, 255} (``check_dataset``
-    enforces this for lossless files). Rule: if the maximum is at most 1,
-    any nonzero value is foreground; otherwise values above 127 are. On
-    clean masks both readings agree with "nonzero = foreground"; the 127
-    threshold also reads lossy JPEG masks (as shipped with Kvasir-SEG)
-    correctly instead of growing them by their compression noise.
+    Masks are binary with levels {0, 1}, {0, 255} or {0, 65535}
+    (``check_dataset`` enforces this for lossless files). Rule: if the
+    maximum is below ``LOW_LEVEL_MAX`` (a {0, 1} mask), any nonzero value is
+    foreground; otherwise values above 127 are. On clean masks both readings
+    agree with "nonzero = foreground"; the 127 threshold also reads lossy
+    JPEG {0, 255} masks (as shipped with Kvasir-SEG) correctly instead of
+    growing them by their compression noise, and the first rule reads a
+    JPEG {0, 1} mask, whose noise reaches 2 or 3, as its own foreground
+    (a ">1 means {0, 255}" rule read it as empty).
     """
     raw = np.asarray(raw)
     if raw.size == 0:
         return raw.astype(np.uint8)
-    threshold = 0 if float(raw.max()) <= 1 else 127
+    threshold = 0 if float(raw.max()) < LOW_LEVEL_MAX else 127
     return (raw > threshold).astype(np.uint8)
 
 
