@@ -19,6 +19,10 @@ boundaries and is undefined when either is missing: such items are left
 out of the HD95 mean and counted in ``EvalResult.hd95_undefined``; when no
 item has one, the mean HD95 is NaN. JSON outputs (``fedvlsm eval --json``
 / ``--out``) write an undefined HD95 as ``null``.
+
+A NaN/Inf logit is refused (``ValueError`` naming the items) by ``evaluate``
+and ``predict``: thresholded, NaN reads as "no foreground" and would score
+Dice 1.0 on every empty mask and write an empty predicted mask.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ def evaluate(
                 logits = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
                                batch["attention_mask"])
         logits = logits.float()
+        _refuse_non_finite(logits, batch["ids"])
         mask = batch["mask"].to(device)
         if logits.shape[-2:] != mask.shape[-2:]:
             logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
@@ -156,6 +161,18 @@ def evaluate(
             per_item.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], **item_metrics(prob, orig, hd95)})
     model.train(was_training)
     return aggregate(per_item, losses, weights)
+
+
+def _refuse_non_finite(logits: torch.Tensor, ids: list[str]) -> None:
+    """Raise when any logit is NaN/Inf: thresholding would score such a map as an empty prediction
+    (NaN > 0.5 is False), i.e. Dice 1.0 on every empty mask, instead of saying the model is broken."""
+    finite = torch.isfinite(logits).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+    raise ValueError(f"the model produced NaN/Inf logits for {len(bad)} item(s) ({', '.join(map(str, bad[:5]))}"
+                     f"{', ...' if len(bad) > 5 else ''}): no metric is computed from them (NaN/Inf adapter "
+                     "weights, or an overflow under fp16 autocast)")
 
 
 def aggregate(per_item: list[dict[str, Any]], losses: list[float], weights: list[int]) -> EvalResult:
@@ -209,4 +226,6 @@ def predict(
     input_ids, attention_mask = collate_fn(tokenizer, model.max_prompt_tokens).tokens([prompt])
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         logits = model(x, input_ids.to(device), attention_mask)
-    return to_original(logits[0].float().cpu(), image.shape[:2]).numpy()
+    logits = logits.float()
+    _refuse_non_finite(logits, [f"prompt {prompt!r}"])
+    return to_original(logits[0].cpu(), image.shape[:2]).numpy()

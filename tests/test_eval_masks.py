@@ -39,3 +39,36 @@ def test_a_jpeg_mask_with_levels_0_1_keeps_its_foreground(tmp_path):
     orig = ds[1]["orig_mask"].numpy()
     dice = 2 * float((orig & truth).sum()) / float(orig.sum() + truth.sum())
     assert dice > 0.95  # the circle, up to JPEG's edge noise
+
+
+def _nan_model(tiny_base):
+    import torch
+
+    from common.model import build_model
+
+    model = build_model(tiny_base, "shallow-v")
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.fill_(float("nan"))
+    return model
+
+
+def test_nan_logits_are_refused_not_scored_as_an_empty_prediction(tmp_path, tiny_base):
+    # NaN > 0.5 is False: a NaN map read as "no foreground" scored Dice 1.0 on an empty mask
+    # (and 0.0 elsewhere, with only the loss NaN) and predict wrote an all-background mask.png.
+    import pytest
+    import torch
+
+    from common.data.formats import Item
+    from common.evaluate import evaluate, predict
+
+    image = np.zeros((20, 30, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "m.png")
+    ds = SegDataset([Item("empty-one", tmp_path / "a.png", tmp_path / "m.png", ["round lesion"])],
+                    tiny_base.image_size, train=False)
+    model = _nan_model(tiny_base)
+    with pytest.raises(ValueError, match=r"NaN/Inf logits for 1 item\(s\) \(empty-one\)"):
+        evaluate(model, ds, tiny_base.tokenizer, hd95=False)
+    with pytest.raises(ValueError, match="NaN/Inf logits"):
+        predict(model, tiny_base.tokenizer, image, "round lesion", torch.device("cpu"))
