@@ -292,3 +292,13 @@ def test_wrap_is_identity_without_client_dp_and_refuses_non_fedavg():
         wrap_strategy(FedAdam(), dp_cfg(), 3)
     with pytest.raises(ValueError, match="disagree"):
         restore_accountant(s, {"schema_version": 1})
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_fedprox_under_client_dp_still_sends_its_proximal_mu(clipping):
+    """The DP wrapper's inner strategy is the configured FedProx: sites get mu (0 would be plain FedAvg)."""
+    rng = np.random.default_rng(7)
+    g = arrays(rng)
+    strategy = build_strategy(dp_cfg(strategy="fedprox", prox_mu=0.25, dp_clipping=clipping), 2)
+    _, messages = server_round(strategy, 1, g, [with_norm(arrays(rng), 0.2)] * 2, wire="fp32")
+    assert [float(m.content["config"]["proximal-mu"]) for m in messages] == [0.25, 0.25]
