@@ -72,3 +72,31 @@ def test_nan_logits_are_refused_not_scored_as_an_empty_prediction(tmp_path, tiny
         evaluate(model, ds, tiny_base.tokenizer, hd95=False)
     with pytest.raises(ValueError, match="NaN/Inf logits"):
         predict(model, tiny_base.tokenizer, image, "round lesion", torch.device("cpu"))
+
+
+def _rgba(rgb_fg, rgb_bg, alpha_fg, alpha_bg):
+    truth = _circle()
+    a = np.zeros((*truth.shape, 4), np.uint8)
+    a[truth > 0] = (*rgb_fg, alpha_fg)
+    a[truth == 0] = (*rgb_bg, alpha_bg)
+    return truth, a
+
+
+def test_a_mask_that_marks_its_background_by_transparency_is_read_as_drawn(tmp_path):
+    # Alpha was dropped: white on a transparent background read as all foreground, and a mask
+    # drawn in alpha alone (black RGB) as empty; both passed the data check.
+    from common.data.check import mask_level_error
+    from common.data.formats import binarize_mask, read_mask
+
+    cases = {
+        "white-on-transparent": _rgba((255, 255, 255), (255, 255, 255), 255, 0),
+        "alpha-only": _rgba((0, 0, 0), (0, 0, 0), 255, 0),
+        "red-on-transparent": _rgba((255, 0, 0), (0, 0, 0), 255, 0),  # read right before, still right
+        "opaque-rgba": _rgba((255, 255, 255), (0, 0, 0), 255, 255),
+    }
+    for name, (truth, pixels) in cases.items():
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(pixels).save(path)
+        raw = read_mask(path)
+        assert mask_level_error(raw, path) is None, name
+        assert (binarize_mask(raw) == truth).all(), name

@@ -277,7 +277,7 @@ def ensure_valid(root: str | Path, splits: Sequence[str] = ("train", "val", "tes
 # --------------------------------------------------------------------------
 
 # Bump when the checks change so that cached verdicts of older rules are redone.
-CHECK_VERSION = 3  # 3: JPEG {0, 1} masks have foreground (binarize_mask)
+CHECK_VERSION = 4  # 3: JPEG {0, 1} masks have foreground (binarize_mask); 4: transparent mask pixels
 CACHE_NAME = "data-check.json"
 # Files whose content can change a verdict; caches (.npz) and logs are not.
 _FINGERPRINT_EXTS = SUPPORTED_EXTS + (".json", ".csv")

@@ -40,7 +40,8 @@ and DICOM (``.dcm``) 2D through MONAI's ``LoadImage`` (needs ``nibabel`` /
 read with ``swap_ij=False`` so rows stay rows), images and masks the same way,
 so they stay aligned. Images come out as RGB uint8 ``(H, W, 3)`` (grayscale
 replicated, alpha dropped, 16-bit and float data rescaled min-max); masks as
-a 2D array of the stored values (colour masks: max over the colour channels),
+a 2D array of the stored values (colour masks: max over the colour channels;
+transparent pixels of a mask with varying alpha are background, see ``read_mask``),
 binarised by ``binarize_mask``.
 
 Problems found while indexing are collected as ``Problem`` records so that
@@ -265,10 +266,22 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """The stored mask values as a 2D array (colour masks: max over colour channels)."""
+    """The stored mask values as a 2D array (colour masks: max over colour channels).
+
+    A colour mask whose alpha varies marks its background by transparency:
+    a transparent pixel (alpha below half its range) is background whatever
+    its colour (white on a transparent background read as all foreground),
+    and a mask drawn in alpha alone (black everywhere) is its alpha.
+    """
     arr = read_array(path)
     if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=2)
+        colour = arr[..., :3].max(axis=2)
+        if arr.shape[-1] == 4 and arr[..., 3].min() != arr[..., 3].max():
+            alpha = arr[..., 3]
+            half = np.iinfo(alpha.dtype).max / 2 if np.issubdtype(alpha.dtype, np.integer) else 0.5
+            opaque = alpha > half
+            colour = np.where(opaque, colour, 0).astype(colour.dtype) if colour[opaque].any() else alpha
+        arr = colour
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     return arr
