@@ -383,3 +383,17 @@ def test_dp_config_accepts_what_can_be_accounted():
                                             "dp-epsilon-budget": 3.0, "dp-accountant": "prv"})
     dp = DPSettings.from_config(cfg)
     assert (dp.mode, dp.target_epsilon, dp.accountant, dp.planned_rounds) == ("sample", 3.0, "prv", cfg.rounds)
+
+
+def test_a_round_s_budget_check_uses_this_round_s_sampling_rate():
+    """A site whose data shrank (q = batch / N grew) must be charged at the new q, not its last round's."""
+    from common.privacy import can_train_round
+
+    state = SiteAccountantState("rdp", 1e-5, noise_multiplier=1.0)
+    state.reserve(0.01, 100, server_round=1)
+    assert compute_epsilon(state.history + [(1.0, 0.5, 100)], 1e-5, "rdp") > 2 * compute_epsilon(
+        state.history + [(1.0, 0.01, 100)], 1e-5, "rdp")
+    budget = compute_epsilon(state.history + [(1.0, 0.01, 100)], 1e-5, "rdp") * 1.01
+    assert can_train_round(state, 100, budget)[0]  # the old q: fits
+    allowed, reason = can_train_round(state, 100, budget, sample_rate=0.5)  # the new q: does not
+    assert not allowed and "budget" in reason
