@@ -100,3 +100,16 @@ def test_a_mask_that_marks_its_background_by_transparency_is_read_as_drawn(tmp_p
         raw = read_mask(path)
         assert mask_level_error(raw, path) is None, name
         assert (binarize_mask(raw) == truth).all(), name
+
+
+def test_a_gray_plus_alpha_mask_reads_its_transparency_and_the_image_keeps_its_gray(tmp_path):
+    # LA files kept only the gray: white on a transparent background read as all foreground.
+    from common.data.formats import binarize_mask, read_image, read_mask
+
+    truth, rgba = _rgba((255, 255, 255), (255, 255, 255), 255, 0)
+    la = np.stack([rgba[..., 0], rgba[..., 3]], axis=-1)
+    Image.fromarray(la, mode="LA").save(tmp_path / "m.png")
+    assert (binarize_mask(read_mask(tmp_path / "m.png")) == truth).all()
+    gray = np.arange(la.shape[0] * la.shape[1], dtype=np.uint8).reshape(la.shape[:2])
+    Image.fromarray(np.stack([gray, la[..., 1]], axis=-1), mode="LA").save(tmp_path / "i.png")
+    assert (read_image(tmp_path / "i.png") == gray[..., None]).all()  # gray replicated, alpha dropped

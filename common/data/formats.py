@@ -207,8 +207,8 @@ def _read_pil(path: Path) -> np.ndarray:
             img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
         elif img.mode == "1":
             img = img.convert("L")
-        elif img.mode in ("LA", "La"):  # gray + alpha: the gray, as RGBA's alpha is dropped
-            img = img.getchannel("L")
+        elif img.mode in ("LA", "La"):  # gray + alpha as RGBA: images drop the alpha, masks read it (read_mask)
+            img = img.convert("RGBA")
         elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGB")
         arr = np.asarray(img)
