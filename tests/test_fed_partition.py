@@ -63,3 +63,24 @@ def test_small_alpha_dirichlet_is_skewed_large_alpha_is_mixed(data):
 def test_quantity_skew_gives_unequal_sizes(data):
     sizes = [len(p["train"]) for p in partition(data, "quantity-skew", 3, seed=0, alpha=0.2)]
     assert max(sizes) >= 2 * min(sizes)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "quantity-skew", "dirichlet"])
+def test_the_seed_decides_the_partition(data, scheme):
+    """Another seed, other sites (a researcher repeating a run over seeds must get other draws)."""
+    parts = [partition(data, scheme, 3, seed=s, alpha=0.3) for s in range(4)]
+    deals = {tuple(tuple(ids(p[split])) for p in part for split in ("train", "val", "test")) for part in parts}
+    assert len(deals) == 4
+    if scheme != "iid":  # the skew itself is drawn from the seed: sizes, and each site's mix of styles
+        mixes = {tuple(tuple(sum(f"site-{s}/" in x for x in ids(p["train"])) for s in range(3)) for p in part)
+                 for part in parts}
+        assert len(mixes) == 4
+
+
+def test_shares_are_rounded_by_largest_remainder():
+    import numpy as np
+
+    from simulations.partition import _shares_to_counts
+
+    assert _shares_to_counts(10, np.array([0.46, 0.54])).tolist() == [5, 5]  # remainders .6 and .4
+    assert _shares_to_counts(7, np.array([0.1, 0.2, 0.7])).tolist() == [1, 1, 5]  # .7, .4, .9 -> two extra
