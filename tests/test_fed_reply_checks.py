@@ -162,6 +162,25 @@ def test_the_norm_bound_is_off_at_zero_and_measured_in_fp32(tmp_path, data):
     assert records(tmp_path)[0]["excluded"] == []
 
 
+def _update_of_norm(norm):
+    def edit(arrays):
+        for k in arrays:
+            arrays[k][...] = 0
+        arrays[_first(arrays)].flat[0] = norm  # exact in fp16: the update's norm is `norm`
+    return _edit_arrays(edit)
+
+
+@pytest.mark.parametrize("norm,excluded", [(52.0, True), (48.0, False)])
+def test_the_norm_bound_is_sharp(tmp_path, data, norm, excluded):
+    cfg = cfg_for(tmp_path, data)  # max-update-norm 50
+    run_federation(TamperingGrid(cfg, 3, tamper=_update_of_norm(norm)), cfg)
+    got = records(tmp_path)[0]["excluded"]
+    if excluded:
+        assert [(e["site"], e["reason"]) for e in got] == [("site-0", "update norm 52 above max-update-norm 50")]
+    else:
+        assert got == []
+
+
 def test_fewer_usable_replies_than_min_replies_skip_the_round_and_the_run_goes_on(tmp_path, data):
     cfg = cfg_for(tmp_path, data, rounds=2, min_replies=3)
     hurt = {"n": 0}
