@@ -181,6 +181,27 @@ def test_the_norm_bound_is_sharp(tmp_path, data, norm, excluded):
         assert got == []
 
 
+class ReversingGrid(InProcessGrid):
+    """Replies arrive in the opposite order (as they may over a network)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+def test_the_global_adapter_does_not_depend_on_the_order_replies_arrive_in(tmp_path, data):
+    """Float sums depend on their order: the server sorts replies by site, so a resumed run (or a rerun)
+    whose replies come back in another order reaches the same bits."""
+    from safetensors.numpy import load_file
+
+    finals = []
+    for grid_cls, name in ((InProcessGrid, "a"), (ReversingGrid, "b")):
+        cfg = cfg_for(tmp_path / name, data, rounds=2)
+        run_federation(grid_cls(cfg, 3), cfg)
+        finals.append(load_file(tmp_path / name / "server/runs/checks/final/adapter/adapter_model.safetensors"))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
 def test_fewer_usable_replies_than_min_replies_skip_the_round_and_the_run_goes_on(tmp_path, data):
     cfg = cfg_for(tmp_path, data, rounds=2, min_replies=3)
     hurt = {"n": 0}
