@@ -202,6 +202,40 @@ def test_the_global_adapter_does_not_depend_on_the_order_replies_arrive_in(tmp_p
     assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
+class RecordingGrid(InProcessGrid):
+    """Keeps what the server sent each round and what each site replied, site-0 claiming 10x its examples."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sent, self.got = [], []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        if train:
+            self.sent.append({k: a.numpy().copy() for k, a in train[0].content["arrays"].items()})
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if train:
+            for r in replies:
+                if r.metadata.src_node_id == 100:
+                    r.content["metrics"]["num-examples"] = 10 * int(r.content["metrics"]["num-examples"])
+            self.got.append([({k: a.numpy().copy() for k, a in r.content["arrays"].items()},
+                              int(r.content["metrics"]["num-examples"])) for r in replies])
+        return replies
+
+
+def test_fedavg_in_the_round_loop_weighs_each_site_s_update_by_its_example_count(tmp_path, data):
+    cfg = cfg_for(tmp_path, data, rounds=2, payload_dtype="fp32")  # fp32 both ways: exact arrays to compare
+    grid = RecordingGrid(cfg, 3)
+    run_federation(grid, cfg)
+    counts = [n for _, n in grid.got[0]]
+    assert counts[0] == 10 * counts[1]  # unequal weights, or the test could not tell weighted from equal
+    total = sum(counts)
+    for k, before in grid.sent[0].items():
+        expected = before + sum(n * update[k] for update, n in grid.got[0]) / total
+        np.testing.assert_allclose(grid.sent[1][k], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_fewer_usable_replies_than_min_replies_skip_the_round_and_the_run_goes_on(tmp_path, data):
     cfg = cfg_for(tmp_path, data, rounds=2, min_replies=3)
     hurt = {"n": 0}
