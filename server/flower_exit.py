@@ -14,19 +14,32 @@ runs the registered exit handlers, starts a timer that ends the process with `os
 
 So run_federation registers an exit handler too. Flower runs it before it starts that
 timer, and it records the stop whichever thread the ServerApp runs on.
+
+That `os._exit` also comes before the simulation runtime's `ray.shutdown()`, which left
+two of Ray's processes running for a minute after every `flwr stop`: in `flwr-simulation`
+the run also starts server/ray_reaper.py's watcher, which ends them when the process ends.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.supercore.exit import add_exit_handler
+
+from server import ray_reaper
 
 if TYPE_CHECKING:
     from server.run_records import RunRecords
 
 STOPPED_BY_FLOWER = "stopped by Flower: flwr stop, or a signal to the server process"
+
+
+def in_flower_simulation_process() -> bool:
+    """This process is `flwr-simulation`, Flower's simulation runtime under `flwr run` (it starts Ray here)."""
+    return Path(sys.argv[0]).name == "flwr-simulation"
 
 
 class FlowerExit:
@@ -41,6 +54,8 @@ class FlowerExit:
         # Flower has no way to remove a handler: one that finds the run ended does nothing
         # (flwr_exit also runs when a ServerApp returns).
         add_exit_handler(self._on_flower_exit, run_before_force_exit=True)
+        if in_flower_simulation_process():
+            ray_reaper.ensure_started()  # Ray runs in this process too (started by the runtime's main thread)
 
     def _on_flower_exit(self) -> None:
         if self._ended:

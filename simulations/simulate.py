@@ -298,6 +298,7 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
 
     from client.client_app import app as client_app
     from common.federation_config import ConfigError
+    from server import ray_reaper
     from server.run_records import RunRecords, RunRecordsError
     from server.server_app import run_federation
     from simulations.demo import DemoHooks
@@ -326,6 +327,9 @@ def simulate(cfg: Any, num_sites: int, cpus_per_site: float = 1.0, gpus_per_site
     before = status_stamp(run_dir)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    # Ray starts in this process; a few of its processes outlived it by a minute when it ended without
+    # `ray.shutdown()` (SIGKILL, the OOM killer, a crash): the watcher ends them with it.
+    ray_reaper.ensure_started()
     try:
         run_simulation(
             server_app=server_app,
