@@ -637,3 +637,15 @@ def test_cached_activations_are_keyed_by_the_towers_config_too(site, tmp_path):
     base_c.model.config._name_or_path = "/elsewhere/clipseg"
     ns = [activation_cache.trunk_identity(build_model(b, "shallow-v")) for b in (base_a, base_c)]
     assert ns[0] == ns[1]
+
+
+def test_activation_namespaces_differ_by_dtype_layers_and_size():
+    """Entries computed in bf16, or from other tapped layers, or at another size, are other activations:
+    a site that trained in bf16 on a GPU and then in fp32 must not read the bf16 entries (nor the reverse)."""
+    ns = activation_cache.namespace
+    same = ns("f" * 16, torch.float32, [3, 6, 9], 352)
+    assert same == ns("f" * 16, torch.float32, [3, 6, 9], 352)
+    others = [ns("f" * 16, torch.bfloat16, [3, 6, 9], 352), ns("f" * 16, torch.float16, [3, 6, 9], 352),
+              ns("f" * 16, torch.float32, [3, 6], 352), ns("f" * 16, torch.float32, [3, 6, 9], 224),
+              ns("e" * 16, torch.float32, [3, 6, 9], 352)]
+    assert len({same, *others}) == 6
