@@ -115,3 +115,54 @@ def test_rounds_jsonl_is_strict_json_with_null_for_a_missing_figure(tmp_path):
     (line,) = (tmp_path / "r" / "rounds.jsonl").read_text().splitlines()
     assert json.loads(line, parse_constant=refuse) == {"round": 1, "status": "skipped", "dice": None,
                                                        "train_loss": None}
+
+
+def test_rewinding_for_a_resume_forgets_the_later_rounds_everywhere_and_the_final_stage(tmp_path):
+    records = RunRecords.create(tmp_path, "r", {})
+    for r in (1, 2, 3):
+        save_round(records, r)
+    records.save_final(arrays(3), META, {"rounds": 3})
+    records.set_status("failed", "killed")
+    records.continue_after(1)
+    assert [r["round"] for r in records.read_rounds()] == [1]
+    assert [r["round"] for r in records.store.read_records()] == [1]  # the run store too (the dashboard)
+    assert records.checkpoint_rounds() == [1] and records.last_complete_round() == 1
+    assert not (tmp_path / "r" / "final").exists()  # a final adapter of the forgotten rounds
+    assert records.read_status()["status"] == "running"
+
+
+def test_a_resume_with_nothing_left_to_run_keeps_the_rounds_and_final(tmp_path):
+    records = RunRecords.create(tmp_path, "r", {})
+    save_round(records, 1)
+    records.save_final(arrays(1), META, {"rounds": 1})
+    records.set_status("failed", "killed in the final stage")
+    records.continue_after(1, rerun=False)
+    assert [r["round"] for r in records.read_rounds()] == [1]
+    assert (tmp_path / "r" / "final" / "summary.json").is_file()
+    assert records.read_status()["status"] == "running"
+
+
+def test_writing_a_round_again_replaces_it_and_drops_the_later_ones(tmp_path):
+    records = RunRecords.create(tmp_path, "r", {})
+    for r in (1, 2, 3):
+        records.append_round({"round": r, "dice": 0.1 * r})
+    records.append_round({"round": 2, "dice": 0.9})
+    assert records.read_rounds() == [{"round": 1, "dice": 0.1}, {"round": 2, "dice": 0.9}]
+
+
+def test_a_checkpoint_folder_without_its_state_file_is_not_a_round_to_resume_from(tmp_path):
+    # A checkpoint copied back by hand without state.json (or a half-restored backup): resume must
+    # fall back to the round before, not pick it and fail loading it.
+    records = RunRecords.create(tmp_path, "r", {})
+    save_round(records, 1)
+    save_round(records, 2)
+    (tmp_path / "r" / "checkpoints" / "round-0002" / "state.json").unlink()
+    assert records.checkpoint_rounds() == [1] and records.last_complete_round() == 1
+
+
+def test_a_new_run_in_a_folder_without_rounds_gets_a_new_run_id(tmp_path):
+    # A run that failed before its first round leaves its folder; a new run of that name is another
+    # run: sites key their personal parts by the run id, so it must not inherit the old one's.
+    first = RunRecords.create(tmp_path, "r", {}).run_id
+    second = RunRecords.create(tmp_path, "r", {}).run_id
+    assert first != second and len(second) == 16
