@@ -20,7 +20,7 @@ OLD = {"round": 1, "dice": 0.5, "dice_personal": 0.5, "train_loss": 1.2, "payloa
                        "payload_bytes_down": 200, "val_dice": 0.4, "val_dice_personal": 0.45, "val_loss": 0.9,
                        "val_examples": 2},
                  "b": {"node_id": 2, "val_dice": 0.6, "val_dice_personal": 0.6, "val_loss": 0.5,
-                       "val_examples": 2, "payload_bytes_down": 100}}}
+                       "val_examples": 6, "payload_bytes_down": 100}}}  # unequal: weighted != plain mean
 
 NEW = {**OLD, "round": 2, "status": "ok", "dice": 0.7, "future_key": {"x": 1},
        "failures": [{"site": "c", "phase": "train", "reason": "CUDA out of memory"}],
@@ -54,7 +54,7 @@ def test_old_and_new_records_are_extracted_and_kept_whole(tmp_path):
     assert r1["status"] == "ok" and r1["dice"] == 0.5
     assert r1["failed"] == [{"site": "node 7", "phase": "evaluate", "reason": "timed out"}]
     assert [(s["site"], s["trained"], s["evaluated"]) for s in r1["sites"]] == [("a", True, True), ("b", False, True)]
-    assert r1["val_loss"] == pytest.approx((0.9 * 2 + 0.5 * 2) / 4)
+    assert r1["val_loss"] == pytest.approx((0.9 * 2 + 0.5 * 6) / 8)
     # full-model messages: a trained and evaluated (1 up, 2 down), b only evaluated (1 down)
     assert r1["full_model_bytes_up"] == 2000 and r1["full_model_bytes_down"] == 3 * 2000
     assert r2["failed"] == NEW["failures"] and r2["excluded"] == NEW["excluded"]

@@ -56,6 +56,21 @@ def test_a_site_that_requires_dp_refuses_a_run_without_it(data, tmp_path):
     assert [f["reason"] for f in record["failures"]] == ["site policy: this site trains only with dp = 'sample'"] * 2
 
 
+def test_a_site_with_only_a_budget_also_refuses_a_run_without_dp(data, tmp_path):
+    """A site budget is a promise about every run on the data: a run without DP-SGD cannot be charged to it."""
+    cfg = cfg_for(data, tmp_path, "plain", max_skipped_rounds=1)
+    with pytest.raises(RunFailed):
+        run_federation(grid_with(cfg, {"dp-site-budget": 5.0}), cfg)
+    (record,) = records(tmp_path, "plain")
+    assert record["status"] == "skipped" and record["sites"] == {}
+
+
+@pytest.mark.parametrize("value,required", [("false", False), ("False", False), (False, False), ("true", True),
+                                            (True, True)])
+def test_dp_require_reads_its_words(value, required):
+    assert SitePolicy.from_node_config({"dp-require": value}).require_dp is required
+
+
 def test_the_sites_own_budget_holds_across_runs_the_server_starts(data, tmp_path):
     # Run A spends one round of DP-SGD. Run B has a fresh run budget (its own dp-epsilon-budget is
     # generous), but the site's budget admits only 1.5 rounds over both runs: B's round is refused
