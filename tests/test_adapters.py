@@ -213,3 +213,50 @@ def test_a_zero_size_or_lora_alpha_is_refused(field):
     # lora_alpha = 0 scales the LoRA update by 0: a model that never changes and never trains.
     with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
         AdapterSpec("lora", **{field: 0})
+
+
+def test_the_adapter_block_computes_the_papers_formula():
+    # paper: x + relu(up(relu(down(x)))); identity: x + up(relu(down(x))) (no trailing ReLU, see block.py)
+    from common.adapters.block import Adapter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    paper = Adapter(8, 4, "paper")
+    inner = paper.up(torch.relu(paper.down(x)))
+    assert (inner < 0).any() and (inner > 0).any()  # the trailing ReLU changes the result here
+    assert torch.allclose(paper(x), x + torch.relu(inner))
+    identity = Adapter(8, 4, "identity")
+    with torch.no_grad():
+        identity.up.weight.normal_()
+        identity.up.bias.fill_(-0.3)
+    assert torch.allclose(identity(x), x + identity.up(torch.relu(identity.down(x))))
+
+
+@pytest.mark.parametrize("init", ["paper", "identity"])
+def test_shallow_condition_is_the_cond_adapter_plus_the_text_tap_adapters(tiny_base, init):
+    # C on the projected text feature first, then each L adapter's output added: with its residual
+    # (paper) or its branch alone (identity, where the residual would add the raw hidden state).
+    torch.manual_seed(0)
+    adapters = build_model(tiny_base, AdapterSpec("shallow-vlc", init=init)).adapters
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = tiny_base.model.config
+    cond = torch.randn(2, config.projection_dim)
+    taps = [torch.randn(2, config.text_config.hidden_size) for _ in config.extract_layers]
+    out = adapters.adapt_condition(cond, taps)
+    added = [a(h) if init == "paper" else a.branch(h) for a, h in zip(adapters.text, taps)]
+    assert torch.allclose(out, adapters.cond(cond) + sum(added), atol=1e-6)
+
+
+def test_lora_scales_its_update_by_alpha_over_rank_without_dropout(tiny_base):
+    model = build_model(tiny_base, AdapterSpec("lora", lora_rank=4, lora_alpha=12))
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+    assert layers and all(m.scaling["default"] == 3.0 for m in layers)
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in layers)
+
+
+def test_a_bool_is_not_a_size_in_a_saved_spec():
+    spec = AdapterSpec("dense-vl").to_dict()
+    with pytest.raises(ValueError, match="dense_dim has the wrong type"):
+        AdapterSpec.from_dict({**spec, "dense_dim": True})
