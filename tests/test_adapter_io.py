@@ -263,3 +263,32 @@ def test_a_personalised_runs_shared_only_adapter_says_where_its_personal_tensors
     with pytest.raises(AdapterStateError, match=r"missing 4 tensor.*shared tensors only: its personal ones "
                                                 r"\(prefixes \['adapters.cond'\]\) are at each site"):
         load_adapted(tmp_path / "final", tiny_base)
+
+
+def test_an_adapter_of_a_newer_format_is_refused_naming_both_versions(tiny_base, tmp_path):
+    save_adapter(_trained(tiny_base), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "format_version": 2}))
+    with pytest.raises(AdapterStateError, match=r"format_version 2 is newer than this fedvlsm supports \(1\)"):
+        load_adapter(_trained(tiny_base), tmp_path / "a")
+
+
+def test_a_negative_shape_in_the_config_is_refused(tiny_base, tmp_path):
+    save_adapter(_trained(tiny_base), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    name = sorted(cfg["tensors"])[0]
+    cfg["tensors"][name]["shape"] = [-1] + cfg["tensors"][name]["shape"][1:]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFileError, match=f"'tensors.{name}' must be"):
+        load_adapter(_trained(tiny_base), tmp_path / "a")
+
+
+def test_the_non_finite_summary_names_three_tensors_and_counts_the_rest():
+    from common.adapter_io import nonfinite_summary
+
+    state = {f"t{i}": torch.tensor([1.0, float("nan")]) for i in range(5)} | {"ok": torch.ones(2)}
+    assert nonfinite_summary(state) == ("t0 (1 NaN, 0 Inf of 2), t1 (1 NaN, 0 Inf of 2), t2 (1 NaN, 0 Inf of 2)"
+                                        " and 2 more tensor(s)")
+    assert nonfinite_summary({"ok": torch.ones(2), "i": torch.tensor([1, 2])}) is None

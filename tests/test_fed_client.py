@@ -253,3 +253,116 @@ def test_a_failing_deployed_site_logs_in_its_own_site_dir_never_under_the_runs_h
     assert reply.content.config_records["status"]["error"] == "site config: data-path is not a folder"
     logged = (site_dir / "logs" / "site.log").read_text()
     assert "data-path" in logged and str(tmp_path / "missing") in logged  # the detail stays home
+
+
+# ---- which adapter each handler trains and scores: spies on fit / evaluate (no scoring needed) ----
+
+def _eval_spy(monkeypatch):
+    """Replace the handlers' evaluate by one that records each model's adapter and answers
+    dice 0.1, 0.2, 0.3 ... in call order."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake(model, ds, tokenizer, cfg, **kw):
+        seen.append(model.adapter_state())
+        return SimpleNamespace(dice=0.1 * len(seen), loss=1.0, iou=0.0, n=len(ds))
+
+    monkeypatch.setattr(client_app, "evaluate_model", fake)
+    return seen
+
+
+def _fit_spy(monkeypatch):
+    seen = []
+    real = client_app.fit
+
+    def spy(model, train_ds, val_ds, tokenizer, cfg, **kw):
+        seen.append({"state": model.adapter_state(), "cfg": cfg})
+        return real(model, train_ds, val_ds, tokenizer, cfg, **kw)
+
+    monkeypatch.setattr(client_app, "fit", spy)
+    return seen
+
+
+def _personal_of(state):
+    return {k: v for k, v in state.items() if k.startswith("adapters.vision")}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _next_round(reply, msg, cfg, server_round, message_type="train", extra=None):
+    """A message of round `server_round` carrying the adapter the site sent back (as the new global)."""
+    arrays = {k: Array(v.astype(np.float32)) for k, v in received(reply, msg).items()}
+    config = {"server-round": server_round, "run-name": cfg.run_name, "fedvlsm-run-config": cfg.to_json(),
+              **(extra or {})}
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)}),
+                   dst_node_id=10, message_type=message_type)
+
+
+def test_a_sites_next_round_trains_from_its_own_personal_parts(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",), payload_dtype="fp32", lr=0.01)
+    ctx = context(cfg)
+    msg, _, initial = train_message(cfg, server_round=1)
+    reply = client_app.train(msg, ctx)
+    saved = sites.Site(cfg, {"partition-id": 0, "num-partitions": 2}).load_personal("unit", before_round=2)
+    assert saved and not _equal(saved, _personal_of(initial.adapter_state()))
+    fits = _fit_spy(monkeypatch)
+    reply2 = client_app.train(_next_round(reply, msg, cfg, 2), ctx)
+    assert "status" not in reply2.content, reply2.content
+    assert _equal(_personal_of(fits[0]["state"]), saved)  # round 2 starts where round 1 left them
+
+
+def test_evaluate_scores_the_personal_parts_of_the_round_just_trained(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",), payload_dtype="fp32", lr=0.01)
+    ctx = context(cfg)
+    msg, _, initial = train_message(cfg, server_round=1)
+    reply = client_app.train(msg, ctx)
+    saved = sites.Site(cfg, {"partition-id": 0, "num-partitions": 2}).load_personal("unit", before_round=2)
+    seen = _eval_spy(monkeypatch)
+    metrics = client_app.evaluate(_next_round(reply, msg, cfg, 1, "evaluate"), ctx).content["metrics"]
+    assert len(seen) == 2
+    assert _equal(_personal_of(seen[0]), _personal_of(initial.adapter_state()))  # global: initial personal
+    assert _equal(_personal_of(seen[1]), saved)  # personalised: round 1's own
+    assert metrics["dice"] == pytest.approx(0.1) and metrics["dice-personal"] == pytest.approx(0.2)
+
+
+def test_final_evaluation_scores_base_global_personal_and_finetuned_in_their_slots(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path, personal=("adapters.vision",), payload_dtype="fp32", lr=0.01, finetune_epochs=1)
+    ctx = context(cfg)
+    msg, _, initial = train_message(cfg, server_round=1)
+    reply = client_app.train(msg, ctx)
+    saved = sites.Site(cfg, {"partition-id": 0, "num-partitions": 2}).load_personal("unit", before_round=2)
+    seen, fits = _eval_spy(monkeypatch), _fit_spy(monkeypatch)
+    metrics = client_app.evaluate_final(_next_round(reply, msg, cfg, 1, "evaluate.final"), ctx).content["metrics"]
+    base, global_, personal, finetuned = seen
+    assert base == {}  # the frozen base: no adapter
+    assert _equal(_personal_of(global_), _personal_of(initial.adapter_state()))
+    assert _equal(_personal_of(personal), saved)
+    assert _equal(_personal_of(fits[0]["state"]), saved)  # the fine-tuning starts from the personalised adapter
+    assert not _equal(_personal_of(finetuned), saved)
+    assert [metrics[k] for k in ("dice-base", "dice-global", "dice-personal", "dice-finetuned")] == \
+        pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_each_site_and_round_trains_with_its_own_seed(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path)
+    seeds = {(r, s): handlers_seed(cfg, r, s) for r in (1, 2) for s in ("site-0", "site-1")}
+    assert len(set(seeds.values())) == 4  # no two sites, no two rounds share a shuffle
+    assert handlers_seed(dataclasses.replace(cfg, seed=1), 1, "site-0") != seeds[(1, "site-0")]
+    assert handlers_seed(cfg, 1, "site-0") == seeds[(1, "site-0")]  # a resumed run trains the same
+    fits = _fit_spy(monkeypatch)
+    client_app.train(train_message(cfg, server_round=2)[0], context(cfg, 1))
+    assert fits[0]["cfg"].seed == seeds[(2, "site-1")] and fits[0]["cfg"].epochs == cfg.local_epochs
+
+
+def test_local_only_training_runs_the_epochs_the_server_asks_for(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path, local_epochs=1)
+    fits = _fit_spy(monkeypatch)
+    _eval_spy(monkeypatch)
+    config = {"server-round": 0, "run-name": "unit", "fedvlsm-run-config": cfg.to_json(), "epochs": 2}
+    reply = client_app.train_local_only(Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=10,
+                                                message_type="train.local_only"), context(cfg))
+    assert "status" not in reply.content, reply.content
+    assert fits[0]["cfg"].epochs == 2 and reply.content["metrics"]["dice-local"] == pytest.approx(0.1)
