@@ -223,3 +223,37 @@ def test_a_client_level_release_sent_before_a_crash_is_counted_after_the_resume(
     assert first.noised_globals + second.noised_globals == 3
     assert rounds_of(tmp_path)[-1]["epsilon_server"] == pytest.approx(compute_epsilon([(2.0, 1.0, 3)], 1e-5),
                                                                     rel=0.01)
+
+
+class ReplyKeepingGrid(InProcessGrid):
+    """Keeps each train reply's update as the site sent it (before the server re-clips anything)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sent_updates = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for r in replies:
+            if r.metadata.message_type == "train" and r.has_content():
+                self.sent_updates.append(decode_update({k: a.numpy() for k, a in r.content["arrays"].items()}))
+        return replies
+
+
+@pytest.mark.parametrize("clipping,clipped_at_site", [("client", True), ("server", False)])
+def test_with_client_side_clipping_no_site_sends_an_update_above_the_clip_norm(data, tmp_path, clipping,
+                                                                              clipped_at_site):
+    """The server bounds every update all the same; client-side clipping is the promise that it never
+    sees one above C. With server-side clipping the same training sends larger ones (the test can tell)."""
+    c = 1e-3
+    cfg = cfg_for(data, tmp_path, rounds=1, dp="client", dp_clipping=clipping, dp_clip_norm=c,
+                  dp_noise_multiplier=1e-6, payload_dtype="fp32", lr=0.05)
+    grid = ReplyKeepingGrid(cfg, 2)
+    run_federation(grid, cfg)
+    norms = [float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in u.values())))
+             for u in grid.sent_updates]
+    assert len(norms) == 2
+    if clipped_at_site:
+        assert max(norms) <= c * (1 + 1e-5), norms
+    else:
+        assert min(norms) > 2 * c, norms
