@@ -104,6 +104,45 @@ def test_the_sites_own_budget_holds_across_runs_the_server_starts(data, tmp_path
     assert records(tmp_path, "c")[0]["status"] == "ok"
 
 
+@pytest.mark.parametrize("fits", [2, 1])
+def test_the_site_budget_counts_each_round_of_the_running_run_once(data, tmp_path, fits):
+    """Budget for `fits` rounds of a 2-round run: the run's own earlier round counts, and only once."""
+    from client.site import Site
+
+    probe = cfg_for(data, tmp_path, "a")
+    n_train = len(Site(probe, {"partition-id": 0, "num-partitions": 2}).items("train"))
+    q, steps = sample_rate_and_steps(n_train, 2)
+    eps = [compute_epsilon([(1.0, q, steps * k)], 1e-5) for k in (1, 2, 3)]
+    policy = {"dp-site-budget": (eps[fits - 1] + eps[fits]) / 2, "dp-site-delta": 1e-5}
+    cfg = cfg_for(data, tmp_path, "a", rounds=2, dp="sample", dp_noise_multiplier=1.0, dp_epsilon_budget=100.0)
+    run_federation(grid_with(cfg, policy), cfg)
+    got = records(tmp_path, "a")
+    assert got[0]["status"] == "ok"
+    if fits == 2:
+        assert [r["status"] for r in got] == ["ok", "ok"]
+    else:
+        assert got[1]["sites"] == {} and all(f["reason"].startswith("privacy budget") for f in got[1]["failures"])
+
+
+def test_an_unreadable_privacy_state_stops_the_site_rather_than_undercount(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, "a", dp="sample", dp_noise_multiplier=1.0, max_skipped_rounds=1)
+    grid = grid_with(cfg, {"dp-site-budget": 50.0})
+    # the sites keep their state under their site folder: plant the unreadable file in each
+    for k in range(2):
+        from client.site import Site
+
+        folder = Site(cfg, {"partition-id": k, "num-partitions": 2}).site_dir / "privacy"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "old-run.json").write_text("{ not json")
+    with pytest.raises(RunFailed):
+        run_federation(grid, cfg)
+    (record,) = records(tmp_path, "a")
+    assert record["sites"] == {} and len(record["failures"]) == 2
+    assert [f["reason"] for f in record["failures"]] == ["train failed: PrivacyError (details in the site's log)"] * 2
+    log = (Site(cfg, {"partition-id": 0, "num-partitions": 2}).site_dir / "logs" / "site.log").read_text()
+    assert "old-run.json: this site's privacy state cannot be read" in log  # the site's own log names the file
+
+
 @pytest.mark.parametrize("config,message", [
     ({"dp-require": "maybe"}, "node config 'dp-require': expected true or false"),
     ({"dp-site-budget": "lots"}, "node config 'dp-site-budget': expected a number"),
