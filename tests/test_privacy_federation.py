@@ -225,6 +225,21 @@ def test_a_client_level_release_sent_before_a_crash_is_counted_after_the_resume(
                                                                     rel=0.01)
 
 
+
+def test_a_damaged_privacy_journal_refuses_the_resume_rather_than_undercount(data, tmp_path):
+    from common.federation_config import ConfigError
+
+    cfg = cfg_for(data, tmp_path, rounds=2, dp="client", dp_noise_multiplier=2.0, dp_clip_norm=1e-3)
+    with pytest.raises(RuntimeError, match="lost power"):
+        run_federation(CrashAfterReleaseGrid(cfg, 2, crash_round=2), cfg)
+    journal = tmp_path / "runs/dp/privacy_journal.json"
+    journal.write_text(journal.read_text()[:20])
+    resumed = cfg_for(data, tmp_path, rounds=2, dp="client", dp_noise_multiplier=2.0, dp_clip_norm=1e-3, resume=True)
+    with pytest.raises(ConfigError, match="privacy_journal.json: the client-level privacy journal cannot be used"):
+        run_federation(CrashAfterReleaseGrid(resumed, 2), resumed)
+    assert [r["round"] for r in rounds_of(tmp_path)] == [1]  # nothing of the run was changed
+
+
 class ReplyKeepingGrid(InProcessGrid):
     """Keeps each train reply's update as the site sent it (before the server re-clips anything)."""
 
