@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -44,6 +45,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.cli import device_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
 from common.site_policy import NODE_DP_REQUIRE, NODE_DP_SITE_BUDGET, NODE_DP_SITE_DELTA, SitePolicy, SitePolicyError
 
@@ -89,7 +91,7 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data", required=True, help="this site's dataset folder (never leaves the site)")
     s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
     s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/NAME)")
-    s.add_argument("--device", default="", help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
+    s.add_argument("--device", default="", type=_worker_device, help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
     s.add_argument("--compile", default="", choices=("",) + COMPILE_MODES,
                    help="local training's TrainConfig.compile: cuda-graph runs each step as one CUDA graph "
                         "(CUDA, bf16; a shape whose capture fails trains eagerly, with a warning in the worker log) "
@@ -97,7 +99,7 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--root-certificates", default="", help="CA certificate (PEM) to verify the SuperLink (TLS)")
     s.add_argument("--auth-key", default="", help="this site's EC private key (PEM) for SuperNode authentication")
     s.add_argument("--insecure", action="store_true", help="no TLS: for local trials on one machine only")
-    s.add_argument("--port", type=int, default=0,
+    s.add_argument("--port", type=port_arg, default=0,
                    help="the SuperNode's local runtime API port on 127.0.0.1 (0: pick a free one)")
     s.add_argument("--socket", default="", help="worker socket path (default: SITE_DIR/worker.sock)")
     s.add_argument("--preload-base", default="", help="base spec the worker loads before serving its first message")
@@ -112,6 +114,10 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                         "run composed); implies --dp-require; 0: none (each run's dp-epsilon-budget only)")
     s.add_argument("--dp-site-delta", type=float, default=1e-5, help="the delta of --dp-site-budget")
     s.set_defaults(func=cmd_site_start)
+
+
+def _worker_device(value: str) -> str:
+    return value if value == "" else device_arg(value)  # "": the worker's own choice (auto)
 
 
 def _free_port() -> int:
@@ -197,8 +203,19 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"{flag}: {value} is not a file"
     if not Path(args.data).expanduser().is_dir():
         return f"--data: {args.data} is not a folder"
-    if ":" not in args.superlink:
-        return f"--superlink: expected HOST:PORT, got {args.superlink!r}"
+    host, _, port = args.superlink.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"--superlink: expected HOST:PORT with a port in 1..65535, got {args.superlink!r}"
+    # The name becomes a folder under $FEDVLSM_HOME/sites/ ('a/b' made nested folders) and a record key.
+    if args.site_name and (args.site_name in (".", "..") or not args.site_name.isprintable()
+                           or any(c in args.site_name for c in "/\\")):
+        return f"--site-name: {args.site_name!r} must be one folder name (no '/', '\\', '.' or '..')"
+    if args.site_dir and Path(args.site_dir).expanduser().exists() and not Path(args.site_dir).expanduser().is_dir():
+        return f"--site-dir: {args.site_dir} exists and is not a folder"
+    if args.worker_restarts < 0:
+        return f"--worker-restarts: must be >= 0, got {args.worker_restarts}"
+    if not (math.isfinite(args.rejoin_wait) and args.rejoin_wait >= 0):
+        return f"--rejoin-wait: must be a number of seconds >= 0, got {args.rejoin_wait}"
     try:
         SitePolicy.from_node_config(_policy_node_config(args))
     except SitePolicyError as err:

@@ -21,8 +21,41 @@ from pathlib import Path
 from typing import Sequence
 
 from common.adapters.spec import INITS, VARIANTS  # plain Python: no torch at parser-build time
-from common.config import COMPILE_MODES  # torch-free at import, like the two above
+from common.config import COMPILE_MODES, device_problem  # torch-free at import, like the two above
 from common.data.cli import HELP_FORMAT  # every option's default shown (tests/test_cli.py checks help lines)
+
+
+def device_arg(value: str) -> str:
+    """argparse type of every --device: the same check as TrainConfig.device, said by argparse (exit 2)."""
+    problem = device_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def port_arg(value: str) -> int:
+    """argparse type of a TCP port option: 0 (pick a free one) to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535 (0: a free one), got {port}")
+    return port
+
+
+# The option of each TrainConfig field the CLI sets, so that a refused value names what was typed.
+TRAIN_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "early_stop_patience": "--patience",
+                 "seed": "--seed", "device": "--device", "eval_prompt_index": "--eval-prompt-index"}
+
+
+def _train_config(**values):
+    from common.config import TrainConfig, TrainConfigError
+
+    try:
+        return TrainConfig(**values)
+    except TrainConfigError as err:
+        raise ValueError(f"{TRAIN_OPTIONS.get(err.field, err.field)}: {err.why}") from None
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +73,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate; None = 3e-4 shallow, 1e-3 dense")
     p.add_argument("--patience", type=int, default=20, help="early stop after this many epochs without a better val Dice")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights init, shuffling, prompt draws)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast on CUDA GPUs (auto: bf16 where supported, else fp16; never on CPU/mps)")
     p.add_argument("--eval-prompt-index", type=int, default=9,
@@ -80,7 +113,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-prompt-index", type=int, default=9,
                    help="fixed prompt p_k used for evaluation (nearest lower non-empty one if absent)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, help="also write the metrics (with per-item rows) to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -93,7 +126,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, BMP, TIFF, 2D NIfTI or DICOM)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. \"round lesion\"")
     p.add_argument("--out", required=True, help="output folder: mask.png and overlay.png")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_predict)
 
 
@@ -132,7 +165,7 @@ def add_dashboard_command(sub) -> None:
     p = sub.add_parser("dashboard", help="watch federated runs live in a browser (read-only, offline)")
     p.add_argument("--runs", default=None, help="runs folder (default: $FEDVLSM_HOME/runs, else ~/.fedvlsm/runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
-    p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument("--port", type=port_arg, default=8050, help="port (default 8050; 0: a free one)")
     p.add_argument("--token", default=None,
                    help="access token required on every route (default: $FEDVLSM_DASHBOARD_TOKEN, else none)")
 
@@ -141,6 +174,9 @@ def add_dashboard_command(sub) -> None:
         from server.dashboard import DashboardError, serve
 
         runs = Path(args.runs).expanduser() if args.runs else fedvlsm_home() / "runs"
+        if runs.exists() and not runs.is_dir():
+            print(f"fedvlsm dashboard: error: --runs {runs}: is not a folder", file=sys.stderr)
+            return 2
         try:
             serve(runs, host=args.host, port=args.port, token=args.token)
         except DashboardError as err:
@@ -202,11 +238,11 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from common.api import train_site
 
-    from common.config import TrainConfig
-
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=args.device, amp=args.amp, eval_prompt_index=args.eval_prompt_index,
-                      early_stop_patience=args.patience, progress=not args.quiet, compile=args.compile)
+    cfg = _train_config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        device=args.device, amp=args.amp, eval_prompt_index=args.eval_prompt_index,
+                        early_stop_patience=args.patience, progress=not args.quiet, compile=args.compile)
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir {args.cache_dir}: exists and is not a folder")
     result = train_site(args.data, base=args.base, spec=_spec(args), cfg=cfg, out_dir=args.out,
                         cache_dir=args.cache_dir)
     print(f"best val Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "
@@ -218,12 +254,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from common.api import evaluate_adapter_dir
-    from common.config import TrainConfig
     from common.atomic import json_safe
 
     if args.out and Path(args.out).is_dir():  # before the evaluation, not after it
         raise ValueError(f"--out {args.out}: is a folder; give a file name for the JSON report")
-    cfg = TrainConfig(batch_size=args.batch_size, device=args.device, eval_prompt_index=args.eval_prompt_index)
+    cfg = _train_config(batch_size=args.batch_size, device=args.device, eval_prompt_index=args.eval_prompt_index)
     result = evaluate_adapter_dir(args.data, args.adapter_dir, split=args.split, cfg=cfg, base=args.base)
     summary = {"data": str(args.data), "split": args.split, "adapter_dir": str(args.adapter_dir),
                **result.summary()}

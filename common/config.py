@@ -8,6 +8,7 @@ on validation Dice) with CPU-friendly epoch and batch sizes.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,31 @@ COMPILE_MODES = ("off", "cuda-graph", "default", "reduce-overhead", "max-autotun
 
 # Learning rate by adapter family / baseline when none is given.
 DEFAULT_LR = {"shallow": 3e-4, "dense": 1e-3, "decoder": 1e-3, "lora": 3e-4, "full": 1e-5, "none": 0.0}
+# AdamW moves every weight by about lr per step, so an lr above 1 is never a fine-tuning rate; from
+# about 3.4e37 its step size (lr / bias correction) does not even fit a float32 (a traceback in AdamW).
+MAX_LR = 1.0
+# numpy's generators (np.random.seed, default_rng) take seeds in [0, 2**32 - 1].
+MAX_TRAIN_SEED = 2**32 - 1
+# A batch size is a count of images: above this it only overflowed deep in the DataLoader (islice).
+MAX_BATCH_SIZE = 2**31 - 1
+# The devices fedvlsm runs on (what --device's help lists); checked before torch is imported.
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class TrainConfigError(ValueError):
+    """A TrainConfig value that cannot be used; `field` names it (callers say their own option or key)."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"TrainConfig.{field} {why}")
+        self.field = field
+        self.why = why
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is not a device fedvlsm can use (None if it is): one check for every --device."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        return f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}"
+    return None
 
 
 @dataclass
@@ -59,35 +85,48 @@ class TrainConfig:
     activation_cache: str = "auto"
 
     def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> TrainConfigError:
+            return TrainConfigError(name, why)
+
         # early_stop_patience: fit stops once this many epochs in a row brought no better val Dice;
         # 0 (or less) stopped every training after its first epoch, improving or not.
         positive = ("epochs", "batch_size", "early_stop_patience")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise bad("batch_size", f"must be at most {MAX_BATCH_SIZE}, got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise bad("seed", f"must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
+        if self.eval_prompt_index < 0:
+            raise bad("eval_prompt_index", f"must be >= 0 (p0, p1, ...), got {self.eval_prompt_index}")
+        problem = device_problem(self.device)
+        if problem:
+            raise bad("device", problem)
         # NaN passes every `< 0` check: grad_clip NaN made every weight NaN, prox_mu NaN turned
         # FedProx off (`nan > 0` is False), lr or weight_decay inf diverged in the first step.
         for name in ("lr", "weight_decay", "grad_clip", "prox_mu", "plateau_factor", "lambda_dice", "lambda_ce"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value}")
+                raise bad(name, f"must be a finite number, got {value}")
         for name in ("weight_decay", "grad_clip", "prox_mu", "plateau_patience"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise bad("lr", f"must be > 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr per step), "
+                            f"got {self.lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"TrainConfig.amp must be auto|bf16|fp16|off, got {self.amp!r}")
+            raise bad("amp", f"must be auto|bf16|fp16|off, got {self.amp!r}")
         if self.num_workers < -1:
-            raise ValueError(f"TrainConfig.num_workers must be >= -1 (-1: auto), got {self.num_workers}")
+            raise bad("num_workers", f"must be >= -1 (-1: auto), got {self.num_workers}")
         choices = {"fast": ("auto", "on", "off"), "activation_cache": ("auto", "on", "off"),
                    "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+                raise bad(name, f"must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
         self.prompt_buckets = tuple(sorted(int(b) for b in self.prompt_buckets))
         if not self.prompt_buckets or self.prompt_buckets[0] < 2:
-            raise ValueError(f"TrainConfig.prompt_buckets must be lengths >= 2, got {self.prompt_buckets}")
+            raise bad("prompt_buckets", f"must be lengths >= 2, got {self.prompt_buckets}")
 
     def lr_for(self, variant: str, family: str) -> float:
         if self.lr is not None:
@@ -107,13 +146,23 @@ class TrainConfig:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """cuda if present, else Apple mps, else cpu (or exactly what was asked)."""
+    """cuda if present, else Apple mps, else cpu (or exactly what was asked, if this machine has it)."""
     import torch
 
+    problem = device_problem(name)
+    if problem:
+        raise ValueError(f"device {problem}")
     if name != "auto":
         dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {name!r} asked for, but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                      and torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r} asked for, but Apple's MPS is not available on this machine")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.adapters.spec import VARIANTS, AdapterSpec
-from common.config import TrainConfig
+from common.config import MAX_LR, TrainConfig, TrainConfigError
 from common.site_errors import SiteRefusal
 
 if TYPE_CHECKING:  # torch, transformers: imported where a model is built, so a bad config is refused at once
@@ -46,6 +46,11 @@ DP_CLIPPINGS = ("server", "client")
 RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
                       "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
 MAX_SEED = 2**31 - 1
+# torch intra-op threads: more than any CPU has cores; 65536 made libgomp fail to create threads and
+# the site process segfault in its first matmul (4096 still ran).
+MAX_TORCH_THREADS = 1024
+# The run-config key of each TrainConfig field the run config sets (train_config below).
+_TRAIN_KEYS = {"epochs": "local-epochs", "batch_size": "batch-size", "lr": "lr", "seed": "seed", "prox_mu": "prox-mu"}
 # Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
 DP_CLIENT_STRATEGIES = ("fedavg", "fedprox")
 # A run name becomes a folder name on every machine involved: keep it boring.
@@ -181,6 +186,26 @@ class FederationConfig:
         for key in ("min_sites", "demo_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
             if getattr(self, key) < 0:
                 raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")
+        if self.torch_threads > MAX_TORCH_THREADS:
+            raise bad("torch-threads", f"must be at most {MAX_TORCH_THREADS} (0: torch's default), "
+                                       f"got {self.torch_threads}")
+        for key in ("base", "data"):
+            if not getattr(self, key).strip():
+                raise bad(_key(key), f"must not be empty (default {getattr(type(self), key)!r})")
+        from common.data.synth import IMAGE_SIZE_RANGE, MIN_PER_SITE  # the demo's data: what synthesize takes
+
+        if not IMAGE_SIZE_RANGE[0] <= self.demo_image_size <= IMAGE_SIZE_RANGE[1]:
+            raise bad("demo-image-size", f"must be in [{IMAGE_SIZE_RANGE[0]}, {IMAGE_SIZE_RANGE[1]}] pixels, "
+                                         f"got {self.demo_image_size}")
+        if self.demo_images < MIN_PER_SITE:
+            raise bad("demo-images", f"must be >= {MIN_PER_SITE} (one image in each split), got {self.demo_images}")
+        # Every site trains with TrainConfig's checks: said here, before the run starts, not by
+        # every site in round 1 (lr = 1e38 made each site's AdamW fail on a float32 overflow).
+        try:
+            self.train_config(self.local_epochs, self.seed, self.prox_mu)
+        except TrainConfigError as err:
+            why = err.why if err.field != "lr" else f"must be in [0, {MAX_LR:g}] (0: the variant's default), got {self.lr}"
+            raise bad(_TRAIN_KEYS.get(err.field, _key(err.field)), why) from None
         for key in ("fraction_train", "fraction_evaluate"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise bad(_key(key), f"must be in (0, 1], got {getattr(self, key)}")

@@ -86,6 +86,24 @@ def parse_run_config(args: list[str]) -> dict[str, Any]:
     return merged
 
 
+def check_site_resources(cpus: float, gpus: float) -> None:
+    """--cpus-per-site / --gpus-per-site that Ray can give at least one site (else Flower's actor pool
+    is empty and the simulation crashed with tracebacks, or hung for a negative CPU count)."""
+    import math
+
+    cores = os.cpu_count() or 1
+    if not (math.isfinite(cpus) and 0 < cpus <= cores):
+        raise ValueError(f"--cpus-per-site: must be > 0 and at most this machine's {cores} core(s), got {cpus}")
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise ValueError(f"--gpus-per-site: must be a number >= 0, got {gpus}")
+    if gpus > 0:
+        import torch
+
+        count = torch.cuda.device_count()
+        if gpus > count:
+            raise ValueError(f"--gpus-per-site: {gpus:g} GPU(s) per site, but this machine has {count}")
+
+
 def resolve_num_sites(cfg: Any, requested: int) -> int:
     from common.federation_config import ConfigError
     from simulations.partition import site_folders
@@ -179,6 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         if args.num_sites < 0:
             raise ValueError(f"--num-sites: must be >= 0 (0: the default count), got {args.num_sites}")
+        check_site_resources(args.cpus_per_site, args.gpus_per_site)
         overrides = parse_run_config(args.run_config)
         # FederationConfig's defaults are pyproject's [tool.flwr.app.config] (a test keeps them equal).
         cfg = FederationConfig.from_run_config(overrides)

@@ -25,6 +25,13 @@ def prepare_base(clipseg: CLIPSegForImageSegmentation, spec: AdapterSpec) -> CLI
     """Return the base this variant runs on, with `requires_grad` set on what it trains."""
     if spec.variant not in MUTATING:
         return clipseg
+    if spec.variant == "lora":
+        # A rank above the projections' width is no low-rank update (a rank of 1e8 tried to allocate
+        # it: `fedvlsm train` hung, `fedvlsm params` counted 147 M "trainable" parameters on arch:tiny).
+        width = min(clipseg.config.vision_config.hidden_size, clipseg.config.text_config.hidden_size)
+        if spec.lora_rank > width:
+            raise ValueError(f"lora_rank must be at most {width} (the width of this base's q/v projections), "
+                             f"got {spec.lora_rank}")
     model = copy.deepcopy(clipseg)
     model.requires_grad_(False)
     if spec.variant == "decoder":

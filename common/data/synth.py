@@ -39,6 +39,10 @@ from PIL import Image
 
 from .formats import STANDARD_SPLITS
 
+# What synthesize() accepts (the federation's demo-image-size and demo-images are checked against these).
+IMAGE_SIZE_RANGE = (32, 512)
+MIN_PER_SITE = len(STANDARD_SPLITS)  # one item in every split
+
 NOUN = "lesion"
 SIZE_WORDS = ((0.04, "small"), (0.12, "medium"), (1.01, "large"))  # by mask area fraction
 COUNT_WORDS = {1: "one", 2: "two"}
@@ -286,10 +290,11 @@ def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
 def _validate(sites: int, per_site: int, image_size: int, splits: Sequence[float]) -> None:
     if sites < 1:
         raise ValueError(f"sites must be >= 1, got {sites}")
-    if per_site < len(STANDARD_SPLITS):
-        raise ValueError(f"per_site must be >= {len(STANDARD_SPLITS)} so every split has an item, got {per_site}")
-    if not 32 <= image_size <= 512:
-        raise ValueError(f"image_size must be in [32, 512], got {image_size}")
+    if per_site < MIN_PER_SITE:
+        raise ValueError(f"per_site must be >= {MIN_PER_SITE} so every split has an item, got {per_site}")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= image_size <= high:
+        raise ValueError(f"image_size must be in [{low}, {high}], got {image_size}")
     if len(splits) != len(STANDARD_SPLITS) or any(f <= 0 for f in splits) or abs(sum(splits) - 1.0) > 1e-6:
         raise ValueError(f"splits must be three positive fractions (train, val, test) summing to 1, got {tuple(splits)}")
 
