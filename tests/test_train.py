@@ -110,14 +110,14 @@ def test_seed_everything_seeds_like_torch_manual_seed():
 
 @pytest.mark.parametrize("fast", ["off", "on"])
 def test_a_diverged_training_is_refused_not_kept_as_best(tiny_base, site_data, tmp_path, fast):
-    # lr 1e3 makes the weights NaN in the first epoch. A NaN adapter predicts no foreground, so its
+    # lr 1 makes the weights NaN in the first epoch. A NaN adapter predicts no foreground, so its
     # val Dice (0) beat the initial -1: it was kept as "best" and returned without a word.
     from common.fast import restore_fp32
     from common.train import TrainingDiverged
 
     torch.manual_seed(0)
     model = build_model(tiny_base, "dense-vl")
-    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr=1e3, fast=fast)
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False, lr=1.0, fast=fast)
     try:
         with pytest.raises(TrainingDiverged, match="diverged in epoch 1.*lower the learning rate"):
             fit(model, site_data[0], site_data[1], tiny_base.tokenizer, cfg)
