@@ -112,6 +112,9 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "prox_mu", "plateau_patience"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        # clip_grad_norm_(params, 0) scales every gradient to zero: the adapter never trained, silently.
+        if self.grad_clip == 0:
+            raise bad("grad_clip", "must be > 0 (a gradient-norm bound; 0 zeroes every gradient), got 0")
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
             raise bad("lr", f"must be > 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr per step), "
                             f"got {self.lr}")

@@ -32,6 +32,8 @@ def _must_not_start(*args, **kwargs):
     ("eval_prompt_index", -1, ">= 0"),
     # --device foo / '' / meta: RuntimeError tracebacks from torch.device or autocast.
     ("device", "foo", "auto, cpu, cuda, cuda:N or mps"), ("device", "", "auto, cpu"), ("device", "meta", "auto, cpu"),
+    # grad_clip 0: clip_grad_norm_ scaled every gradient to zero; the adapter never trained, without a word.
+    ("grad_clip", 0.0, "must be > 0"),
 ])
 def test_train_config_refuses(field, value, why):
     with pytest.raises(TrainConfigError, match=why) as err:
