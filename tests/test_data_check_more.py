@@ -138,3 +138,19 @@ def test_site_data_check_warnings_keep_ok_and_other_split_names_are_hidden(tmp_p
     shutil.rmtree(tmp_path / "cache")
     result = site_data_check(root, tmp_path / "cache")
     assert result.ok and result.summary == "data check: OK; 1 unused-images (warning) in all"
+
+
+def test_two_items_with_one_id_are_an_error_naming_both_images(tmp_path: Path) -> None:
+    """Ids name per-item outputs and caches: two images under one id would overwrite each other's."""
+    root = make_medvlsm_dataset(tmp_path / "d", n=6)
+    records = json.loads((root / "anns" / "train.json").read_text())
+    twin = {**records[1], "segment_id": records[0]["segment_id"]}  # another image, the first one's id
+    write_medvlsm(root, {"train": [records[0], twin, *records[2:]]})
+    dup = [p for p in check_dataset(root, ["train"]) if p.kind == "duplicate-id"]
+    assert len(dup) == 1 and "img1.png" in dup[0].message and "img0.png" in dup[0].message, dup
+
+
+def test_boolean_pixels_are_black_and_white_not_black_and_almost_black() -> None:
+    from common.data.formats import to_uint8
+
+    assert to_uint8(np.array([[True, False]])).tolist() == [[255, 0]]
