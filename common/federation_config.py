@@ -49,6 +49,9 @@ MAX_SEED = 2**31 - 1
 # torch intra-op threads: more than any CPU has cores; 65536 made libgomp fail to create threads and
 # the site process segfault in its first matmul (4096 still ran).
 MAX_TORCH_THREADS = 1024
+# Simulated hospitals in one run (--num-sites, demo-sites): far above any consortium; beyond it a typo
+# (1e21) had Flower register nodes for ever.
+MAX_SIMULATED_SITES = 10_000
 # The run-config key of each TrainConfig field the run config sets (train_config below).
 _TRAIN_KEYS = {"epochs": "local-epochs", "batch_size": "batch-size", "lr": "lr", "seed": "seed", "prox_mu": "prox-mu"}
 # Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
@@ -186,6 +189,8 @@ class FederationConfig:
         for key in ("min_sites", "demo_sites", "finetune_epochs", "max_images", "lr", "prox_mu", "torch_threads"):
             if getattr(self, key) < 0:
                 raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")
+        if self.demo_sites > MAX_SIMULATED_SITES:
+            raise bad("demo-sites", f"must be at most {MAX_SIMULATED_SITES}, got {self.demo_sites}")
         if self.torch_threads > MAX_TORCH_THREADS:
             raise bad("torch-threads", f"must be at most {MAX_TORCH_THREADS} (0: torch's default), "
                                        f"got {self.torch_threads}")

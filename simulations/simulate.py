@@ -105,10 +105,20 @@ def check_site_resources(cpus: float, gpus: float) -> None:
 
 
 def resolve_num_sites(cfg: Any, requested: int) -> int:
-    from common.federation_config import ConfigError
-    from simulations.partition import site_folders
+    """How many sites to simulate; a count the data cannot be split into is refused here, before Ray starts
+    (each site found out only in round 1, and a count like 1e21 never reached a site: Flower kept
+    registering nodes)."""
+    from common.federation_config import MAX_SIMULATED_SITES, ConfigError
+    from simulations.partition import PartitionError, partition, site_folders
 
+    if requested > MAX_SIMULATED_SITES:
+        raise ConfigError(f"--num-sites: at most {MAX_SIMULATED_SITES} simulated sites, got {requested}")
     if requested:
+        if cfg.data != "demo" and cfg.data_dir(requested).is_dir():
+            try:  # what each site computes for its own share (simulations/partition.py)
+                partition(cfg.data_dir(requested), cfg.partition, requested, cfg.seed, cfg.partition_alpha)
+            except PartitionError as err:
+                raise ConfigError(f"--num-sites {requested}: {err}") from None
         return requested
     if cfg.data == "demo":
         return cfg.demo_sites or DEFAULT_DEMO_SITES

@@ -147,6 +147,33 @@ def test_simulate_refuses_site_resources_ray_cannot_give(option, value, capsys, 
     assert f"fedvlsm simulate: {option}:" in capsys.readouterr().err
 
 
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory):
+    from common.data import synthesize
+
+    root = tmp_path_factory.mktemp("two-sites")
+    synthesize(root, sites=2, per_site=6, seed=0, image_size=32)
+    return root
+
+
+@pytest.mark.parametrize("argv, said", [
+    # Flower registered nodes for ever (14,173 after 60 s) before any site could say anything.
+    (["--num-sites", "100000"], "--num-sites: at most 10000 simulated sites"),
+    (["--run-config", "demo-sites=20000"], "'demo-sites': must be at most 10000"),
+    # Ray started, then every site failed round 1 with the partition's error.
+    (["--num-sites", "5", "--run-config", "data='{data}' partition='iid'"], "--num-sites 5: split 'val' has too few"),
+    (["--num-sites", "3", "--run-config", "data='{data}' partition='natural'"], "2 site folder(s) (site-0, site-1)"),
+])
+def test_simulate_refuses_a_site_count_before_ray_starts(argv, said, two_sites, capsys, monkeypatch, tmp_path):
+    import simulations.simulate
+
+    monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path))
+    monkeypatch.setattr(simulations.simulate, "simulate", _must_not_start)
+    assert main(["simulate", *(a.format(data=two_sites) for a in argv)]) == 2
+    assert said in capsys.readouterr().err
+
+
 # ---- the federation's run config ----
 
 @pytest.mark.parametrize("key, value, why", [
