@@ -163,7 +163,7 @@ def two_sites(tmp_path_factory):
     (["--run-config", "demo-sites=20000"], "'demo-sites': must be at most 10000"),
     # Ray started, then every site failed round 1 with the partition's error.
     (["--num-sites", "5", "--run-config", "data='{data}' partition='iid'"], "--num-sites 5: split 'val' has too few"),
-    (["--num-sites", "3", "--run-config", "data='{data}' partition='natural'"], "2 site folder(s) (site-0, site-1)"),
+    (["--num-sites", "3", "--run-config", "data='{data}' partition='natural'"], "has 2 site folder(s), one site each; leave --num-sites out"),
 ])
 def test_simulate_refuses_a_site_count_before_ray_starts(argv, said, two_sites, capsys, monkeypatch, tmp_path):
     import simulations.simulate
