@@ -131,3 +131,18 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
 def test_invalid_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         synthesize(tmp_path / "x", **kwargs)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),  # was numpy's words, no option named
+    (["--sites", "100000000000"], "--sites: must be in [1, 10000]"),  # wrote on until the disk was full
+    (["--per-site", "2"], "--per-site: must be in [3, 1000000], got 2"),
+    (["--image-size", "8"], "--image-size: must be in [32, 512], got 8"),
+])
+def test_the_synth_command_names_the_option_it_refuses(argv, said, tmp_path: Path, capsys) -> None:
+    from common.cli import main
+
+    assert main(["data", "synth", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedvlsm data synth: ") and said in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Sequence
 
 from .check import check_dataset, errors, find_sites
-from .synth import synthesize
+from .synth import IMAGE_SIZE_RANGE, MIN_PER_SITE, synthesize
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in its --help; descriptions keep their own line breaks."""
@@ -58,7 +58,27 @@ def _usage(parser: argparse.ArgumentParser):
     return show
 
 
+# Far above any demo or test; beyond them a typo (--sites 100000000000) wrote until the disk was full.
+SYNTH_MAX_SITES = 10_000
+SYNTH_MAX_PER_SITE = 1_000_000
+
+
+def synth_option_problem(args: argparse.Namespace) -> str | None:
+    """Why `data synth`'s options cannot be used, naming the option (None: they can)."""
+    low, high = IMAGE_SIZE_RANGE
+    checks = (("--sites", args.sites, 1, SYNTH_MAX_SITES), ("--per-site", args.per_site, MIN_PER_SITE,
+              SYNTH_MAX_PER_SITE), ("--seed", args.seed, 0, 2**32 - 1), ("--image-size", args.image_size, low, high))
+    for option, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            return f"{option}: must be in [{lo}, {hi}], got {value}"
+    return None
+
+
 def run_synth(args: argparse.Namespace) -> int:
+    problem = synth_option_problem(args)
+    if problem:
+        print(f"fedvlsm data synth: {problem}", file=sys.stderr)
+        return 2
     try:
         paths = synthesize(args.out, sites=args.sites, per_site=args.per_site, seed=args.seed,
                            image_size=args.image_size, overwrite=args.overwrite)
