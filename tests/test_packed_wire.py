@@ -189,3 +189,23 @@ def test_fast_arrays_give_flowers_errors_on_bad_bytes():
             bad.numpy()
         with pytest.raises(type(flowers.value)):
             to_numpy(bad)
+
+
+def test_big_endian_tensors_come_back_with_their_values():
+    """The manifest names the dtype without byte order: a big-endian tensor must be packed little-endian."""
+    from common.packed import pack_tensors, unpack_tensors
+
+    big = (np.arange(6, dtype=np.float32).reshape(2, 3) / 7).astype(">f4")
+    assert big.dtype.byteorder == ">"
+    out = unpack_tensors(*pack_tensors({"w": big}))
+    assert np.array_equal(out["w"], big.astype("<f4"))
+
+
+def test_unpacked_tensors_are_their_own_writable_arrays():
+    """Not views of the received buffer (read-only when it comes from the wire bytes, and shared)."""
+    from common.packed import pack_tensors, unpack_tensors
+
+    buffer, manifest = pack_tensors({"a": np.ones(3, np.float32), "b": np.zeros(2, np.float32)})
+    out = unpack_tensors(buffer, manifest)
+    buffer[:] = 255
+    assert out["a"].tolist() == [1.0, 1.0, 1.0] and out["a"].flags.writeable
