@@ -42,7 +42,8 @@ def test_train_config_refuses(field, value, why):
 
 
 def test_train_config_accepts_the_edges():
-    TrainConfig(lr=1.0, seed=2**32 - 1, eval_prompt_index=0, device="cuda:3")  # cuda:3 is checked where it runs
+    cfg = TrainConfig(lr=1.0, seed=2**32 - 1, eval_prompt_index=0, device="cuda:3")  # cuda:3: checked where it runs
+    assert (cfg.lr, cfg.seed, cfg.eval_prompt_index, cfg.device) == (1.0, 2**32 - 1, 0, "cuda:3")
 
 
 def test_a_device_this_machine_lacks_is_a_value_error_not_a_torch_traceback():

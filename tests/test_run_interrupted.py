@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from starlette.testclient import TestClient
@@ -91,4 +92,11 @@ def test_a_claim_waits_out_a_reader_s_probe(tmp_path):
     probe = open(tmp_path / ".r.lock")  # noqa: SIM115
     fcntl.flock(probe.fileno(), fcntl.LOCK_SH)
     threading.Timer(0.2, probe.close).start()  # a probe far longer than a real one
-    claim_run_name(tmp_path, "r").close()
+    started = time.monotonic()
+    claim = claim_run_name(tmp_path, "r")
+    try:
+        assert time.monotonic() - started >= 0.15  # it waited for the probe to end ...
+        assert held_by_a_process(tmp_path, "r") is True  # ... and now holds the name
+        assert (tmp_path / ".r.lock").read_text() == str(os.getpid())
+    finally:
+        claim.close()
