@@ -85,51 +85,48 @@ class TrainConfig:
     activation_cache: str = "auto"
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> TrainConfigError:
-            return TrainConfigError(name, why)
-
         # early_stop_patience: fit stops once this many epochs in a row brought no better val Dice;
         # 0 (or less) stopped every training after its first epoch, improving or not.
         positive = ("epochs", "batch_size", "early_stop_patience")
         for name in positive:
             if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+                raise TrainConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.batch_size > MAX_BATCH_SIZE:
-            raise bad("batch_size", f"must be at most {MAX_BATCH_SIZE}, got {self.batch_size}")
+            raise TrainConfigError("batch_size", f"must be at most {MAX_BATCH_SIZE}, got {self.batch_size}")
         if not 0 <= self.seed <= MAX_TRAIN_SEED:
-            raise bad("seed", f"must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
+            raise TrainConfigError("seed", f"must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
         if self.eval_prompt_index < 0:
-            raise bad("eval_prompt_index", f"must be >= 0 (p0, p1, ...), got {self.eval_prompt_index}")
+            raise TrainConfigError("eval_prompt_index", f"must be >= 0 (p0, p1, ...), got {self.eval_prompt_index}")
         problem = device_problem(self.device)
         if problem:
-            raise bad("device", problem)
+            raise TrainConfigError("device", problem)
         # NaN passes every `< 0` check: grad_clip NaN made every weight NaN, prox_mu NaN turned
         # FedProx off (`nan > 0` is False), lr or weight_decay inf diverged in the first step.
         for name in ("lr", "weight_decay", "grad_clip", "prox_mu", "plateau_factor", "lambda_dice", "lambda_ce"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise bad(name, f"must be a finite number, got {value}")
+                raise TrainConfigError(name, f"must be a finite number, got {value}")
         for name in ("weight_decay", "grad_clip", "prox_mu", "plateau_patience"):
             if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+                raise TrainConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         # clip_grad_norm_(params, 0) scales every gradient to zero: the adapter never trained, silently.
         if self.grad_clip == 0:
-            raise bad("grad_clip", "must be > 0 (a gradient-norm bound; 0 zeroes every gradient), got 0")
+            raise TrainConfigError("grad_clip", "must be > 0 (a gradient-norm bound; 0 zeroes every gradient), got 0")
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise bad("lr", f"must be > 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr per step), "
+            raise TrainConfigError("lr", f"must be > 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr per step), "
                             f"got {self.lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise bad("amp", f"must be auto|bf16|fp16|off, got {self.amp!r}")
+            raise TrainConfigError("amp", f"must be auto|bf16|fp16|off, got {self.amp!r}")
         if self.num_workers < -1:
-            raise bad("num_workers", f"must be >= -1 (-1: auto), got {self.num_workers}")
+            raise TrainConfigError("num_workers", f"must be >= -1 (-1: auto), got {self.num_workers}")
         choices = {"fast": ("auto", "on", "off"), "activation_cache": ("auto", "on", "off"),
                    "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+                raise TrainConfigError(name, f"must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
         self.prompt_buckets = tuple(sorted(int(b) for b in self.prompt_buckets))
         if not self.prompt_buckets or self.prompt_buckets[0] < 2:
-            raise bad("prompt_buckets", f"must be lengths >= 2, got {self.prompt_buckets}")
+            raise TrainConfigError("prompt_buckets", f"must be lengths >= 2, got {self.prompt_buckets}")
 
     def lr_for(self, variant: str, family: str) -> float:
         if self.lr is not None:

@@ -114,15 +114,14 @@ def resolve_num_sites(cfg: Any, requested: int) -> int:
     if requested > MAX_SIMULATED_SITES:
         raise ConfigError(f"--num-sites: at most {MAX_SIMULATED_SITES} simulated sites, got {requested}")
     if requested:
-        if cfg.data != "demo" and cfg.partition == "natural" and cfg.data_dir(requested).is_dir():
-            count = len(site_folders(cfg.data_dir(requested)))
-            if count != requested:
-                raise ConfigError(f"--num-sites {requested}: partition 'natural' of {cfg.data_dir(requested)} has "
-                                  f"{count} site folder(s), one site each; leave --num-sites out, or choose "
-                                  "partition = 'iid' / 'quantity-skew' / 'dirichlet'")
-        if cfg.data != "demo" and cfg.data_dir(requested).is_dir():
+        data = cfg.data_dir(requested) if cfg.data != "demo" else None
+        if data is not None and data.is_dir():
+            if cfg.partition == "natural" and len(site_folders(data)) != requested:
+                raise ConfigError(f"--num-sites {requested}: partition 'natural' of {data} has "
+                                  f"{len(site_folders(data))} site folder(s), one site each; leave --num-sites out, "
+                                  "or choose partition = 'iid' / 'quantity-skew' / 'dirichlet'")
             try:  # what each site computes for its own share (simulations/partition.py)
-                partition(cfg.data_dir(requested), cfg.partition, requested, cfg.seed, cfg.partition_alpha)
+                partition(data, cfg.partition, requested, cfg.seed, cfg.partition_alpha)
             except PartitionError as err:
                 raise ConfigError(f"--num-sites {requested}: {err}") from None
         return requested

@@ -53,3 +53,14 @@ def deployment(tmp_path_factory):
     from test_deployment import started_deployment
 
     yield from started_deployment(tmp_path_factory)
+
+
+@pytest.fixture()
+def task_identity():
+    """Messages created outside a Flower runtime (the in-process grids) need a task identity.
+
+    Used by the Flower-facing test files through `pytestmark = pytest.mark.usefixtures("task_identity")`.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1

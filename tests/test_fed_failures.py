@@ -15,7 +15,6 @@ import shutil
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import ConfigError, FederationConfig
@@ -25,9 +24,7 @@ from server.server_app import RunFailed, run_federation, wait_for_sites
 SECRET = "patient-4711-doe"  # a file-name fragment that must never reach the server
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from common.data import synthesize
@@ -27,9 +26,7 @@ ROUND_KEYS = {"round", "status", "excluded", "dice", "dice_personal", "train_los
               "failures", "train_seconds", "round_seconds", "time"}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import FederationConfig
@@ -15,9 +14,7 @@ from fed_harness import InProcessGrid
 from server.server_app import run_federation
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("corrupt", [False, True])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.federation_config import FederationConfig
 from common.payload import from_wire, to_wire
@@ -25,10 +24,7 @@ class NodesOnly:
         return list(range(1, self.n + 1))
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    # Messages created outside a Flower runtime need a task identity.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def site_arrays(rng, n):

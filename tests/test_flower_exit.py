@@ -14,7 +14,6 @@ import threading
 
 import pytest
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import FederationConfig
@@ -25,9 +24,7 @@ from server.server_app import run_federation
 from simulations.demo import DemoHooks
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

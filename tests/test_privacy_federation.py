@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from common.data import synthesize
@@ -22,9 +21,7 @@ from fed_harness import InProcessGrid
 from server.server_app import run_federation
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAdam
 from flwr.supercore.differential_privacy import compute_clip_model_update
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.privacy_mods import KEY_CLIPPING_NORM, fp32_fixedclipping_mod
 from common.federation_config import ConfigError, FederationConfig
@@ -42,9 +41,11 @@ class NodesOnly:
         return list(range(1, self.n + 1))
 
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
+
+
 @pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+def numpy_seed():
     np.random.seed(0)  # Flower draws its DP noise from numpy's global generator
 
 

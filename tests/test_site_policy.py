@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.launcher import _check_args, _policy_node_config
 from common.data import synthesize
@@ -21,9 +20,7 @@ from fed_harness import InProcessGrid
 from server.server_app import RunFailed, run_federation
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 import psutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.data import synthesize
 from common.federation_config import FederationConfig
@@ -28,9 +27,7 @@ from server.server_app import run_federation
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def test_the_client_app_module_imports_nothing_heavy():
