@@ -12,27 +12,35 @@ which is dead too, and wait for that report's hard-coded 60 s timeout
 (a SIGKILL, the OOM killer, a crash, and Flower's `os._exit` 5 s after `flwr stop`, which
 comes before its own `ray.shutdown()`) left them on the machine for a minute.
 
+The raylet's workers do not either: one the raylet had started within the last second or so
+(still importing, not yet connected) sat orphaned for more than 10 s after a SIGKILL.
+
 `ensure_started()` starts one small watcher per process (this file, run as a script, with
 only the standard library and psutil): it holds the read end of a pipe whose write end
 only that process holds, and notes that process's Ray descendants (pid and start time)
 every second. When the pipe closes (the process is gone, however it went) or the process
-is gone, it kills those still there (SIGKILL, as Ray's own fate-sharing does) and exits. After a run
-that shut Ray down it finds nothing to do. It runs in a session of its own and ignores
-SIGINT and SIGHUP, so the Ctrl-C or hang-up that ends the process does not end it first.
+is gone, it kills those still there and what they started (SIGKILL, as Ray's own
+fate-sharing does), then sweeps for the ones it had not seen yet: by then they hang from
+init, so they are recognised as this process's Ray by what Ray gives them (`_strays`).
+After a run that shut Ray down it finds nothing to do. It runs in a session of its own and
+ignores SIGINT and SIGHUP, so the Ctrl-C or hang-up that ends the process does not end it first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
-POLL_S = 1.0  # how often the watcher notes the Ray processes (one started since is missed only by a kill within this)
+POLL_S = 1.0  # how often the watcher notes the driver's Ray processes (the end's sweep finds those started since)
+STRAY_SWEEP_GAP_S = 0.5  # between the end's two sweeps for Ray processes never seen
 
 _lock = threading.Lock()
 _watcher: subprocess.Popen | None = None  # this process's watcher, once started
@@ -42,8 +50,7 @@ _pipe_w: int | None = None  # the pipe's write end: held open by this process al
 def ensure_started() -> subprocess.Popen | None:
     """Start this process's watcher unless it runs already; None where there is nothing to watch with.
 
-    Call it before Ray starts (a process that is killed within `POLL_S` of starting a Ray process
-    may leave that one); starting it later is harmless.
+    Call it before Ray starts; starting it later is harmless (its first look finds what runs already).
     """
     global _watcher, _pipe_w
     if os.name != "posix":
@@ -92,21 +99,80 @@ def is_ray_process(cmdline: list[str], ray_dir: str) -> bool:
     return program.startswith(prefix) or script.startswith(prefix)
 
 
-def _ray_descendants(driver, ray_dir: str, me: int) -> dict[int, float]:
+def _ray_descendants(driver, ray_dir: str, me: int) -> tuple[dict[int, float], set[int]]:
+    """The driver's Ray descendants (pid: start time), and which of them are raylets."""
     import psutil
 
     found: dict[int, float] = {}
+    raylets: set[int] = set()
     for p in driver.children(recursive=True):
         if p.pid == me:
             continue
         with contextlib.suppress(psutil.Error):
-            if is_ray_process(p.cmdline(), ray_dir):
+            cmd = p.cmdline()
+            if is_ray_process(cmd, ray_dir):
                 found[p.pid] = p.create_time()
+                if os.path.basename(cmd[0]) == "raylet":
+                    raylets.add(p.pid)
+    return found, raylets
+
+
+def session_pattern(driver_pid: int) -> re.Pattern[str]:
+    """A path inside the folder of the Ray session that `driver_pid` started.
+
+    Ray names it `session_<date>_<time>_<microseconds>_<pid of the process that called ray.init>`.
+    """
+    return re.compile(rf"/session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{driver_pid}(?=/|\s|$)")
+
+
+def _open_paths(pid: int) -> str:
+    """What the process's file descriptors point at, one per line ('' where /proc cannot tell)."""
+    links = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return "\n".join(links)
+
+
+def _raylet_of(pid: int) -> int | None:
+    """The raylet a worker or agent serves: Ray sets RAY_RAYLET_PID in their environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            found = re.search(rb"(?:^|\0)RAY_RAYLET_PID=(\d+)(?:\0|$)", f.read())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def _strays(driver_pid: int, driver_started: float, raylets: set[int], ray_dir: str, me: int) -> list:
+    """The driver's Ray processes that were never seen descending from it (started within the last poll).
+
+    Only Ray's processes (`is_ray_process`) started after the driver are looked at, and one is taken only
+    when Ray marks it as the driver's: it serves one of the driver's raylets, or its command line or an
+    open file (a worker's log, an agent's) lies in the driver's session folder. A pid reused by another
+    Ray's driver or raylet within the moment since the driver ended is not guarded against.
+    """
+    import psutil
+
+    in_session = session_pattern(driver_pid)
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        if p.pid == me or (p.info["create_time"] or 0.0) < driver_started:
+            continue
+        cmd = p.info["cmdline"] or []
+        if not is_ray_process(cmd, ray_dir):
+            continue
+        if (_raylet_of(p.pid) in raylets or in_session.search(" ".join(cmd))
+                or in_session.search(_open_paths(p.pid))):
+            found.append(p)
     return found
 
 
-def _end(seen: dict[int, float]) -> None:
-    """Kill the processes in `seen` that are still the same processes, and what they started since.
+def _end(seen: dict[int, float], driver_pid: int, driver_started: float, raylets: set[int], ray_dir: str,
+         me: int) -> None:
+    """Kill the processes in `seen` that are still the same processes, what they started since, and the
+    driver's Ray processes that were not seen yet.
 
     SIGKILL, as Ray's own fate-sharing does: the driver is gone, nothing of theirs is of use.
     """
@@ -121,9 +187,13 @@ def _end(seen: dict[int, float]) -> None:
     for p in list(procs):
         with contextlib.suppress(psutil.Error):
             procs.extend(c for c in p.children(recursive=True) if c not in procs)
-    for p in procs:  # no wait: a SIGKILL cannot be refused, and their parent (or init) reaps them
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    for sweep in range(2):  # twice: a worker caught mid-exec has no command line to read for a moment
+        if sweep:
+            time.sleep(STRAY_SWEEP_GAP_S)
+        procs.extend(p for p in _strays(driver_pid, driver_started, raylets, ray_dir, me) if p not in procs)
+        for p in procs:  # no wait: a SIGKILL cannot be refused, and their parent (or init) reaps them
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def watch(driver_pid: int, ray_dir: str) -> None:
@@ -133,10 +203,12 @@ def watch(driver_pid: int, ray_dir: str) -> None:
         signal.signal(sig, signal.SIG_IGN)
     try:
         driver = psutil.Process(driver_pid)
+        driver_started = driver.create_time()
     except psutil.Error:
         return
     me = os.getpid()
     seen: dict[int, float] = {}
+    raylets: set[int] = set()  # the driver's raylets, ever: their workers and agents name them
     while True:
         readable, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
         # Readable: end of file (the driver is gone: only it held the write end) or, never, data.
@@ -147,10 +219,12 @@ def watch(driver_pid: int, ray_dir: str) -> None:
             except psutil.Error:
                 gone = True
         if gone:
-            _end(seen)
+            _end(seen, driver_pid, driver_started, raylets, ray_dir, me)
             return
         with contextlib.suppress(psutil.Error):
-            seen.update(_ray_descendants(driver, ray_dir, me))
+            found, found_raylets = _ray_descendants(driver, ray_dir, me)
+            seen.update(found)
+            raylets.update(found_raylets)
             # Forget the ones that have ended (a long run's exited workers).
             seen = {pid: t for pid, t in seen.items() if psutil.pid_exists(pid)}
 

@@ -51,7 +51,7 @@ def cmdline(p: psutil.Process) -> list[str]:
 
 
 def described(procs: list[psutil.Process]) -> list[str]:
-    return [f"{p.pid} {' '.join(cmdline(p))[:100]}" for p in procs]
+    return [f"{p.pid} {' '.join(cmdline(p))[:400]}" for p in procs]
 
 
 def wait_until_gone(find, seconds: float) -> list[psutil.Process]:
@@ -67,39 +67,84 @@ def kill_all(procs: list[psutil.Process]) -> None:
             p.kill()
 
 
-def test_a_simulate_killed_with_sigkill_leaves_no_ray_process(tmp_path):
-    """SIGKILL of the `fedvlsm simulate` process alone (as the OOM killer does), once Ray has started: within
-    10 s nothing of its Ray is left (the raylet's two agents stayed 60 s, about 0.1 GB each)."""
-    from server.ray_reaper import POLL_S
+class SessionLog:
+    """What ran in a driver's session, in order of first sight: the failure messages show how far Ray got."""
 
+    def __init__(self, sid: int):
+        self.sid, self.t0, self.lines, self._known = sid, time.monotonic(), [], set()
+
+    def look(self) -> list[str]:
+        now = described(session_of(self.sid))
+        for d in now:
+            if d not in self._known:
+                self._known.add(d)
+                self.lines.append(f"{time.monotonic() - self.t0:6.1f}s {d[:160]}")
+        return now
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+
+def kill_simulate_when(tmp_path, ready, poll_s: float, then_wait_for=(), then_wait_s: float = 0.0,
+                       settle_s: float = 0.0) -> list[str]:
+    """Start `fedvlsm simulate` (in a session of its own, with more rounds than it can run here), SIGKILL it
+    once `ready(processes of its session)` holds (then, for at most `then_wait_s` more, until all of
+    `then_wait_for` run, then `settle_s`), and assert that within 10 s nothing of its session is left and
+    its watcher has ended. Returns what ran at the kill."""
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([FEDVLSM, "simulate", "--run-config", "simulations/configs/quick.toml",
-                                 "--run-config", "run-name='kill' rounds=100 compare=false demo-sites=2"],
+                                 "--run-config", "run-name='kill' rounds=100000 compare=false demo-sites=2"],
                                 cwd=REPO, env=env_for(tmp_path), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     sid = proc.pid
-    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    seen = SessionLog(sid)
     try:
         deadline = time.monotonic() + 180
-        while not all(any(a in p for p in described(session_of(sid))) for a in agents):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
+        while not ready(seen.look()):
+            assert proc.poll() is None, f"{log.read_text()[-3000:]}\n{seen}"
+            assert time.monotonic() < deadline, f"not ready in 180 s:\n{seen}\n{log.read_text()[-2000:]}"
+            time.sleep(poll_s)
+        deadline = time.monotonic() + then_wait_s
+        while time.monotonic() < deadline and not all(any(w in p for p in seen.look()) for w in then_wait_for):
             time.sleep(0.1)
-        time.sleep(2 * POLL_S)  # the watcher has seen them
-        running = described(session_of(sid))
-        assert any("raylet" in p for p in running), running
+        time.sleep(settle_s)
+        running = seen.look()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         left = wait_until_gone(lambda: session_of(sid), 10)
-        assert not left, f"left running 10 s after the driver's SIGKILL: {described(left)}"
+        assert not left, f"left running 10 s after the driver's SIGKILL: {described(left)}\nseen:\n{seen}"
         # The watcher ends with them.
         assert not wait_until_gone(lambda: watchers_of(sid), 5)
+        return running
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sid, signal.SIGKILL)
         kill_all(session_of(sid) + watchers_of(sid))
         proc.wait(timeout=30)
+
+
+def test_a_simulate_killed_with_sigkill_leaves_no_ray_process(tmp_path):
+    """SIGKILL of the `fedvlsm simulate` process alone (as the OOM killer does) while its clients run: within
+    10 s nothing of its Ray is left (the raylet's two agents stayed 60 s, about 0.1 GB each)."""
+    from server.ray_reaper import POLL_S
+
+    # Then up to 60 s more for the agents (they were up within 3 s of the raylet here), and two of the
+    # watcher's looks: this is the case of processes it has seen.
+    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    running = kill_simulate_when(
+        tmp_path, lambda procs: any("raylet" in p for p in procs) and any("ray::ClientAppActor" in p for p in procs),
+        poll_s=0.1, then_wait_for=agents, then_wait_s=60, settle_s=2 * POLL_S)
+    assert any("ray::ClientAppActor" in p for p in running), running
+
+
+def test_a_simulate_killed_as_ray_starts_a_worker_leaves_no_ray_process(tmp_path):
+    """SIGKILL the moment the raylet starts a worker, before the watcher's next look: the worker, still
+    importing, hung from init for more than 10 s; the watcher's last sweep finds it by its raylet."""
+    worker_scripts = ("workers/default_worker.py", "workers/setup_worker.py")
+    running = kill_simulate_when(tmp_path, lambda procs: any(w in p for p in procs for w in worker_scripts),
+                                 poll_s=0.02)
+    assert any(w in p for p in running for w in worker_scripts), running
 
 
 DRIVER = """
@@ -150,3 +195,17 @@ def test_what_counts_as_a_ray_process(cmdline, ray):
     from server.ray_reaper import is_ray_process
 
     assert is_ray_process(cmdline, "/x/ray") is ray
+
+
+@pytest.mark.parametrize("text, found", [
+    ("--session-dir=/tmp/ray/session_2026-12-07_11-39-23_410391_8187 --x", True),
+    ("/tmp/ray/session_2026-12-07_11-39-23_410391_8187/logs/worker-1-8423.out", True),
+    ("/tmp/ray/session_2026-12-07_11-39-23_410391_8187", True),
+    ("/tmp/ray/session_2026-12-07_11-39-23_410391_81870/logs/raylet.out", False),  # another driver's pid
+    ("/tmp/ray/session_2026-12-07_11-39-23_410391_18187/logs/raylet.out", False),
+    ("/tmp/ray/session_latest/logs/raylet.out", False),
+])
+def test_the_session_folder_named_for_the_driver(text, found):
+    from server.ray_reaper import session_pattern
+
+    assert bool(session_pattern(8187).search(text)) is found
