@@ -303,3 +303,53 @@ def test_dicom_and_nifti_items_in_a_folder_dataset(tmp_path: Path) -> None:
     (item,) = load_items(tmp_path, "train")
     assert item.mask.name == "scan.nii.gz" and item.id == "scan"
     assert read_image(item.image).shape[:2] == read_mask(item.mask).shape
+
+
+# ---- EXIF orientation ---------------------------------------------------------
+
+
+def _sideways(path: Path, shown: np.ndarray, **save) -> Path:
+    """Store `shown` as a camera does: turned 90 degrees counter-clockwise, with EXIF Orientation 6
+    ("turn 90 degrees clockwise to display")."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, k=1))).save(path, exif=exif, **save)
+    return path
+
+
+def test_a_file_with_an_exif_orientation_is_read_as_shown(tmp_path: Path) -> None:
+    # Read as stored, a phone photo came out sideways while its mask, drawn on the picture as shown, did not.
+    rng = np.random.default_rng(0)
+    shown = rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+    path = _sideways(tmp_path / "photo.png", shown)
+    with Image.open(path) as img:
+        assert img.size == (6, 10)  # (W, H) as stored: sideways
+    assert (read_image(path) == shown).all()
+    mask = np.zeros((6, 10), np.uint8)
+    mask[1:3, 2:9] = 255
+    assert (read_mask(_sideways(tmp_path / "mask.png", mask)) == mask).all()
+    write_png(tmp_path / "plain.png", shown)  # no tag: unchanged
+    assert (read_image(tmp_path / "plain.png") == shown).all()
+
+
+def test_data_check_accepts_sideways_jpeg_photos_with_masks_drawn_as_shown(tmp_path: Path) -> None:
+    """Through `fedvlsm data check`: images are JPEGs stored sideways with their EXIF tag, masks PNGs drawn
+    on the upright picture (as labelme, CVAT or Label Studio save them). Read as stored, every pair was a
+    size mismatch (a square one would have trained on a mask turned against its image)."""
+    import subprocess
+
+    from test_fed_simulate import FEDVLSM, REPO, env_for
+
+    for i in range(3):
+        image, mask = square_pair(h=24, w=40, seed=i)
+        _sideways(tmp_path / "data" / "images" / f"case{i}.jpg", image, quality=95)
+        write_png(tmp_path / "data" / "masks" / f"case{i}.png", mask)
+        assert read_image(tmp_path / "data" / "images" / f"case{i}.jpg").shape == (24, 40, 3)
+    (tmp_path / "data" / "prompts.json").write_text(json.dumps({f"case{i}.jpg": "a bright box" for i in range(3)}))
+    (tmp_path / "data" / "splits.json").write_text(json.dumps({"train": ["case0.jpg"], "val": ["case1.jpg"],
+                                                                "test": ["case2.jpg"]}))
+    done = subprocess.run([FEDVLSM, "data", "check", str(tmp_path / "data")], cwd=REPO, env=env_for(tmp_path),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems" in done.stdout

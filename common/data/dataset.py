@@ -62,8 +62,8 @@ from .formats import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 3  # bump when the preprocessing changes, to invalidate old cache files (2: JPEG {0, 1}
-# masks; 3: transparent mask pixels)
+CACHE_VERSION = 4  # bump when the preprocessing changes, to invalidate old cache files (2: JPEG {0, 1}
+# masks; 3: transparent mask pixels; 4: EXIF orientation applied)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 # The in-memory tier of the site cache (module docstring): cache file -> read-only arrays.

@@ -38,7 +38,9 @@ Readers: PNG, JPEG, BMP and TIFF through PIL; NIfTI (``.nii``, ``.nii.gz``)
 and DICOM (``.dcm``) 2D through MONAI's ``LoadImage`` (needs ``nibabel`` /
 ``pydicom``). Arrays are taken as stored (first axis = image rows; DICOM is
 read with ``swap_ij=False`` so rows stay rows), images and masks the same way,
-so they stay aligned. Images come out as RGB uint8 ``(H, W, 3)`` (grayscale
+so they stay aligned; a PIL-read file with an EXIF Orientation tag (photos from
+cameras and phones) is first turned as its tag says, as viewers and annotation
+tools show it, masks too. Images come out as RGB uint8 ``(H, W, 3)`` (grayscale
 replicated, alpha dropped, 16-bit and float data rescaled min-max); masks as
 a 2D array of the stored values (colour masks: max over the colour channels;
 transparent pixels of a mask with varying alpha are background, see ``read_mask``),
@@ -63,7 +65,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 PIL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -203,6 +205,10 @@ def _read_pil(path: Path) -> np.ndarray:
     """(H, W) or (H, W, 3|4), never squeezed: a 1-pixel-high RGB image must not pass as (W, 3) gray."""
     with Image.open(path) as img:
         img.load()
+        # Pixels as viewers and annotation tools (labelme, CVAT, Label Studio) show them: a JPEG from a
+        # camera or phone may store them sideways with an EXIF Orientation tag, and its mask was drawn on
+        # the turned picture. A file without the tag is unchanged.
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("P", "PA"):
             img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
         elif img.mode == "1":
