@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.cli import device_arg, port_arg  # argparse types shared with the other commands (light)
+from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
 from common.site_policy import NODE_DP_REQUIRE, NODE_DP_SITE_BUDGET, NODE_DP_SITE_DELTA, SitePolicy, SitePolicyError
 
@@ -88,7 +88,7 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                         description=__doc__.split("\n\n")[0] if __doc__ else None,
                         formatter_class=_DefaultsHelp)
     s.add_argument("--superlink", required=True, help="the consortium's SuperLink Fleet API, HOST:PORT")
-    s.add_argument("--data", required=True, help="this site's dataset folder (never leaves the site)")
+    s.add_argument("--data", required=True, type=path_arg, help="this site's dataset folder (never leaves the site)")
     s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
     s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/NAME)")
     s.add_argument("--device", default="", type=_worker_device, help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")

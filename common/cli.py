@@ -22,7 +22,7 @@ from typing import Sequence
 
 from common.adapters.spec import INITS, VARIANTS  # plain Python: no torch at parser-build time
 from common.config import COMPILE_MODES, device_problem  # torch-free at import, like the two above
-from common.data.cli import HELP_FORMAT  # every option's default shown (tests/test_cli.py checks help lines)
+from common.data.cli import HELP_FORMAT, path_arg  # every option's default shown (tests/test_cli.py checks help lines)
 
 
 def device_arg(value: str) -> str:
@@ -81,7 +81,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="GPU fast path: cuda-graph runs each training step as one CUDA graph (CUDA, bf16); "
                         "the others are torch.compile modes; off (default) runs it eagerly")
-    p.add_argument("--cache-dir", default=None, help="keep preprocessed images here for later runs")
+    p.add_argument("--cache-dir", default=None, type=path_arg, help="keep preprocessed images here for later runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -97,17 +97,17 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train adapters at one site",
                        description="Train adapters on one site's train split, early-stopped on its val split.",
                        formatter_class=HELP_FORMAT)
-    p.add_argument("data", help="dataset folder (folder format or medvlsm anns/)")
+    p.add_argument("data", type=path_arg, help="dataset folder (folder format or medvlsm anns/)")
     _spec_args(p)
     _train_args(p)
-    p.add_argument("--out", required=True, help="output folder for the best adapter and the training log")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder for the best adapter and the training log")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate an adapter folder on a dataset split",
                        description="Dice, IoU and HD95 of an adapter folder on one split, at original resolution.",
                        formatter_class=HELP_FORMAT)
-    p.add_argument("data", help="dataset folder (folder format or medvlsm anns/)")
-    p.add_argument("--adapter-dir", required=True, help="folder with adapter_model.safetensors and adapter_config.json")
+    p.add_argument("data", type=path_arg, help="dataset folder (folder format or medvlsm anns/)")
+    p.add_argument("--adapter-dir", required=True, type=path_arg, help="folder with adapter_model.safetensors and adapter_config.json")
     p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
     p.add_argument("--split", default="test", help="dataset split to evaluate")
     p.add_argument("--eval-prompt-index", type=int, default=9,
@@ -115,17 +115,17 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--out", default=None, help="also write the metrics (with per-item rows) to this JSON file")
+    p.add_argument("--out", default=None, type=path_arg, help="also write the metrics (with per-item rows) to this JSON file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment one image with a text prompt",
                        description="Segment one image with a text prompt; writes mask.png and overlay.png.",
                        formatter_class=HELP_FORMAT)
-    p.add_argument("--adapter-dir", required=True, help="folder with adapter_model.safetensors and adapter_config.json")
+    p.add_argument("--adapter-dir", required=True, type=path_arg, help="folder with adapter_model.safetensors and adapter_config.json")
     p.add_argument("--base", default=None, help="override the base recorded in the adapter config")
-    p.add_argument("--image", required=True, help="image file (PNG, JPEG, BMP, TIFF, 2D NIfTI or DICOM)")
+    p.add_argument("--image", required=True, type=path_arg, help="image file (PNG, JPEG, BMP, TIFF, 2D NIfTI or DICOM)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. \"round lesion\"")
-    p.add_argument("--out", required=True, help="output folder: mask.png and overlay.png")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder: mask.png and overlay.png")
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_predict)
 

@@ -18,7 +18,8 @@ Existing keys are never overwritten: the command refuses and names them.
 
 Development CA only: a consortium in production uses its own PKI; the file
 layout above is what the rest of the tooling expects either way.
-Only argparse at module level (the CLI must build without heavy imports).
+Only argparse and the CLI's shared argument types at module level (the CLI must build without heavy
+imports).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from common.data.cli import path_arg  # the CLI's own argument type: already imported by `fedvlsm`
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CA_DAYS = 3650
@@ -42,7 +45,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     c = dsub.add_parser("certs", help="write a development CA, the SuperLink certificate and site key pairs",
                         description=__doc__.split("\n\n")[0] if __doc__ else None,
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("out", help="output folder (created; existing keys are never overwritten)")
+    c.add_argument("out", type=path_arg, help="output folder (created; existing keys are never overwritten)")
     c.add_argument("--server-name", action="append", default=[], required=True, metavar="HOST",
                    help="DNS name or IP address sites use to reach the SuperLink (repeatable); "
                         "localhost and 127.0.0.1 are always added")

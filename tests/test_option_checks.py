@@ -206,3 +206,36 @@ def test_a_lora_rank_above_the_projection_width_is_refused(tiny_base):
     width = min(config.vision_config.hidden_size, config.text_config.hidden_size)
     with pytest.raises(ValueError, match=f"lora_rank must be at most {width}"):
         build_model(tiny_base, AdapterSpec("lora", lora_rank=width + 1))
+
+
+# ---- empty file and folder arguments ----
+
+@pytest.mark.parametrize("argv, named", [
+    (["data", "synth", ""], "argument out"),  # wrote site-0/, site-1/, ... into the current folder
+    (["data", "check", " "], "argument path"),  # checked the current folder
+    (["train", "", "--out", "o"], "argument data"),
+    (["train", "d", "--out", ""], "argument --out"),  # the adapter and log went into the current folder
+    (["train", "d", "--out", "o", "--cache-dir", ""], "argument --cache-dir"),
+    (["eval", "d", "--adapter-dir", ""], "argument --adapter-dir"),
+    (["eval", "d", "--adapter-dir", "a", "--out", ""], "argument --out"),  # the report asked for, silently not written
+    (["predict", "--adapter-dir", "a", "--image", "", "--prompt", "p", "--out", "o"], "argument --image"),
+    (["predict", "--adapter-dir", "a", "--image", "i", "--prompt", "p", "--out", ""], "argument --out"),
+    (["deploy", "certs", "", "--server-name", "h"], "argument out"),
+    (["site", "start", "--superlink", "h:1", "--data", ""], "argument --data"),
+])
+def test_an_empty_path_is_refused_naming_the_argument(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert f"{named}: empty: give a file or folder" in capsys.readouterr().err
+
+
+def test_fedvlsm_data_synth_with_an_empty_folder_writes_nothing(tmp_path):
+    import subprocess
+
+    from test_fed_simulate import FEDVLSM, env_for
+
+    done = subprocess.run([FEDVLSM, "data", "synth", "", "--sites", "2", "--per-site", "6"], cwd=tmp_path,
+                          env=env_for(tmp_path / "home"), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "argument out: empty" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written where it ran (nor its home)

@@ -23,6 +23,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 HELP_FORMAT = HelpFormatter
 
 
+def path_arg(value: str) -> str:
+    """argparse type of every file or folder argument: an empty one ("" from a script's unset variable)
+    meant the current folder, so `data synth ""` wrote its sites there and `predict --out ""` its masks."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty: give a file or folder")
+    return value
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data synth`` and ``data check`` under a ``data`` command; return the ``data`` parser."""
     data = subparsers.add_parser("data", help="synthesize or check datasets",
@@ -34,7 +42,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     synth = commands.add_parser("synth", help="write a synthetic multi-site dataset (medvlsm format)",
                                 description="Write a synthetic multi-site dataset (medvlsm format).",
                                 formatter_class=HELP_FORMAT)
-    synth.add_argument("out", help="output folder; one site-<k>/ subfolder per site")
+    synth.add_argument("out", type=path_arg, help="output folder; one site-<k>/ subfolder per site")
     synth.add_argument("--sites", type=int, default=3, help="number of sites")
     synth.add_argument("--per-site", type=int, default=60, help="images per site")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
@@ -44,7 +52,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     check = commands.add_parser("check", help="report every problem of a dataset; non-zero exit if any",
                                 description=CHECK_DESCRIPTION, formatter_class=HELP_FORMAT)
-    check.add_argument("path", help="dataset folder (folder format or medvlsm anns/ format), or a multi-site root")
+    check.add_argument("path", type=path_arg, help="dataset folder (folder format or medvlsm anns/ format), or a multi-site root")
     check.add_argument("--splits", nargs="+", default=None, help="splits to check; None = train val test and any the dataset declares")
     check.set_defaults(func=run_check)
     return data
