@@ -18,6 +18,7 @@ handlers (client/handlers.py) run in this process, imported on first use.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -36,6 +37,35 @@ def worker_address(context: Context) -> str:
 
 
 def dispatch(msg: Message, context: Context) -> Message:
+    """Serve `msg`; whatever fails here becomes an error reply with a short public reason.
+
+    Nothing may leave this function as an exception: Flower would put its text in the reply
+    (`Error.reason`, "<class ...>:<'text'>") on its way to the SuperLink, and a simulation
+    logs it in the server's console. A worker address that is not `unix:<path>` raised
+    "worker address must be unix:<path>, got '/hospital/...'" through here.
+    """
+    try:
+        return _packed_dispatch(msg, context)
+    except Exception as err:  # noqa: BLE001 - the last net before Flower sends the text to the server
+        return _failed(msg, context, err)
+
+
+def _failed(msg: Message, context: Context, err: Exception) -> Message:
+    """The error reply for a failure outside the handlers: the error's class only; the details stay here."""
+    import traceback
+
+    from flwr.common.logger import log
+
+    from client.forwarder import error_reply
+    from common.site_errors import public_reason
+
+    reason = public_reason("clientapp", err)
+    # This process's own console (the site's SuperNode, or a simulation's actor): never the reply.
+    log(logging.WARNING, "[fedvlsm site] %s\n%s", reason, traceback.format_exc())
+    return error_reply(msg, context, reason)
+
+
+def _packed_dispatch(msg: Message, context: Context) -> Message:
     # In deployment the server packs the adapter into one Array (client/wire.py): unpack it for the
     # handlers, and pack the reply's tensors the same way (only then: a server that did not pack gets
     # the ordinary per-tensor reply).

@@ -128,6 +128,22 @@ def test_a_missing_data_folder_is_refused_without_its_path(hospitals):
     assert SECRET.encode() not in everything_the_server_saw(grid, run_dir)
 
 
+def test_a_failure_outside_the_handlers_leaves_the_client_app_as_its_class_only(hospitals):
+    # A worker address that is not `unix:<path>` fails in the ClientApp itself, before any handler:
+    # raised, Flower would send "<class 'ValueError'>:<'... got '/srv/<SECRET>/worker.sock''>" as the reply.
+    _, node_configs, tmp = hospitals
+    misconfigured = dict(node_configs[0], worker=f"/srv/{SECRET}/worker.sock")
+    cfg = cfg_for(tmp, rounds=1, max_skipped_rounds=1)
+    grid = InProcessGrid(cfg, 1, node_configs=[misconfigured])
+    with pytest.raises(RunFailed):
+        run_federation(grid, cfg)
+    run_dir = tmp / "server" / "runs" / "visible"
+    assert SECRET.encode() not in everything_the_server_saw(grid, run_dir)
+    assert not any(r.has_error() for r in grid.replies)  # a fedvlsm error reply, not Flower's
+    record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
+    assert [f["reason"] for f in record["failures"]] == ["clientapp failed: ValueError (details in the site's log)"]
+
+
 class TamperingGrid(InProcessGrid):
     """Delivers as Flower would, then corrupts one site's train reply (a buggy or hostile site)."""
 
