@@ -138,7 +138,7 @@ def site_log_path(msg: Message, context: Context) -> Path:
             return Path(str(node[NODE_SITE_DIR])).expanduser() / "logs" / "site.log"
         # A deployed site never takes the run's `home`: it names a folder on the server.
         home = cfg.home_dir if cfg is not None and NODE_DATA_PATH not in node else fedvlsm_home()
-        return home / "sites" / sites.site_name_for(node) / "logs" / "site.log"
+        return home / "sites" / sites.local_folder_name(node) / "logs" / "site.log"
 
 
 def _log_locally(msg: Message, context: Context, text: str) -> Path | str:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
+from common.site_errors import default_site_name
 from common.site_policy import NODE_DP_REQUIRE, NODE_DP_SITE_BUDGET, NODE_DP_SITE_DELTA, SitePolicy, SitePolicyError
 
 if TYPE_CHECKING:  # imported where used: this module stays light for the CLI
@@ -89,8 +90,8 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                         formatter_class=_DefaultsHelp)
     s.add_argument("--superlink", required=True, help="the consortium's SuperLink Fleet API, HOST:PORT")
     s.add_argument("--data", required=True, type=path_arg, help="this site's dataset folder (never leaves the site)")
-    s.add_argument("--site-name", default="", help="name in the server's records (default: the data folder's name)")
-    s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/NAME)")
+    s.add_argument("--site-name", default="", help="name in the server's records (default: site-<8 hex digits>, a pseudonym of the data folder: its name never leaves the site)")
+    s.add_argument("--site-dir", default="", help="site-local state and caches (default: $FEDVLSM_HOME/sites/<--site-name, else the data folder's name>)")
     s.add_argument("--device", default="", type=_worker_device, help="torch device of the worker, e.g. cuda, cuda:1, cpu (default: auto)")
     s.add_argument("--compile", default="", choices=("",) + COMPILE_MODES,
                    help="local training's TrainConfig.compile: cuda-graph runs each step as one CUDA graph "
@@ -234,9 +235,11 @@ class Site:
 
     def __init__(self, args: argparse.Namespace) -> None:
         data = Path(args.data).expanduser().resolve()
-        self.name = args.site_name or data.name
+        # The name goes into every reply, so never the data folder's own (it can say whose data it
+        # is); the site's own folder may be named after it (it stays here).
+        self.name = args.site_name or default_site_name(data)
         self.site_dir = Path(args.site_dir).expanduser().resolve() if args.site_dir else (
-            _fedvlsm_home() / "sites" / self.name)
+            _fedvlsm_home() / "sites" / (args.site_name or data.name))
         self.socket = Path(args.socket).expanduser().resolve() if args.socket else self.site_dir / "worker.sock"
         self.logs = self.site_dir / "logs"
         self.args = args

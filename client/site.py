@@ -48,7 +48,7 @@ from common.federation_config import (
 from common.adapters.baselines import MUTATING
 from common.model import AdaptedCLIPSeg
 from common.payload import split_personal
-from common.site_errors import SiteRefusal
+from common.site_errors import SiteRefusal, default_site_name
 
 # The per-process cache. A module global on purpose: it is exactly the
 # thing that must outlive one ClientApp object (and nothing else lives here).
@@ -86,9 +86,16 @@ def site_name_for(node_config: Mapping[str, Any]) -> str:
         return str(node_config[NODE_SITE_NAME])
     if NODE_PARTITION_ID in node_config:
         return f"site-{int(node_config[NODE_PARTITION_ID])}"
-    if node_config.get(NODE_DATA_PATH):
-        return Path(str(node_config[NODE_DATA_PATH])).name
+    if node_config.get(NODE_DATA_PATH):  # as SiteIdentity names it: never the data folder's own name
+        return default_site_name(str(node_config[NODE_DATA_PATH]))
     return "unnamed-site"
+
+
+def local_folder_name(node_config: Mapping[str, Any]) -> str:
+    """The name of the site's own folder under `$FEDVLSM_HOME/sites/` (as SiteIdentity picks it; stays home)."""
+    if node_config.get(NODE_DATA_PATH) and not node_config.get(NODE_SITE_NAME):
+        return Path(str(node_config[NODE_DATA_PATH])).expanduser().resolve().name
+    return site_name_for(node_config)
 
 
 def process_stats() -> dict[str, float]:

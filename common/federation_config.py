@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.adapters.spec import VARIANTS, AdapterSpec
 from common.config import MAX_LR, TrainConfig, TrainConfigError
-from common.site_errors import SiteRefusal
+from common.site_errors import SiteRefusal, default_site_name
 
 if TYPE_CHECKING:  # torch, transformers: imported where a model is built, so a bad config is refused at once
     from common.bases import Base
@@ -461,10 +461,11 @@ class SiteIdentity:
                     "site config: data-path is not a folder",
                     f"node config '{NODE_DATA_PATH}': {data_path} is not a folder",
                 )
-            name = name or data_path.name
             # A deployed site's own folders: `site-dir`, else its own
             # FEDVLSM_HOME (the server's `home` names a folder on the server).
-            site_dir = node_config.get(NODE_SITE_DIR, "") or fedvlsm_home() / "sites" / name
+            # Named after the data folder: that name stays home, the server gets a pseudonym.
+            site_dir = node_config.get(NODE_SITE_DIR, "") or fedvlsm_home() / "sites" / (name or data_path.name)
+            name = name or default_site_name(data_path)
             return cls(name, None, None, data_path, Path(str(site_dir)).expanduser().resolve())
         if NODE_PARTITION_ID in node_config:
             pid = int(node_config[NODE_PARTITION_ID])

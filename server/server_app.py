@@ -568,8 +568,8 @@ class SiteNames:
     """Site names by node id, learnt from replies (a Flower-level error reply carries no name).
 
     The round record keys its site rows by name, so two nodes must never share
-    one: a site's name defaults to its data folder's, and two hospitals can both
-    call theirs `data`. The second node to claim a name gets "<name> (node <id>)".
+    one: two hospitals can both give `--site-name data`. The second node to claim
+    a name gets "<name> (node <id>)".
     """
 
     def __init__(self) -> None:

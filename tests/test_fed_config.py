@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from common.federation_config import ConfigError, FederationConfig, SiteIdentity
-from common.site_errors import SiteRefusal
+from common.site_errors import SiteRefusal, default_site_name
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -62,7 +63,10 @@ def test_site_identity_from_deployment_and_simulation_node_configs(tmp_path):
     data = tmp_path / "hospital-a"
     data.mkdir()
     site = SiteIdentity.from_node_config({"data-path": str(data)}, cfg)
-    assert site.name == "hospital-a" and site.data_path == data.resolve() and site.site_dir.is_absolute()
+    # Unnamed, a site sends a pseudonym of its data folder (stable), never the folder's name; its own
+    # folder (it stays home) is still named after the data folder.
+    assert site.name == default_site_name(data) and re.fullmatch(r"site-[0-9a-f]{8}", site.name)
+    assert site.data_path == data.resolve() and site.site_dir.is_absolute() and site.site_dir.name == "hospital-a"
     named = SiteIdentity.from_node_config({"data-path": str(data), "site-name": "h1", "site-dir": str(tmp_path / "s")}, cfg)
     assert (named.name, named.site_dir) == ("h1", (tmp_path / "s").resolve())
     sim = SiteIdentity.from_node_config({"partition-id": 2, "num-partitions": 3}, cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.data import synthesize
 from common.federation_config import ConfigError, FederationConfig
+from common.site_errors import default_site_name
 from fed_harness import InProcessGrid
 from server.server_app import RunFailed, run_federation, wait_for_sites
 
@@ -126,6 +128,22 @@ def test_a_missing_data_folder_is_refused_without_its_path(hospitals):
     record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
     assert [f["reason"] for f in record["failures"]] == ["site config: data-path is not a folder"] * 2
     assert SECRET.encode() not in everything_the_server_saw(grid, run_dir)
+
+
+def test_a_site_without_a_name_is_not_named_after_its_data_folder(hospitals):
+    # Unnamed sites were named after their data folder, and every reply carried that name into
+    # the server's records: `/data/<SECRET>` showed up as site "<SECRET>" in rounds.jsonl.
+    root, node_configs, tmp = hospitals
+    folder = root / SECRET
+    Path(node_configs[0]["data-path"]).rename(folder)
+    unnamed = {"data-path": str(folder), "site-dir": node_configs[0]["site-dir"]}
+    cfg = cfg_for(tmp, rounds=1)
+    grid = InProcessGrid(cfg, 2, node_configs=[unnamed, node_configs[2]])
+    run_federation(grid, cfg)
+    run_dir = tmp / "server" / "runs" / "visible"
+    assert SECRET.encode() not in everything_the_server_saw(grid, run_dir)
+    record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
+    assert sorted(record["sites"]) == sorted([default_site_name(folder), "hospital-2"])
 
 
 def test_a_failure_outside_the_handlers_leaves_the_client_app_as_its_class_only(hospitals):

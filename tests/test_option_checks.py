@@ -239,3 +239,23 @@ def test_fedvlsm_data_synth_with_an_empty_folder_writes_nothing(tmp_path):
                           env=env_for(tmp_path / "home"), capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "argument out: empty" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written where it ran (nor its home)
+
+
+def test_site_start_without_a_site_name_sends_no_data_folder_name(tmp_path, monkeypatch):
+    # The default name was the data folder's (`--data /data/st-marys-oncology`: the server's records
+    # named the hospital); the site's own folder may still be named after it, it stays home.
+    from client.launcher import Site
+    from common.cli import build_parser
+    from common.site_errors import default_site_name
+
+    monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path / "home"))
+    data = tmp_path / "st-marys-oncology"
+    data.mkdir()
+    args = build_parser().parse_args(["site", "start", "--superlink", "x:9092", "--data", str(data), "--insecure"])
+    site = Site(args)
+    assert site.node_config["site-name"] == site.name == default_site_name(data)
+    assert "st-marys" not in site.name
+    assert site.site_dir == (tmp_path / "home" / "sites" / "st-marys-oncology").resolve()
+    named = Site(build_parser().parse_args(["site", "start", "--superlink", "x:9092", "--data", str(data),
+                                            "--site-name", "hospital-a", "--insecure"]))
+    assert (named.name, named.site_dir.name) == ("hospital-a", "hospital-a")
