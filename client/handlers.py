@@ -111,6 +111,7 @@ def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site
     cfg = run_config_of(msg)
     cfg.apply_threads()
     site = sites.Site(cfg, context.node_config)
+    _refuse_image_cap(cfg, site)
     site.ensure_data_ok()
     try:
         frozen = sites.base(cfg.base)
@@ -119,6 +120,18 @@ def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site
                           f"loading base {cfg.base!r}: {err}") from err
     conf = msg.content[Rec.CONFIG]
     return cfg, site, frozen, int(conf.get(Cfg.ROUND, 0)), str(conf.get(Cfg.RUN_NAME, "adhoc"))
+
+
+def _refuse_image_cap(cfg: FederationConfig, site: sites.Site) -> None:
+    """A deployed site serves no run that caps its images (`max-images`, for simulations and quick trials).
+
+    With the cap the server picks how many images a figure covers: `max-images = 1` made every
+    site send one image's train loss, validation Dice and loss (and, differencing k and k+1,
+    any image's). A simulation's sites are partitions of data the server process holds anyway.
+    """
+    if cfg.max_images and site.identity.data_path is not None:
+        raise SiteRefusal("site policy: a deployed site uses all its images (max-images would let a figure "
+                          "cover a single image)", f"the run sets max-images = {cfg.max_images}")
 
 
 def _run_id(msg: Message) -> str:

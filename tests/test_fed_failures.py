@@ -146,6 +146,18 @@ def test_a_site_without_a_name_is_not_named_after_its_data_folder(hospitals):
     assert sorted(record["sites"]) == sorted([default_site_name(folder), "hospital-2"])
 
 
+def test_a_deployed_site_refuses_a_run_that_caps_its_images(hospitals):
+    # `max-images = 1` is the server's to set: every site then sent one image's train loss,
+    # validation Dice and loss (rows with num_examples 1, val_examples 1 in rounds.jsonl).
+    _, node_configs, tmp = hospitals
+    cfg = cfg_for(tmp, rounds=1, max_images=1)
+    run_federation(InProcessGrid(cfg, 2, node_configs=[node_configs[0], node_configs[2]]), cfg)
+    record = json.loads((tmp / "server" / "runs" / "visible" / "rounds.jsonl").read_text().splitlines()[0])
+    assert record["sites"] == {}  # no figure of any site: not one over a single image
+    assert {f["reason"] for f in record["failures"]} == {
+        "site policy: a deployed site uses all its images (max-images would let a figure cover a single image)"}
+
+
 def test_a_failure_outside_the_handlers_leaves_the_client_app_as_its_class_only(hospitals):
     # A worker address that is not `unix:<path>` fails in the ClientApp itself, before any handler:
     # raised, Flower would send "<class 'ValueError'>:<'... got '/srv/<SECRET>/worker.sock''>" as the reply.
