@@ -165,3 +165,37 @@ def test_site_start_puts_the_policy_in_the_node_config_and_checks_it_first(tmp_p
     assert SitePolicy.from_node_config(_policy_node_config(args("--dp-require"))).demands_dp
     assert _check_args(args("--dp-site-budget", "-2")) == \
         "--dp-site-budget: must be a finite epsilon >= 0 (0: none), got -2.0"
+
+
+def _site_message(cfg, message_type: str, **config):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from common.payload import Cfg, Rec
+
+    content = {Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_ID: "1", Cfg.ROUND: cfg.rounds, Cfg.RUN_CONFIG: cfg.to_json(),
+               **config}
+    return Message(RecordDict({Rec.CONFIG: ConfigRecord(content)}), dst_node_id=100, message_type=message_type)
+
+
+@pytest.mark.parametrize("policy", [{"dp-require": "true"}, {"dp-site-budget": 0.5}])
+def test_a_site_with_its_own_terms_trains_nothing_outside_dp_sgd(data, tmp_path, monkeypatch, policy):
+    """train.local_only and evaluate.final's fine-tuning are plain SGD on the training images, charged to
+    no accountant. Before, a site with dp-site-budget 0.5 trained 3 plain epochs for train.local_only and
+    replied with the adapter's test Dice, and fine-tuned for evaluate.final: its budget did not hold."""
+    from client import handlers
+    from common.payload import Rec
+
+    plain_fits = []
+    monkeypatch.setattr(handlers, "fit", lambda *a, **k: plain_fits.append(a) or pytest.fail("plain fit at the site"))
+    cfg = cfg_for(data, tmp_path, "terms", dp="sample", dp_noise_multiplier=1.0, finetune_epochs=2)
+    grid = grid_with(cfg, policy)
+
+    (local,) = grid.send_and_receive([_site_message(cfg, "train.local_only", epochs=3)])
+    assert Rec.METRICS not in local.content.metric_records
+    assert local.content.config_records[Rec.STATUS]["error"] == "site policy: this site trains only with dp = 'sample'"
+
+    (final,) = grid.send_and_receive([_site_message(cfg, "evaluate.final")])
+    metrics = final.content[Rec.METRICS]
+    assert "dice-finetuned" not in metrics and "dice-personal" in metrics
+    assert plain_fits == []
+    assert not list((tmp_path / "sites").rglob("privacy/*.json"))  # and nothing was trained to charge
