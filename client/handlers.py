@@ -274,14 +274,19 @@ def train(msg: Message, context: Context) -> Message:
             # DP-SGD (Opacus) with this site's accountant, kept in its site folder
             # across processes, rounds and resumes; a round that would exceed the
             # budget is refused before any image is read.
-            from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
+            from common.privacy import BudgetExhausted, DPSettings, PrivacyError, fit_private, site_state_path
+
+            try:
+                state_path = site_state_path(site.site_dir, run_name)
+            except PrivacyError as err:  # the server's run name: safe to say back
+                raise SiteRefusal(f"privacy: {err}") from err
 
             if train_cfg.compile != "off":  # the site's --compile: said in its log, not silently dropped
                 log(WARNING, "[fedvlsm site] compile=%s does not apply to DP-SGD rounds (Opacus' per-sample "
                     "gradients run eagerly in fp32)", train_cfg.compile)
             try:
                 result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
-                                             site_state_path(site.site_dir, run_name), server_round=server_round,
+                                             state_path, server_round=server_round,
                                              prox_reference=shared_in if mu > 0 else None, policy=policy)
             except BudgetExhausted as err:
                 raise SiteRefusal(err.reason) from err

@@ -199,3 +199,29 @@ def test_a_site_with_its_own_terms_trains_nothing_outside_dp_sgd(data, tmp_path,
     assert "dice-finetuned" not in metrics and "dice-personal" in metrics
     assert plain_fits == []
     assert not list((tmp_path / "sites").rglob("privacy/*.json"))  # and nothing was trained to charge
+
+
+@pytest.mark.parametrize("hidden", [".a", "../a"])
+def test_a_run_name_cannot_hide_its_steps_from_the_sites_budget(data, tmp_path, hidden):
+    """The site's ledger is `privacy/*.json`, and the run name comes from the server's message. Before,
+    run '.a' (a dot file the ledger skips) or '../a' (a state outside privacy/, checked against that
+    folder's ledger) trained a round, then run 'b' trained too: both rounds on site-0's images, epsilon
+    6.84 > its dp-site-budget 6.02 (n = 6, q = 1/3, z = 1, 3 steps a round, delta 1e-5)."""
+    from client.site import Site
+    from common.payload import Rec
+
+    probe = cfg_for(data, tmp_path, "a")
+    n_train = len(Site(probe, {"partition-id": 0, "num-partitions": 2}).items("train"))
+    q, steps = sample_rate_and_steps(n_train, 2)
+    one, two = (compute_epsilon([(1.0, q, steps * k)], 1e-5) for k in (1, 2))
+    cfg = cfg_for(data, tmp_path, "b", dp="sample", dp_noise_multiplier=1.0, dp_epsilon_budget=100.0)
+    grid = grid_with(cfg, {"dp-site-budget": (one + two) / 2, "dp-site-delta": 1e-5})
+
+    (first,) = grid.send_and_receive([_site_message(cfg, "train", **{"run-name": hidden})])
+    assert Rec.STATUS in first.content.config_records, f"run {hidden!r} trained outside the site's ledger"
+    assert first.content.config_records[Rec.STATUS]["error"].startswith(f"privacy: run name {hidden!r} cannot name")
+    (second,) = grid.send_and_receive([_site_message(cfg, "train")])
+    assert second.content[Rec.METRICS]["dp-epsilon"] == pytest.approx(one, rel=1e-6)
+    site_dir = Site(cfg, {"partition-id": 0, "num-partitions": 2}).site_dir
+    states = [p.relative_to(site_dir).as_posix() for p in site_dir.rglob("*.json") if "history" in p.read_text()]
+    assert states == ["privacy/b.json"]  # nothing was charged anywhere for the refused name
