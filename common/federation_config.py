@@ -61,8 +61,11 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def is_run_name(name: str) -> bool:
-    """A name `run-name` accepts: also one plain file or folder name (no '/', no leading '.', no newline)."""
-    return bool(_RUN_NAME.fullmatch(name)) and "\n" not in name
+    """A name `run-name` accepts: also one plain file or folder name (no '/', no leading '.', no newline:
+    `match` let 'a\\n' through, its `$` matching before a final newline)."""
+    return _RUN_NAME.fullmatch(name) is not None
+
+
 # Node-config keys a deployed SuperNode may set (`flower-supernode --node-config`).
 NODE_DATA_PATH = "data-path"
 NODE_SITE_DIR = "site-dir"
