@@ -287,14 +287,19 @@ def train(msg: Message, context: Context) -> Message:
             # DP-SGD (Opacus) with this site's accountant, kept in its site folder
             # across processes, rounds and resumes; a round that would exceed the
             # budget is refused before any image is read.
-            from common.privacy import BudgetExhausted, DPSettings, fit_private, site_state_path
+            from common.privacy import BudgetExhausted, DPSettings, PrivacyError, fit_private, site_state_path
+
+            try:
+                state_path = site_state_path(site.site_dir, run_name)
+            except PrivacyError as err:  # the server's run name: safe to say back
+                raise SiteRefusal(f"privacy: {err}") from err
 
             if train_cfg.compile != "off":  # the site's --compile: said in its log, not silently dropped
                 log(WARNING, "[fedvlsm site] compile=%s does not apply to DP-SGD rounds (Opacus' per-sample "
                     "gradients run eagerly in fp32)", train_cfg.compile)
             try:
                 result, report = fit_private(model, train_ds, frozen.tokenizer, train_cfg, DPSettings.from_config(cfg),
-                                             site_state_path(site.site_dir, run_name), server_round=server_round,
+                                             state_path, server_round=server_round,
                                              prox_reference=shared_in if mu > 0 else None, policy=policy)
             except BudgetExhausted as err:
                 raise SiteRefusal(err.reason) from err
@@ -386,7 +391,12 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         "dice-global": dice(site.model(frozen, shared_in)),
         "dice-personal": dice(personal_model),
     }
-    if cfg.finetune_epochs:
+    if cfg.finetune_epochs and _site_policy(context).demands_dp:
+        # Fine-tuning is plain SGD on the training images: a site whose own terms demand DP
+        # never trains without it, whatever the run asks (the comparison falls back to dice-personal).
+        log(WARNING, "[fedvlsm site] finetune-epochs = %s skipped: this site's node config sets dp-require "
+            "or dp-site-budget, and fine-tuning is not DP-SGD", cfg.finetune_epochs)
+    elif cfg.finetune_epochs:
         seed = _local_seed(cfg, server_round + 1, site.name)
         fit(personal_model, site.dataset("train", frozen, train=True, seed=seed), None, frozen.tokenizer,
             _train_config(cfg, cfg.finetune_epochs, seed))
@@ -399,6 +409,12 @@ def evaluate_final(msg: Message, context: Context) -> Message:
 def train_local_only(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg, site, frozen, _, _ = _setup(msg, context)
+    if _site_policy(context).demands_dp:
+        # A local-only adapter is trained without DP-SGD and charged to no accountant: a site whose
+        # own terms demand DP refuses it like any other training that is not sample-level DP.
+        raise SiteRefusal("site policy: this site trains only with dp = 'sample'",
+                          "train.local_only trains without DP-SGD; this site's node config sets dp-require or "
+                          "dp-site-budget, so it trains no adapter outside DP-SGD")
     epochs = int(msg.content[Rec.CONFIG]["epochs"])
     seed = _local_seed(cfg, 0, site.name)
     model = site.model(frozen)

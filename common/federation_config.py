@@ -58,6 +58,14 @@ _TRAIN_KEYS = {"epochs": "local-epochs", "batch_size": "batch-size", "lr": "lr",
 DP_CLIENT_STRATEGIES = ("fedavg", "fedprox")
 # A run name becomes a folder name on every machine involved: keep it boring.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def is_run_name(name: str) -> bool:
+    """A name `run-name` accepts: also one plain file or folder name (no '/', no leading '.', no newline:
+    `match` let 'a\\n' through, its `$` matching before a final newline)."""
+    return _RUN_NAME.fullmatch(name) is not None
+
+
 # Node-config keys a deployed SuperNode may set (`flower-supernode --node-config`).
 NODE_DATA_PATH = "data-path"
 NODE_SITE_DIR = "site-dir"
@@ -229,7 +237,7 @@ class FederationConfig:
             raise bad("round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
         if self.site_wait_timeout <= 0:
             raise bad("site-wait-timeout", f"must be > 0 seconds, got {self.site_wait_timeout}")
-        if self.run_name and not _RUN_NAME.match(self.run_name):
+        if self.run_name and not is_run_name(self.run_name):
             raise bad("run-name", f"{self.run_name!r}: use letters, digits, '.', '_' or '-' (max 100)")
         if self.resume and not self.run_name:
             raise bad("resume", "needs 'run-name' (the run to continue)")

@@ -319,8 +319,16 @@ def ledger_lock(privacy_dir: str | Path) -> Iterator[None]:
 
 def site_state_path(site_dir: str | Path, run_name: str) -> Path:
     """Where a site keeps its accountant for a run: ``<site-dir>/privacy/<run-name>.json``."""
+    from common.federation_config import is_run_name
+
     if not run_name:
         raise PrivacyError("a privacy state needs the run's name")
+    # The name comes from the server's message. '../x' would put the state outside privacy/ (and check it
+    # against another folder's ledger), '.x' would hide it from every other run's check: either way the
+    # site's dp-site-budget would not count it.
+    if not is_run_name(run_name):
+        raise PrivacyError(f"run name {run_name!r} cannot name a privacy state: a run-name is letters, digits, "
+                           "'.', '_' or '-', starting with a letter or digit")
     return Path(site_dir) / "privacy" / f"{run_name}.json"
 
 

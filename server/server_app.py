@@ -31,6 +31,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
@@ -185,6 +186,8 @@ def _run(
 
     names = SiteNames()
     run_id = records.run_id  # sites key this run's personal parts by it
+    # Sample level: the most DP-SGD steps each site has reported in this run (a resume: from its records).
+    steps_seen = dp_steps_seen(records.read_rounds()) if cfg.dp == "sample" else None
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
@@ -201,7 +204,7 @@ def _run(
                     break
             global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
                                                      names, ahead, since=round_end, on_release=on_release,
-                                                     run_id=run_id)
+                                                     run_id=run_id, steps_seen=steps_seen)
             # The next round's clock starts here: what the server does until
             # then (the strategy's state, the copies handed to the writer) is in its time.
             round_end = time.perf_counter()
@@ -399,6 +402,7 @@ def run_round(
     since: float | None = None,
     on_release: Callable[[int], None] | None = None,
     run_id: str = "",
+    steps_seen: dict[str, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
     """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
 
@@ -409,6 +413,8 @@ def run_round(
     `pushes_ahead`). `train_seconds` is this call's train phase.
     `on_release(round)`: called once the new global exists and before any
     message carries it to a site (client-level DP journals its release there).
+    `steps_seen`: sample-level DP, the most DP-SGD steps each site has reported in this run
+    (`dp_steps_seen`); checked and updated before anything is aggregated (`check_accountants_kept`).
     """
     names = names or SiteNames()
     start = time.perf_counter()
@@ -425,6 +431,8 @@ def run_round(
     accepted.sort(key=lambda checked: names.of(checked[0]))
     ok = [reply for reply, _, _ in accepted]
     sites = {names.of(reply): _train_row(reply, wire, down, cfg) for reply, _, wire in accepted}
+    if steps_seen is not None:
+        check_accountants_kept(server_round, [*sites.items(), *((e["site"], e) for e in excluded)], steps_seen)
     for reply, update, _ in accepted:
         # Sites send updates (local - global), decoded once by the checks;
         # Flower's strategies (and DP wrappers) aggregate weights: hand them
@@ -518,6 +526,43 @@ def run_round(
         spent_server = server_epsilon(strategy)
         record["epsilon_server"], record["delta"] = spent_server if spent_server else (0.0, cfg.dp_delta)
     return new_global, record, next_ahead
+
+
+def dp_steps_seen(rounds: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The most DP-SGD steps each site reported in these round records (its rows and excluded replies)."""
+    seen: dict[str, int] = {}
+    for record in rounds:
+        rows = [*record.get("sites", {}).items(), *((e.get("site"), e) for e in record.get("excluded", []))]
+        for name, row in rows:
+            steps = row.get("dp_steps")
+            if name and isinstance(steps, int):
+                seen[name] = max(seen.get(name, 0), steps)
+    return seen
+
+
+def check_accountants_kept(server_round: int, rows: list[tuple[str, dict[str, Any]]], seen: dict[str, int]) -> None:
+    """RunFailed if a site's accountant for this run lost steps; else record each site's new count in `seen`.
+
+    Every DP-SGD round a site trains is charged to its state file first (>= 1 step), so a train
+    reply must report more steps than any earlier one of the run. No more means the state was
+    lost or replaced (a site folder wiped, a new --site-dir, a simulation resumed with another
+    `home`): its epsilon restarted from 0 and this round would be reported, and checked against
+    the budget, as if the earlier rounds had never used those images.
+    """
+    for name, row in rows:
+        steps = row.get("dp_steps")
+        if not isinstance(steps, int):
+            continue
+        if steps <= seen.get(name, 0):
+            raise RunFailed(
+                f"privacy: {name} reports {steps} DP-SGD step(s) in this run after round {server_round}, no more "
+                f"than the {seen[name]} it had reported before: its privacy state for the run "
+                "(<site-dir>/privacy/<run-name>.json) was lost or replaced, so its epsilon and budget would "
+                "restart from 0; restore that file (or start a new run-name), then resume"
+            )
+    for name, row in rows:
+        if isinstance(row.get("dp_steps"), int):
+            seen[name] = max(seen.get(name, 0), row["dp_steps"])
 
 
 def fit_minimums_to_connected(strategy: Strategy, grid: Grid, cfg: FederationConfig) -> None:

@@ -37,6 +37,7 @@ def test_pyproject_defaults_parse_and_cover_every_field():
         ({"adapter": "nope"}, "adapter"),
         ({"rounds": "three"}, "rounds"),
         ({"run-name": "../escape"}, "run-name"),
+        ({"run-name": "run\n"}, "run-name"),  # `$` matched before the final newline
         ({"resume": True}, "resume"),
         ({"strategy": "fedprox", "prox-mu": 0.0}, "prox-mu"),
         ({"trim-beta": 0.5}, "trim-beta"),

@@ -269,3 +269,21 @@ def test_with_client_side_clipping_no_site_sends_an_update_above_the_clip_norm(d
         assert max(norms) <= c * (1 + 1e-5), norms
     else:
         assert min(norms) > 2 * c, norms
+
+
+def test_a_site_whose_accountant_lost_its_steps_stops_the_run_before_its_update_is_used(data, tmp_path):
+    """A site's privacy state lives in its own folder. Lost (a site folder wiped, a new --site-dir, a
+    simulation resumed with another `home`), the site's epsilon restarted from 0: a resumed run recorded
+    epsilon 2.994 after round 2 and 1.688 after round 4 for the same sites and images (budget 3 not held:
+    composed, 3.287). Each DP-SGD round adds steps, so a reply with no more than before is refused."""
+    from server.server_app import RunFailed
+
+    cfg = cfg_for(data, tmp_path, rounds=1, dp="sample", dp_noise_multiplier=1.0)
+    run_federation(InProcessGrid(cfg, 2), cfg)
+    (state,) = [p for p in (tmp_path / "sites").rglob("privacy/dp.json") if p.parent.parent.name == "site-1"]
+    state.unlink()  # site-1's accountant for the run is gone; site-0's is kept
+    resumed = cfg_for(data, tmp_path, rounds=2, dp="sample", dp_noise_multiplier=1.0, resume=True)
+    with pytest.raises(RunFailed, match=r"privacy: site-1 reports 3 DP-SGD step\(s\) in this run after round 2, "
+                                        r"no more than the 3 it had reported before"):
+        run_federation(InProcessGrid(resumed, 2), resumed)
+    assert [r["round"] for r in rounds_of(tmp_path)] == [1]  # round 2 was neither aggregated nor recorded

@@ -165,3 +165,63 @@ def test_site_start_puts_the_policy_in_the_node_config_and_checks_it_first(tmp_p
     assert SitePolicy.from_node_config(_policy_node_config(args("--dp-require"))).demands_dp
     assert _check_args(args("--dp-site-budget", "-2")) == \
         "--dp-site-budget: must be a finite epsilon >= 0 (0: none), got -2.0"
+
+
+def _site_message(cfg, message_type: str, **config):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from common.payload import Cfg, Rec
+
+    content = {Cfg.RUN_NAME: cfg.run_name, Cfg.RUN_ID: "1", Cfg.ROUND: cfg.rounds, Cfg.RUN_CONFIG: cfg.to_json(),
+               **config}
+    return Message(RecordDict({Rec.CONFIG: ConfigRecord(content)}), dst_node_id=100, message_type=message_type)
+
+
+@pytest.mark.parametrize("policy", [{"dp-require": "true"}, {"dp-site-budget": 0.5}])
+def test_a_site_with_its_own_terms_trains_nothing_outside_dp_sgd(data, tmp_path, monkeypatch, policy):
+    """train.local_only and evaluate.final's fine-tuning are plain SGD on the training images, charged to
+    no accountant. Before, a site with dp-site-budget 0.5 trained 3 plain epochs for train.local_only and
+    replied with the adapter's test Dice, and fine-tuned for evaluate.final: its budget did not hold."""
+    from client import handlers
+    from common.payload import Rec
+
+    plain_fits = []
+    monkeypatch.setattr(handlers, "fit", lambda *a, **k: plain_fits.append(a) or pytest.fail("plain fit at the site"))
+    cfg = cfg_for(data, tmp_path, "terms", dp="sample", dp_noise_multiplier=1.0, finetune_epochs=2)
+    grid = grid_with(cfg, policy)
+
+    (local,) = grid.send_and_receive([_site_message(cfg, "train.local_only", epochs=3)])
+    assert Rec.METRICS not in local.content.metric_records
+    assert local.content.config_records[Rec.STATUS]["error"] == "site policy: this site trains only with dp = 'sample'"
+
+    (final,) = grid.send_and_receive([_site_message(cfg, "evaluate.final")])
+    metrics = final.content[Rec.METRICS]
+    assert "dice-finetuned" not in metrics and "dice-personal" in metrics
+    assert plain_fits == []
+    assert not list((tmp_path / "sites").rglob("privacy/*.json"))  # and nothing was trained to charge
+
+
+@pytest.mark.parametrize("hidden", [".a", "../a"])
+def test_a_run_name_cannot_hide_its_steps_from_the_sites_budget(data, tmp_path, hidden):
+    """The site's ledger is `privacy/*.json`, and the run name comes from the server's message. Before,
+    run '.a' (a dot file the ledger skips) or '../a' (a state outside privacy/, checked against that
+    folder's ledger) trained a round, then run 'b' trained too: both rounds on site-0's images, epsilon
+    6.84 > its dp-site-budget 6.02 (n = 6, q = 1/3, z = 1, 3 steps a round, delta 1e-5)."""
+    from client.site import Site
+    from common.payload import Rec
+
+    probe = cfg_for(data, tmp_path, "a")
+    n_train = len(Site(probe, {"partition-id": 0, "num-partitions": 2}).items("train"))
+    q, steps = sample_rate_and_steps(n_train, 2)
+    one, two = (compute_epsilon([(1.0, q, steps * k)], 1e-5) for k in (1, 2))
+    cfg = cfg_for(data, tmp_path, "b", dp="sample", dp_noise_multiplier=1.0, dp_epsilon_budget=100.0)
+    grid = grid_with(cfg, {"dp-site-budget": (one + two) / 2, "dp-site-delta": 1e-5})
+
+    (first,) = grid.send_and_receive([_site_message(cfg, "train", **{"run-name": hidden})])
+    assert Rec.STATUS in first.content.config_records, f"run {hidden!r} trained outside the site's ledger"
+    assert first.content.config_records[Rec.STATUS]["error"].startswith(f"privacy: run name {hidden!r} cannot name")
+    (second,) = grid.send_and_receive([_site_message(cfg, "train")])
+    assert second.content[Rec.METRICS]["dp-epsilon"] == pytest.approx(one, rel=1e-6)
+    site_dir = Site(cfg, {"partition-id": 0, "num-partitions": 2}).site_dir
+    states = [p.relative_to(site_dir).as_posix() for p in site_dir.rglob("*.json") if "history" in p.read_text()]
+    assert states == ["privacy/b.json"]  # nothing was charged anywhere for the refused name
