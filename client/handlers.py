@@ -60,6 +60,7 @@ from common.federation_config import (
     FederationConfig,
     SiteIdentity,
     fedvlsm_home,
+    is_run_name,
 )
 from common.model import build_model
 from common.payload import (
@@ -109,6 +110,7 @@ def _train_config(cfg: FederationConfig, epochs: int, seed: int, prox_mu: float 
 
 def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site, Base, int, str]:
     cfg = run_config_of(msg)
+    run_name, _ = _run_name(msg), _run_id(msg)  # both name folders here: checked before any is made
     cfg.apply_threads()
     site = sites.Site(cfg, context.node_config)
     _refuse_image_cap(cfg, site)
@@ -119,7 +121,17 @@ def _setup(msg: Message, context: Context) -> tuple[FederationConfig, sites.Site
         raise SiteRefusal(f"base: cannot load the run's base here ({type(err).__name__})",
                           f"loading base {cfg.base!r}: {err}") from err
     conf = msg.content[Rec.CONFIG]
-    return cfg, site, frozen, int(conf.get(Cfg.ROUND, 0)), str(conf.get(Cfg.RUN_NAME, "adhoc"))
+    return cfg, site, frozen, int(conf.get(Cfg.ROUND, 0)), run_name
+
+
+def _run_name(msg: Message) -> str:
+    """The message's run name, refused unless it is one plain folder name: the site names folders by it
+    (`<site-dir>/runs/<run-name>/personal`, `privacy/<run-name>.json`), and '../..' from a server would
+    have put them, and renamed folders, outside the site's own folder."""
+    name = str(msg.content[Rec.CONFIG].get(Cfg.RUN_NAME, "adhoc"))
+    if not is_run_name(name):
+        raise SiteRefusal(f"protocol: run name {name!r} is not a run-name (letters, digits, '.', '_' or '-')")
+    return name
 
 
 def _refuse_image_cap(cfg: FederationConfig, site: sites.Site) -> None:
@@ -135,8 +147,12 @@ def _refuse_image_cap(cfg: FederationConfig, site: sites.Site) -> None:
 
 
 def _run_id(msg: Message) -> str:
-    """Which run of its name a message belongs to ('' from a server that sends none)."""
-    return str(msg.content[Rec.CONFIG].get(Cfg.RUN_ID, ""))
+    """Which run of its name a message belongs to ('' from a server that sends none); a plain name, as a
+    run name is: it is written into the site's folder and names the folder a replaced run's parts move to."""
+    run_id = str(msg.content[Rec.CONFIG].get(Cfg.RUN_ID, ""))
+    if run_id and not is_run_name(run_id):
+        raise SiteRefusal(f"protocol: run id {run_id!r} is not a plain name")
+    return run_id
 
 
 def site_log_path(msg: Message, context: Context) -> Path:

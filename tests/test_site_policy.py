@@ -14,7 +14,7 @@ import pytest
 from client.launcher import _check_args, _policy_node_config
 from common.data import synthesize
 from common.federation_config import FederationConfig
-from common.privacy import compute_epsilon, sample_rate_and_steps
+from common.privacy import PrivacyError, compute_epsilon, sample_rate_and_steps, site_state_path
 from common.site_policy import SitePolicy, SitePolicyError
 from fed_harness import InProcessGrid
 from server.server_app import RunFailed, run_federation
@@ -219,9 +219,33 @@ def test_a_run_name_cannot_hide_its_steps_from_the_sites_budget(data, tmp_path, 
 
     (first,) = grid.send_and_receive([_site_message(cfg, "train", **{"run-name": hidden})])
     assert Rec.STATUS in first.content.config_records, f"run {hidden!r} trained outside the site's ledger"
-    assert first.content.config_records[Rec.STATUS]["error"].startswith(f"privacy: run name {hidden!r} cannot name")
+    # Refused with every message that names a run so (the site's folders are named by it too), before
+    # any step; site_state_path refuses it as well, for any other caller.
+    assert first.content.config_records[Rec.STATUS]["error"].startswith(f"protocol: run name {hidden!r} is not")
+    with pytest.raises(PrivacyError, match="cannot name a privacy state"):
+        site_state_path(tmp_path, hidden)
     (second,) = grid.send_and_receive([_site_message(cfg, "train")])
     assert second.content[Rec.METRICS]["dp-epsilon"] == pytest.approx(one, rel=1e-6)
     site_dir = Site(cfg, {"partition-id": 0, "num-partitions": 2}).site_dir
     states = [p.relative_to(site_dir).as_posix() for p in site_dir.rglob("*.json") if "history" in p.read_text()]
     assert states == ["privacy/b.json"]  # nothing was charged anywhere for the refused name
+
+
+@pytest.mark.parametrize("field, value", [("run-name", "../../escaped"), ("run-id", "../../escaped"),
+                                          ("run-name", ".hidden")])
+def test_a_message_cannot_name_site_folders_outside_the_site(data, tmp_path, field, value):
+    """The run name and run id name the site's folders (`runs/<run-name>/personal`, its run-id marker, the
+    folder a replaced run's parts move to). Before, run-name '../../escaped' with personal parts made and
+    wrote `<site-dir>/../escaped/personal/` outside the site's folder; now the site refuses the message."""
+    from client.site import Site
+    from common.payload import Rec
+
+    cfg = cfg_for(data, tmp_path / "home", "ok", personal=("adapters.vision",))
+    grid = grid_with(cfg, {})
+    (reply,) = grid.send_and_receive([_site_message(cfg, "train", **{field: value})])
+    assert Rec.STATUS in reply.content.config_records, "the site served it"
+    assert reply.content.config_records[Rec.STATUS]["error"].startswith("protocol: run ")
+    site_dir = Site(cfg, {"partition-id": 0, "num-partitions": 2}).site_dir
+    outside = [p for p in (tmp_path / "home").rglob("*") if site_dir not in p.parents and p != site_dir
+               and "escaped" in str(p)]
+    assert outside == [] and not list(tmp_path.rglob("*escaped*")) and not list(tmp_path.rglob(".hidden"))
