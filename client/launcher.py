@@ -58,6 +58,7 @@ WORKER_START_TIMEOUT_S = 300.0
 # process died "online" until 2 x 30 s heartbeat interval after its last heartbeat (flwr/common/constant.py:
 # HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE; neither is a CLI option). A site restarted sooner is
 # refused ("Failed to activate SuperNode."), exactly like an unregistered key: retry for this long.
+DEFAULT_SITE_DELTA = 1e-5  # --dp-site-delta where --dp-site-budget is given without it
 REJOIN_WAIT_S = 90.0
 REJOIN_RETRY_S = 5.0
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -113,7 +114,8 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dp-site-budget", type=float, default=0.0,
                    help="this site's own epsilon limit over ALL runs on its data together (DP-SGD steps of every "
                         "run composed); implies --dp-require; 0: none (each run's dp-epsilon-budget only)")
-    s.add_argument("--dp-site-delta", type=float, default=1e-5, help="the delta of --dp-site-budget")
+    s.add_argument("--dp-site-delta", type=float, default=None,
+                   help=f"the delta of --dp-site-budget (default: {DEFAULT_SITE_DELTA:g})")
     s.set_defaults(func=cmd_site_start)
 
 
@@ -189,7 +191,8 @@ def _policy_node_config(args: argparse.Namespace) -> dict[str, str]:
         out[NODE_DP_REQUIRE] = "true"
     if args.dp_site_budget:
         out[NODE_DP_SITE_BUDGET] = repr(float(args.dp_site_budget))
-        out[NODE_DP_SITE_DELTA] = repr(float(args.dp_site_delta))
+        delta = DEFAULT_SITE_DELTA if args.dp_site_delta is None else args.dp_site_delta
+        out[NODE_DP_SITE_DELTA] = repr(float(delta))
     return out
 
 
@@ -217,6 +220,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--worker-restarts: must be >= 0, got {args.worker_restarts}"
     if not (math.isfinite(args.rejoin_wait) and args.rejoin_wait >= 0):
         return f"--rejoin-wait: must be a number of seconds >= 0, got {args.rejoin_wait}"
+    if args.dp_site_delta is not None and not args.dp_site_budget:  # it was dropped without a word
+        return "--dp-site-delta: it is the delta of --dp-site-budget, which is not given"
     try:
         SitePolicy.from_node_config(_policy_node_config(args))
     except SitePolicyError as err:

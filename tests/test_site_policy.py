@@ -165,6 +165,11 @@ def test_site_start_puts_the_policy_in_the_node_config_and_checks_it_first(tmp_p
     assert SitePolicy.from_node_config(_policy_node_config(args("--dp-require"))).demands_dp
     assert _check_args(args("--dp-site-budget", "-2")) == \
         "--dp-site-budget: must be a finite epsilon >= 0 (0: none), got -2.0"
+    # A delta without the budget it belongs to was dropped without a word; with it, or alone, the default.
+    assert _check_args(args("--dp-site-delta", "1e-7")) == \
+        "--dp-site-delta: it is the delta of --dp-site-budget, which is not given"
+    assert _check_args(args("--dp-site-budget", "4", "--dp-site-delta", "1e-7")) is None
+    assert SitePolicy.from_node_config(_policy_node_config(args("--dp-site-budget", "4"))) == SitePolicy(False, 4.0, 1e-5)
 
 
 def _site_message(cfg, message_type: str, **config):
