@@ -60,8 +60,19 @@ def _failed(msg: Message, context: Context, err: Exception) -> Message:
     from common.site_errors import public_reason
 
     reason = public_reason("clientapp", err)
-    # This process's own console (the site's SuperNode, or a simulation's actor): never the reply.
-    log(logging.WARNING, "[fedvlsm site] %s\n%s", reason, traceback.format_exc())
+    details = traceback.format_exc()
+    where: object = "this console"
+    try:  # the site's log, where the reason says the details are (as the handlers' failures go)
+        from client.handlers import _log_locally
+
+        where = _log_locally(msg, context, f"[clientapp] {reason}\n{details}")
+    except Exception:  # noqa: BLE001 - e.g. the handlers themselves fail to import: the console then
+        pass
+    # This process's own console too (the site's SuperNode, or a simulation's actor): never the reply.
+    if where == "this console":
+        log(logging.WARNING, "[fedvlsm site] %s\n%s", reason, details)
+    else:
+        log(logging.WARNING, "[fedvlsm site] %s (details: %s)", reason, where)
     return error_reply(msg, context, reason)
 
 

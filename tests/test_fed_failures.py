@@ -172,6 +172,9 @@ def test_a_failure_outside_the_handlers_leaves_the_client_app_as_its_class_only(
     assert not any(r.has_error() for r in grid.replies)  # a fedvlsm error reply, not Flower's
     record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
     assert [f["reason"] for f in record["failures"]] == ["clientapp failed: ValueError (details in the site's log)"]
+    # ...and the details are where the reason says (they went to the console only).
+    site_logs = [p for p in tmp.rglob("site.log") if "server" not in p.relative_to(tmp).parts]
+    assert any(SECRET in p.read_text() and "[clientapp]" in p.read_text() for p in site_logs), site_logs
 
 
 class TamperingGrid(InProcessGrid):
