@@ -68,7 +68,7 @@ def _failed(msg: Message, context: Context, err: Exception) -> Message:
         where = _log_locally(msg, context, f"[clientapp] {reason}\n{details}")
     except Exception:  # noqa: BLE001 - e.g. the handlers themselves fail to import: the console then
         pass
-    # This process's own console too (the site's SuperNode, or a simulation's actor): never the reply.
+    # This process's console (the SuperNode's, or a simulation actor's) says where they went, or holds them.
     if where == "this console":
         log(logging.WARNING, "[fedvlsm site] %s\n%s", reason, details)
     else:
