@@ -72,6 +72,7 @@ from server.write_behind import WriteBehind
 app = ServerApp()
 
 SIMULATED_SITES = "simulated_sites"  # run meta: a simulated run's site count (a resume must keep it)
+BASE_FINGERPRINT = "base_fingerprint"  # run meta: the frozen base's weights (a resume must load the same)
 
 
 @app.main()
@@ -143,6 +144,8 @@ def _run(
     frozen = load_base(cfg.base)
     say(f"base '{cfg.base}' loaded in {time.perf_counter() - t:.2f}s on the server")
     model = cfg.initial_model(frozen)
+    if cfg.resume:
+        check_same_base(cfg, records.read_meta().get(BASE_FINGERPRINT), model.base_fingerprint)
     try:
         check_personal_prefixes(model.adapter_names(), cfg.personal)
     except PayloadError as err:  # a refused config (`fedvlsm simulate`: exit 2), not a failed run
@@ -164,6 +167,7 @@ def _run(
                               f"{len(nodes)}: the partition (and the demo data) would differ; resume it with "
                               f"{before} sites (fedvlsm simulate: --num-sites {before}, or none)")
     records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters,
+                      BASE_FINGERPRINT: model.base_fingerprint,
                       **({SIMULATED_SITES: len(nodes)} if simulation else {})})
     hooks.before_rounds(grid, cfg, nodes)
     check_min_replies(cfg, len(nodes), simulation=simulation)
@@ -335,6 +339,19 @@ def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
         return records, cfg, last + 1, (new_config if new_config != records.read_config() else None), checkpoint
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
     return records, cfg, 1, None, None
+
+
+def check_same_base(cfg: FederationConfig, before: str | None, now: str) -> None:
+    """Refuse to resume on other base weights than the run's rounds so far were trained on.
+
+    The `base` key alone does not say: a relative folder resolved from another working directory (or
+    a folder or hub model changed since) loaded other weights, and the run went on with config.json
+    naming the same base and final/ naming the new one. A run recorded before this check: unchecked.
+    """
+    if before is not None and before != now:
+        raise ConfigError(f"run config 'base': run '{cfg.run_name}' was trained on base weights with fingerprint "
+                          f"{before}, but base '{cfg.base}' loads weights with fingerprint {now}; resume it with "
+                          "the same base (a relative folder: from the same working directory)")
 
 
 def start_dashboard(cfg: FederationConfig) -> None:

@@ -274,3 +274,30 @@ def test_a_simulated_run_resumes_only_with_its_own_number_of_sites(data, tmp_pat
     assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 1)
     run(make_cfg(data, tmp_path, run_name="four", rounds=2, partition="iid", resume=True), sites=4)
     assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 2)
+
+
+def test_a_resume_on_other_base_weights_is_refused(data, tmp_path, monkeypatch):
+    # A relative base folder resumed from another working directory loaded other weights under the
+    # same `base` key: round 2 trained on them, final/ named the new folder, config.json the old name.
+    import torch
+
+    from common.bases import load_base
+    from common.federation_config import ConfigError
+    from server import server_app
+
+    run(make_cfg(data, tmp_path, run_name="based", rounds=1))
+
+    def other_weights(spec):
+        base = load_base(spec)
+        with torch.no_grad():
+            next(base.model.parameters()).add_(0.01)
+        return base
+
+    monkeypatch.setattr(server_app, "load_base", other_weights)
+    with pytest.raises(ConfigError, match=r"'base': run 'based' was trained on base weights with fingerprint \w+, "
+                                          r"but base 'arch:tiny' loads weights with fingerprint \w+"):
+        run(make_cfg(data, tmp_path, run_name="based", rounds=2, resume=True))
+    assert _state(tmp_path, "based") == ("finished", ["adapter", "summary.json"], 1)
+    monkeypatch.setattr(server_app, "load_base", load_base)  # the run's own base: it goes on
+    run(make_cfg(data, tmp_path, run_name="based", rounds=2, resume=True))
+    assert _state(tmp_path, "based") == ("finished", ["adapter", "summary.json"], 2)
