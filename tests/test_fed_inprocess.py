@@ -301,3 +301,17 @@ def test_a_resume_on_other_base_weights_is_refused(data, tmp_path, monkeypatch):
     monkeypatch.setattr(server_app, "load_base", load_base)  # the run's own base: it goes on
     run(make_cfg(data, tmp_path, run_name="based", rounds=2, resume=True))
     assert _state(tmp_path, "based") == ("finished", ["adapter", "summary.json"], 2)
+
+
+def test_a_resume_whose_sites_lost_their_personal_parts_fails_naming_them(data, tmp_path):
+    # A site that finds no personal parts starts them afresh: a simulation resumed with another `home`
+    # (or a site's folder wiped) went on with fresh parts, its personalised Dice reported as the run's.
+    from server.server_app import RunFailed
+
+    run(make_cfg(data, tmp_path, run_name="mine", rounds=1, personal=("adapters.vision",)))
+    kept = sorted(tmp_path.glob("sites/**/runs/mine/personal/round-0001.safetensors"))
+    assert len(kept) == 3
+    for parts in kept:
+        parts.unlink()
+    with pytest.raises(RunFailed, match=r"personal parts: site-\d starts round 2 from none, but it trained round 1"):
+        run(make_cfg(data, tmp_path, run_name="mine", rounds=2, personal=("adapters.vision",), resume=True))
