@@ -330,6 +330,7 @@ def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
         if ignored:
             say("resume: the run's saved config governs every participant; this launch's values for "
                 + ", ".join(ignored) + " are ignored")
+        check_target_epsilon_kept(saved, cfg)
         last = records.last_complete_round()
         if cfg.rounds < last:  # the final stage (comparison epochs, personal parts) would not match the adapter
             raise ConfigError(f"run config 'rounds' = {cfg.rounds} but run '{cfg.run_name}' already has {last} "
@@ -355,6 +356,19 @@ def check_same_base(cfg: FederationConfig, before: str | None, now: str) -> None
         raise ConfigError(f"run config 'base': run '{cfg.run_name}' was trained on base weights with fingerprint "
                           f"{before}, but base '{cfg.base}' loads weights with fingerprint {now}; resume it with "
                           "the same base (a relative folder: from the same working directory)")
+
+
+def check_target_epsilon_kept(saved: FederationConfig, resumed: FederationConfig) -> None:
+    """Refuse to extend a run whose noise `dp-target-epsilon` calibrated for its planned rounds.
+
+    Each site fixes z at its first round for `rounds x local-epochs`; more rounds ran on with that z
+    and ended far above the target (8 became 15.7 going from 1 to 3 rounds) without a word.
+    """
+    if resumed.dp == "sample" and resumed.dp_target_epsilon > 0 and resumed.rounds > saved.rounds:
+        raise ConfigError(f"run config 'rounds' = {resumed.rounds}: run '{resumed.run_name}' calibrated its noise "
+                          f"for dp-target-epsilon = {resumed.dp_target_epsilon:g} over rounds = {saved.rounds}; "
+                          "more rounds would end above that epsilon. Resume it with rounds <= "
+                          f"{saved.rounds}, or start a new run planned for {resumed.rounds} rounds")
 
 
 def start_dashboard(cfg: FederationConfig) -> None:

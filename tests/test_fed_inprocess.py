@@ -315,3 +315,22 @@ def test_a_resume_whose_sites_lost_their_personal_parts_fails_naming_them(data, 
         parts.unlink()
     with pytest.raises(RunFailed, match=r"personal parts: site-\d starts round 2 from none, but it trained round 1"):
         run(make_cfg(data, tmp_path, run_name="mine", rounds=2, personal=("adapters.vision",), resume=True))
+
+
+@pytest.mark.parametrize(("dp", "rounds", "refused"), [("sample", 3, True), ("sample", 1, False), ("off", 3, False)])
+def test_a_run_calibrated_for_a_target_epsilon_is_not_extended(tmp_path, dp, rounds, refused):
+    # Its sites fixed z for the planned rounds: resumed with rounds 1 -> 3 it ended at epsilon 15.7, not 8.
+    from common.federation_config import ConfigError
+    from server.run_records import RunRecords
+    from server.server_app import open_run
+
+    dp_keys = {"dp": dp, "dp_target_epsilon": 8.0} if dp != "off" else {}
+    planned = FederationConfig(base="arch:tiny", home=str(tmp_path), run_name="dpt", rounds=1, **dp_keys)
+    RunRecords.create(planned.runs_dir, "dpt", planned.to_run_config())
+    resumed = planned.replace(rounds=rounds, resume=True)
+    if refused:
+        with pytest.raises(ConfigError, match=r"'rounds' = 3: run 'dpt' calibrated its noise for "
+                                              r"dp-target-epsilon = 8 over rounds = 1"):
+            open_run(resumed)
+    else:
+        open_run(resumed).claim.close()
