@@ -290,6 +290,8 @@ def train(msg: Message, context: Context) -> Message:
                           f"the run asks for dp = {cfg.dp!r}; this site's node config sets dp-require or "
                           "dp-site-budget, so it sends no update that is not sample-level DP")
     shared_in, bytes_down = _received(msg)
+    # Which round's personal parts this round starts from: the server refuses a site that lost them.
+    personal_from = site.personal_round(run_name, server_round, _run_id(msg)) if cfg.personal else None
     with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round, _run_id(msg))) as model:
         # The update's reference: the shared adapter this site starts from (the
         # global one it received, or the common initial one if none was sent).
@@ -354,6 +356,7 @@ def train(msg: Message, context: Context) -> Message:
         "payload-bytes-down": bytes_down,
         "payload-bytes-up": payload_bytes(wire),
         "site-rounds-trained": _bump_rounds_trained(context),
+        **({} if personal_from is None else {"personal-from": personal_from}),
         "handler-seconds": time.time() - start,
         **privacy,
         **_runtime_metrics(start),

@@ -259,15 +259,20 @@ class Site:
         """The latest personal parts saved before `before_round` ({} if none yet, or the run keeps none)."""
         if not self.cfg.personal:  # a run without personal parts starts every round from the global adapter
             return {}
+        latest = self.personal_round(run_name, before_round, run_id)
+        if not latest:
+            return {}
+        state = load_file(str(self.personal_dir(run_name, run_id) / f"round-{latest:04d}.safetensors"))
+        return split_personal(state, self.cfg.personal)[1]  # only what this run keeps personal
+
+    def personal_round(self, run_name: str, before_round: int, run_id: str = "") -> int:
+        """The round of the personal parts `load_personal` takes (0: none). Sent with each train reply,
+        so that the server sees parts lost since the site last trained (`check_personal_kept`)."""
         folder = self.personal_dir(run_name, run_id)
         if not folder.is_dir():
-            return {}
+            return 0
         rounds = [int(m.group(1)) for p in folder.iterdir() if (m := _PERSONAL_FILE.match(p.name))]
-        earlier = [r for r in rounds if r < before_round]
-        if not earlier:
-            return {}
-        state = load_file(str(folder / f"round-{max(earlier):04d}.safetensors"))
-        return split_personal(state, self.cfg.personal)[1]  # only what this run keeps personal
+        return max((r for r in rounds if r < before_round), default=0)
 
     def save_personal(self, run_name: str, server_round: int, state: Mapping[str, torch.Tensor],
                       run_id: str = "") -> None:

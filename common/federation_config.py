@@ -205,6 +205,10 @@ class FederationConfig:
         for key in ("base", "data"):
             if not getattr(self, key).strip():
                 raise bad(_key(key), f"must not be empty (default {getattr(type(self), key)!r})")
+        if self.data != "demo":
+            # Saved absolute: config.json is what a resume reads, and a relative folder resolved
+            # again from another working directory partitioned other data under the same records.
+            object.__setattr__(self, "data", str(Path(self.data).expanduser().resolve()))
         from common.data.synth import IMAGE_SIZE_RANGE, MIN_PER_SITE  # the demo's data: what synthesize takes
 
         if not IMAGE_SIZE_RANGE[0] <= self.demo_image_size <= IMAGE_SIZE_RANGE[1]:

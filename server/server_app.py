@@ -72,6 +72,7 @@ from server.write_behind import WriteBehind
 app = ServerApp()
 
 SIMULATED_SITES = "simulated_sites"  # run meta: a simulated run's site count (a resume must keep it)
+BASE_FINGERPRINT = "base_fingerprint"  # run meta: the frozen base's weights (a resume must load the same)
 
 
 @app.main()
@@ -143,6 +144,8 @@ def _run(
     frozen = load_base(cfg.base)
     say(f"base '{cfg.base}' loaded in {time.perf_counter() - t:.2f}s on the server")
     model = cfg.initial_model(frozen)
+    if cfg.resume:
+        check_same_base(cfg, records.read_meta().get(BASE_FINGERPRINT), model.base_fingerprint)
     try:
         check_personal_prefixes(model.adapter_names(), cfg.personal)
     except PayloadError as err:  # a refused config (`fedvlsm simulate`: exit 2), not a failed run
@@ -164,6 +167,7 @@ def _run(
                               f"{len(nodes)}: the partition (and the demo data) would differ; resume it with "
                               f"{before} sites (fedvlsm simulate: --num-sites {before}, or none)")
     records.set_meta({"trainable_parameters": counts["trainable"], "base_parameters": base_parameters,
+                      BASE_FINGERPRINT: model.base_fingerprint,
                       **({SIMULATED_SITES: len(nodes)} if simulation else {})})
     hooks.before_rounds(grid, cfg, nodes)
     check_min_replies(cfg, len(nodes), simulation=simulation)
@@ -188,6 +192,8 @@ def _run(
     run_id = records.run_id  # sites key this run's personal parts by it
     # Sample level: the most DP-SGD steps each site has reported in this run (a resume: from its records).
     steps_seen = dp_steps_seen(records.read_rounds()) if cfg.dp == "sample" else None
+    # Personal parts: the last round each site trained in this run (a resume: from its records).
+    personal_seen = personal_rounds_seen(records.read_rounds()) if cfg.personal else None
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)
@@ -204,7 +210,8 @@ def _run(
                     break
             global_arrays, record, ahead = run_round(grid, strategy, cfg, server_round, global_arrays, set(shared),
                                                      names, ahead, since=round_end, on_release=on_release,
-                                                     run_id=run_id, steps_seen=steps_seen)
+                                                     run_id=run_id, steps_seen=steps_seen,
+                                                     personal_seen=personal_seen)
             # The next round's clock starts here: what the server does until
             # then (the strategy's state, the copies handed to the writer) is in its time.
             round_end = time.perf_counter()
@@ -323,6 +330,7 @@ def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
         if ignored:
             say("resume: the run's saved config governs every participant; this launch's values for "
                 + ", ".join(ignored) + " are ignored")
+        check_target_epsilon_kept(saved, cfg)
         last = records.last_complete_round()
         if cfg.rounds < last:  # the final stage (comparison epochs, personal parts) would not match the adapter
             raise ConfigError(f"run config 'rounds' = {cfg.rounds} but run '{cfg.run_name}' already has {last} "
@@ -335,6 +343,32 @@ def _open_claimed_run(cfg: FederationConfig, given: set[str] | None
         return records, cfg, last + 1, (new_config if new_config != records.read_config() else None), checkpoint
     records = RunRecords.create(cfg.runs_dir, cfg.run_name, cfg.to_run_config())
     return records, cfg, 1, None, None
+
+
+def check_same_base(cfg: FederationConfig, before: str | None, now: str) -> None:
+    """Refuse to resume on other base weights than the run's rounds so far were trained on.
+
+    The `base` key alone does not say: a relative folder resolved from another working directory (or
+    a folder or hub model changed since) loaded other weights, and the run went on with config.json
+    naming the same base and final/ naming the new one. A run recorded before this check: unchecked.
+    """
+    if before is not None and before != now:
+        raise ConfigError(f"run config 'base': run '{cfg.run_name}' was trained on base weights with fingerprint "
+                          f"{before}, but base '{cfg.base}' loads weights with fingerprint {now}; resume it with "
+                          "the same base (a relative folder: from the same working directory)")
+
+
+def check_target_epsilon_kept(saved: FederationConfig, resumed: FederationConfig) -> None:
+    """Refuse to extend a run whose noise `dp-target-epsilon` calibrated for its planned rounds.
+
+    Each site fixes z at its first round for `rounds x local-epochs`; more rounds ran on with that z
+    and ended far above the target (8 became 15.7 going from 1 to 3 rounds) without a word.
+    """
+    if resumed.dp == "sample" and resumed.dp_target_epsilon > 0 and resumed.rounds > saved.rounds:
+        raise ConfigError(f"run config 'rounds' = {resumed.rounds}: run '{resumed.run_name}' calibrated its noise "
+                          f"for dp-target-epsilon = {resumed.dp_target_epsilon:g} over rounds = {saved.rounds}; "
+                          "more rounds would end above that epsilon. Resume it with rounds <= "
+                          f"{saved.rounds}, or start a new run planned for {resumed.rounds} rounds")
 
 
 def start_dashboard(cfg: FederationConfig) -> None:
@@ -403,6 +437,7 @@ def run_round(
     on_release: Callable[[int], None] | None = None,
     run_id: str = "",
     steps_seen: dict[str, int] | None = None,
+    personal_seen: dict[str, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainAhead | None]:
     """One federated round: the new global adapter (fp32), the round's record, the next round's pushed messages.
 
@@ -415,6 +450,8 @@ def run_round(
     message carries it to a site (client-level DP journals its release there).
     `steps_seen`: sample-level DP, the most DP-SGD steps each site has reported in this run
     (`dp_steps_seen`); checked and updated before anything is aggregated (`check_accountants_kept`).
+    `personal_seen`: personal parts, the last round each site trained (`personal_rounds_seen`);
+    checked and updated likewise (`check_personal_kept`).
     """
     names = names or SiteNames()
     start = time.perf_counter()
@@ -433,6 +470,8 @@ def run_round(
     sites = {names.of(reply): _train_row(reply, wire, down, cfg) for reply, _, wire in accepted}
     if steps_seen is not None:
         check_accountants_kept(server_round, [*sites.items(), *((e["site"], e) for e in excluded)], steps_seen)
+    if personal_seen is not None:
+        check_personal_kept(server_round, sites, personal_seen)
     for reply, update, _ in accepted:
         # Sites send updates (local - global), decoded once by the checks;
         # Flower's strategies (and DP wrappers) aggregate weights: hand them
@@ -538,6 +577,38 @@ def dp_steps_seen(rounds: Iterable[dict[str, Any]]) -> dict[str, int]:
             if name and isinstance(steps, int):
                 seen[name] = max(seen.get(name, 0), steps)
     return seen
+
+
+def personal_rounds_seen(rounds: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The last round each site trained with personal parts in these round records (accepted rows)."""
+    seen: dict[str, int] = {}
+    for record in rounds:
+        for name, row in record.get("sites", {}).items():
+            if isinstance(row.get("personal_from"), int):
+                seen[name] = max(seen.get(name, 0), int(record["round"]))
+    return seen
+
+
+def check_personal_kept(server_round: int, sites: dict[str, dict[str, Any]], seen: dict[str, int]) -> None:
+    """RunFailed if a site started this round from older personal parts than it saved when it last
+    trained; else record this round in `seen` for each site.
+
+    A site saves its personal parts every round it trains, and finding none it starts them afresh
+    without a word: its folder lost or replaced (a simulation resumed with another `home`, a new
+    --site-dir) made the rest of the run, and its personalised Dice, those of fresh parts.
+    """
+    for name, row in sites.items():
+        start = row.get("personal_from")
+        if isinstance(start, int) and start < seen.get(name, 0):
+            raise RunFailed(
+                f"personal parts: {name} starts round {server_round} from "
+                f"{f'round {start}' if start else 'none'}, but it trained round {seen[name]} of this run: its "
+                "personal parts (<site-dir>/runs/<run-name>/personal) were lost or replaced; restore them "
+                "(a simulation: resume with the run's own 'home'), or start a new run-name"
+            )
+    for name, row in sites.items():
+        if isinstance(row.get("personal_from"), int):
+            seen[name] = server_round
 
 
 def check_accountants_kept(server_round: int, rows: list[tuple[str, dict[str, Any]]], seen: dict[str, int]) -> None:
@@ -940,6 +1011,7 @@ def _train_row(reply: Message, wire: dict[str, np.ndarray], down: dict[int, int]
         "process_messages": _int_or_none(m.get("process-messages")),
         "handler_seconds": m.get("handler-seconds"),
         "served_by_worker": bool(m.get("served-by-worker", 0.0)),
+        "personal_from": _int_or_none(m.get("personal-from")),  # personal parts: the round they came from
         "forward_seconds": m.get("forward-seconds"),
         # Sample-level DP: the site's own accountant (all its DP-SGD steps in this run).
         **privacy_record(m),

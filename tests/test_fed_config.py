@@ -142,3 +142,28 @@ def test_a_personal_prefix_typo_is_a_config_refusal(tmp_path):
     cfg = FederationConfig(base="arch:tiny", personal=("adapters.visoin",), home=str(tmp_path), run_name="typo")
     with pytest.raises(ConfigError, match="'personal': prefix 'adapters.visoin' matches no adapter tensor"):
         run_federation(None, cfg)  # refused before the grid is used
+
+
+@pytest.mark.parametrize("given", [{}, {"data": "mydata"}])
+def test_a_resume_from_another_directory_partitions_the_run_s_own_data(tmp_path, monkeypatch, given):
+    """A relative `data` is saved absolute: resumed from another working directory it named (and
+    partitioned) that directory's 'mydata' while config.json still said 'mydata'."""
+    import json
+
+    from simulations.simulate import resume_config
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    for folder in (first, other):
+        (folder / "mydata").mkdir(parents=True)
+    monkeypatch.chdir(first)
+    cfg = FederationConfig.from_run_config({"home": str(tmp_path / "home"), "run-name": "r", "data": "mydata"})
+    (cfg.runs_dir / "r").mkdir(parents=True)
+    (cfg.runs_dir / "r" / "config.json").write_text(json.dumps(cfg.to_run_config()))
+    monkeypatch.chdir(other)
+    overrides = {"home": str(tmp_path / "home"), "run-name": "r", "resume": True, **given}
+    launch = FederationConfig.from_run_config(overrides)
+    if not given:  # the documented resume: the run's own data, wherever it is launched from
+        assert resume_config(launch, overrides).data_dir(3) == first / "mydata"
+    else:  # the same words naming other data: refused, naming the key and both folders
+        with pytest.raises(ConfigError, match=rf"'data'.*{first / 'mydata'}.*{other / 'mydata'}"):
+            resume_config(launch, overrides)

@@ -274,3 +274,63 @@ def test_a_simulated_run_resumes_only_with_its_own_number_of_sites(data, tmp_pat
     assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 1)
     run(make_cfg(data, tmp_path, run_name="four", rounds=2, partition="iid", resume=True), sites=4)
     assert _state(tmp_path, "four") == ("finished", ["adapter", "summary.json"], 2)
+
+
+def test_a_resume_on_other_base_weights_is_refused(data, tmp_path, monkeypatch):
+    # A relative base folder resumed from another working directory loaded other weights under the
+    # same `base` key: round 2 trained on them, final/ named the new folder, config.json the old name.
+    import torch
+
+    from common.bases import load_base
+    from common.federation_config import ConfigError
+    from server import server_app
+
+    run(make_cfg(data, tmp_path, run_name="based", rounds=1))
+
+    def other_weights(spec):
+        base = load_base(spec)
+        with torch.no_grad():
+            next(base.model.parameters()).add_(0.01)
+        return base
+
+    monkeypatch.setattr(server_app, "load_base", other_weights)
+    with pytest.raises(ConfigError, match=r"'base': run 'based' was trained on base weights with fingerprint \w+, "
+                                          r"but base 'arch:tiny' loads weights with fingerprint \w+"):
+        run(make_cfg(data, tmp_path, run_name="based", rounds=2, resume=True))
+    assert _state(tmp_path, "based") == ("finished", ["adapter", "summary.json"], 1)
+    monkeypatch.setattr(server_app, "load_base", load_base)  # the run's own base: it goes on
+    run(make_cfg(data, tmp_path, run_name="based", rounds=2, resume=True))
+    assert _state(tmp_path, "based") == ("finished", ["adapter", "summary.json"], 2)
+
+
+def test_a_resume_whose_sites_lost_their_personal_parts_fails_naming_them(data, tmp_path):
+    # A site that finds no personal parts starts them afresh: a simulation resumed with another `home`
+    # (or a site's folder wiped) went on with fresh parts, its personalised Dice reported as the run's.
+    from server.server_app import RunFailed
+
+    run(make_cfg(data, tmp_path, run_name="mine", rounds=1, personal=("adapters.vision",)))
+    kept = sorted(tmp_path.glob("sites/**/runs/mine/personal/round-0001.safetensors"))
+    assert len(kept) == 3
+    for parts in kept:
+        parts.unlink()
+    with pytest.raises(RunFailed, match=r"personal parts: site-\d starts round 2 from none, but it trained round 1"):
+        run(make_cfg(data, tmp_path, run_name="mine", rounds=2, personal=("adapters.vision",), resume=True))
+
+
+@pytest.mark.parametrize(("dp", "rounds", "refused"), [("sample", 3, True), ("sample", 1, False), ("off", 3, False)])
+def test_a_run_calibrated_for_a_target_epsilon_is_not_extended(tmp_path, dp, rounds, refused):
+    # Its sites fixed z for the planned rounds: resumed with rounds 1 -> 3 it ended at epsilon 15.7, not 8.
+    from common.federation_config import ConfigError
+    from server.run_records import RunRecords
+    from server.server_app import open_run
+
+    dp_keys = {"dp": dp, "dp_target_epsilon": 8.0} if dp != "off" else {}
+    planned = FederationConfig(base="arch:tiny", home=str(tmp_path), run_name="dpt", rounds=1, **dp_keys)
+    RunRecords.create(planned.runs_dir, "dpt", planned.to_run_config())
+    resumed = planned.replace(rounds=rounds, resume=True)
+    if refused:
+        with pytest.raises(ConfigError, match=r"'rounds' = 3: run 'dpt' calibrated its noise for "
+                                              r"dp-target-epsilon = 8 over rounds = 1"):
+            open_run(resumed)
+    else:
+        open_run(resumed).claim.close()
