@@ -61,13 +61,12 @@ def _failed(msg: Message, context: Context, err: Exception) -> Message:
 
     reason = public_reason("clientapp", err)
     details = traceback.format_exc()
-    where: object = "this console"
-    try:  # the site's log, where the reason says the details are (as the handlers' failures go)
-        from client.handlers import _log_locally
-
-        where = _log_locally(msg, context, f"[clientapp] {reason}\n{details}")
-    except Exception:  # noqa: BLE001 - e.g. the handlers themselves fail to import: the console then
-        pass
+    try:
+        from client.handlers import log_at_site
+    except Exception:  # noqa: BLE001 - the handlers themselves cannot be imported: the console holds the details
+        where: object = "this console"
+    else:  # the site's log, where the reason says the details are (as the handlers' failures go)
+        where = log_at_site(msg, context, f"[clientapp] {reason}\n{details}")
     # This process's console (the SuperNode's, or a simulation actor's) says where they went, or holds them.
     if where == "this console":
         log(logging.WARNING, "[fedvlsm site] %s\n%s", reason, details)

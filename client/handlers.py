@@ -170,7 +170,7 @@ def site_log_path(msg: Message, context: Context) -> Path:
         return home / "sites" / sites.local_folder_name(node) / "logs" / "site.log"
 
 
-def _log_locally(msg: Message, context: Context, text: str) -> Path | str:
+def log_at_site(msg: Message, context: Context, text: str) -> Path | str:
     """Append `text` to the site's log; where it went (or why it could not be written, for the console)."""
     try:
         path = site_log_path(msg, context)
@@ -194,7 +194,7 @@ def served(phase: str) -> Callable[[Handler], Handler]:
             except Exception as err:  # noqa: BLE001 - every failure must become a safe reply
                 reason = public_reason(phase, err)
                 detail = err.detail if isinstance(err, SiteRefusal) else traceback.format_exc()
-                where = _log_locally(msg, context, f"[{phase}] {reason}\n{detail}")
+                where = log_at_site(msg, context, f"[{phase}] {reason}\n{detail}")
                 log(WARNING, "[fedvlsm site] %s failed: %s (details: %s)", phase, reason, where)
                 return error_reply(msg, context, reason)
 

@@ -187,13 +187,22 @@ def _end(seen: dict[int, float], driver_pid: int, driver_started: float, raylets
     for p in list(procs):
         with contextlib.suppress(psutil.Error):
             procs.extend(c for c in p.children(recursive=True) if c not in procs)
+    _kill(procs)
     for sweep in range(2):  # twice: a worker caught mid-exec has no command line to read for a moment
         if sweep:
             time.sleep(STRAY_SWEEP_GAP_S)
-        procs.extend(p for p in _strays(driver_pid, driver_started, raylets, ray_dir, me) if p not in procs)
-        for p in procs:  # no wait: a SIGKILL cannot be refused, and their parent (or init) reaps them
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        new = [p for p in _strays(driver_pid, driver_started, raylets, ray_dir, me) if p not in procs]
+        _kill(new)
+        procs.extend(new)
+
+
+def _kill(procs: list) -> None:
+    """SIGKILL without waiting: it cannot be refused, and their parent (or init) reaps them."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def watch(driver_pid: int, ray_dir: str) -> None:

@@ -86,11 +86,11 @@ class SessionLog:
 
 
 def kill_simulate_when(tmp_path, ready, poll_s: float, then_wait_for=(), then_wait_s: float = 0.0,
-                       settle_s: float = 0.0) -> None:
+                       settle_s: float = 0.0) -> tuple[list[str], list[psutil.Process], str]:
     """Start `fedvlsm simulate` (in a session of its own, with more rounds than it can run here), SIGKILL it
     once `ready(processes of its session, its output so far)` holds (then, for at most `then_wait_s` more, until all of
-    `then_wait_for` run, then `settle_s`), and assert that within 10 s nothing of its session is left and
-    its watcher has ended."""
+    `then_wait_for` run, then `settle_s`). Returns what of its session is left 10 s after, the watchers
+    left 5 s later, and the timeline of what had run (for the message)."""
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([FEDVLSM, "simulate", "--run-config", "simulations/configs/quick.toml",
@@ -111,10 +111,8 @@ def kill_simulate_when(tmp_path, ready, poll_s: float, then_wait_for=(), then_wa
         time.sleep(settle_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        left = wait_until_gone(lambda: session_of(sid), 10)
-        assert not left, f"left running 10 s after the driver's SIGKILL: {described(left)}\nseen:\n{seen}"
-        # The watcher ends with them.
-        assert not wait_until_gone(lambda: watchers_of(sid), 5)
+        left = described(wait_until_gone(lambda: session_of(sid), 10))
+        return left, wait_until_gone(lambda: watchers_of(sid), 5), str(seen)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sid, signal.SIGKILL)
@@ -132,9 +130,11 @@ def test_a_simulate_killed_with_sigkill_leaves_no_ray_process(tmp_path):
     agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
     # Ready: the raylet runs and a round is done (by the run's output, not by Ray's process titles: CI's
     # run of the earlier version never showed the agents' titles before its run ended).
-    kill_simulate_when(
+    left, watchers, seen = kill_simulate_when(
         tmp_path, lambda procs, out: any("raylet" in p for p in procs) and "round 1/" in out,
         poll_s=0.1, then_wait_for=agents, then_wait_s=60, settle_s=2 * POLL_S)
+    assert not left, f"left running 10 s after the driver's SIGKILL: {left}\nseen:\n{seen}"
+    assert not watchers  # the watcher ends with them
 
 
 def test_a_simulate_killed_as_ray_starts_a_worker_leaves_no_ray_process(tmp_path):
@@ -142,7 +142,10 @@ def test_a_simulate_killed_as_ray_starts_a_worker_leaves_no_ray_process(tmp_path
     importing, hung from init for more than 10 s; the watcher's last sweep finds it by its raylet."""
     # (Within half a second the worker names itself `ray::IDLE`: the kill follows the sight at once.)
     worker_scripts = ("workers/default_worker.py", "workers/setup_worker.py")
-    kill_simulate_when(tmp_path, lambda procs, _: any(w in p for p in procs for w in worker_scripts), poll_s=0.02)
+    left, watchers, seen = kill_simulate_when(
+        tmp_path, lambda procs, _: any(w in p for p in procs for w in worker_scripts), poll_s=0.02)
+    assert not left, f"left running 10 s after the driver's SIGKILL: {left}\nseen:\n{seen}"
+    assert not watchers
 
 
 DRIVER = """
