@@ -73,7 +73,6 @@ from common.payload import (
     to_torch,
     update_of,
 )
-from common.site_policy import SitePolicy, SitePolicyError
 from common.site_errors import SiteRefusal, public_reason
 from common.train import fit
 
@@ -272,19 +271,11 @@ def _bump_rounds_trained(context: Context) -> int:
     return int(record["rounds-trained"])
 
 
-def _site_policy(context: Context) -> SitePolicy:
-    """The site's own privacy terms from its node config (common/site_policy.py)."""
-    try:
-        return SitePolicy.from_node_config(context.node_config)
-    except SitePolicyError as err:
-        raise SiteRefusal("site config: a privacy setting is not usable", str(err)) from err
-
-
 @served("train")
 def train(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg, site, frozen, server_round, run_name = _setup(msg, context)
-    policy = _site_policy(context)
+    policy = site.policy
     if policy.demands_dp and cfg.dp != "sample":
         raise SiteRefusal("site policy: this site trains only with dp = 'sample'",
                           f"the run asks for dp = {cfg.dp!r}; this site's node config sets dp-require or "
@@ -410,7 +401,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         "dice-global": dice(site.model(frozen, shared_in)),
         "dice-personal": dice(personal_model),
     }
-    if cfg.finetune_epochs and _site_policy(context).demands_dp:
+    if cfg.finetune_epochs and site.policy.demands_dp:
         # Fine-tuning is plain SGD on the training images: a site whose own terms demand DP
         # never trains without it, whatever the run asks (the comparison falls back to dice-personal).
         log(WARNING, "[fedvlsm site] finetune-epochs = %s skipped: this site's node config sets dp-require "
@@ -428,7 +419,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
 def train_local_only(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg, site, frozen, _, _ = _setup(msg, context)
-    if _site_policy(context).demands_dp:
+    if site.policy.demands_dp:
         # A local-only adapter is trained without DP-SGD and charged to no accountant: a site whose
         # own terms demand DP refuses it like any other training that is not sample-level DP.
         raise SiteRefusal("site policy: this site trains only with dp = 'sample'",

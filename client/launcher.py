@@ -48,7 +48,15 @@ from typing import TYPE_CHECKING
 from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
 from common.site_errors import default_site_name
-from common.site_policy import NODE_DP_REQUIRE, NODE_DP_SITE_BUDGET, NODE_DP_SITE_DELTA, SitePolicy, SitePolicyError
+from common.site_policy import (
+    DEFAULT_MIN_FIGURE_IMAGES,
+    NODE_DP_REQUIRE,
+    NODE_DP_SITE_BUDGET,
+    NODE_DP_SITE_DELTA,
+    NODE_MIN_FIGURE_IMAGES,
+    SitePolicy,
+    SitePolicyError,
+)
 
 if TYPE_CHECKING:  # imported where used: this module stays light for the CLI
     import psutil
@@ -116,6 +124,9 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                         "run composed); implies --dp-require; 0: none (each run's dp-epsilon-budget only)")
     s.add_argument("--dp-site-delta", type=float, default=None,
                    help=f"the delta of --dp-site-budget (default: {DEFAULT_SITE_DELTA:g})")
+    s.add_argument("--min-figure-images", type=int, default=DEFAULT_MIN_FIGURE_IMAGES,
+                   help="serve no split (train, val, test) with fewer images: replies carry each split's mean "
+                        "loss or Dice, which over one image is that image's value (at least 2)")
     s.set_defaults(func=cmd_site_start)
 
 
@@ -193,7 +204,25 @@ def _policy_node_config(args: argparse.Namespace) -> dict[str, str]:
         out[NODE_DP_SITE_BUDGET] = repr(float(args.dp_site_budget))
         delta = DEFAULT_SITE_DELTA if args.dp_site_delta is None else args.dp_site_delta
         out[NODE_DP_SITE_DELTA] = repr(float(delta))
+    if args.min_figure_images != DEFAULT_MIN_FIGURE_IMAGES:
+        out[NODE_MIN_FIGURE_IMAGES] = str(args.min_figure_images)
     return out
+
+
+def small_splits(data: Path, minimum: int) -> list[str]:
+    """`split (n image(s))` for each of the data's splits that lists fewer than `minimum` images.
+
+    Said at start rather than by a refusal in round 1. Splits that cannot be listed are left to the
+    site's data check, which every message runs and which says what is wrong with them.
+    """
+    from common.data.formats import scan_split  # not torch: this process stays light
+
+    small = []
+    for split in ("train", "val", "test"):
+        items, problems = scan_split(data, split)
+        if not problems and len(items) < minimum:
+            small.append(f"{split} ({len(items)} image(s))")
+    return small
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
@@ -226,6 +255,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         SitePolicy.from_node_config(_policy_node_config(args))
     except SitePolicyError as err:
         return re.sub(r"node config '([a-z-]+)'", r"--\1", str(err))  # the option, as the user typed it
+    small = small_splits(Path(args.data).expanduser(), args.min_figure_images)
+    if small:
+        return (f"--data: {', '.join(small)} below --min-figure-images {args.min_figure_images}: this site's "
+                "replies carry each split's mean loss or Dice, and it sends none over so few images")
     if args.compile not in ("", "off"):  # said here, before anything starts (the worker checks it too)
         from client.worker import compile_problem
 

@@ -49,6 +49,7 @@ from common.adapters.baselines import MUTATING
 from common.model import AdaptedCLIPSeg
 from common.payload import split_personal
 from common.site_errors import SiteRefusal, default_site_name
+from common.site_policy import SitePolicy, SitePolicyError
 
 # The per-process cache. A module global on purpose: it is exactly the
 # thing that must outlive one ClientApp object (and nothing else lives here).
@@ -110,6 +111,7 @@ class Site:
         _STATS["process-messages"] += 1
         self.cfg = cfg
         self.identity = SiteIdentity.from_node_config(node_config, cfg)
+        self._node_config = node_config
         self._items: dict[str, list[Item]] | None = None
         self._sim_root: Path | None = None
         self._sim_folders: list[Path] | None = None
@@ -123,6 +125,14 @@ class Site:
     @property
     def site_dir(self) -> Path:
         return self.identity.site_dir
+
+    @property
+    def policy(self) -> SitePolicy:
+        """The site's own terms from its node config (common/site_policy.py)."""
+        try:
+            return SitePolicy.from_node_config(self._node_config)
+        except SitePolicyError as err:
+            raise SiteRefusal("site config: a privacy setting is not usable", str(err)) from err
 
     # ------------------------------------------------------------------ data
     def items(self, split: str) -> list[Item]:
@@ -223,14 +233,28 @@ class Site:
         self._checked = tuple(fingerprints)
 
     def dataset(self, split: str, frozen: Base, train: bool, seed: int = 0) -> SegDataset:
+        items = self.items(split)
+        self._refuse_small_split(split, len(items))
         return SegDataset(
-            self.items(split),
+            items,
             frozen.image_size,
             train=train,
             prompt_index=None if train else TrainConfig.eval_prompt_index,
             seed=seed,
             cache_dir=self.site_dir / "cache",
         )
+
+    def _refuse_small_split(self, split: str, count: int) -> None:
+        """A deployed site serves no split smaller than its `min-figure-images`.
+
+        Every reply carries a split's mean (train loss, validation Dice and loss, test Dice): over
+        one image that is the image's own value. A simulation's sites are partitions of data the
+        server process holds anyway, so only a deployed site (one with a data-path) refuses.
+        """
+        minimum = self.policy.min_figure_images
+        if self.identity.data_path is not None and count < minimum:
+            raise SiteRefusal(f"site policy: the {split} split has {count} image(s), fewer than this site's "
+                              f"min-figure-images ({minimum}); it sends no figure over so few")
 
     # --------------------------------------------------------- personal parts
     def personal_dir(self, run_name: str, run_id: str = "") -> Path:

@@ -1,10 +1,12 @@
 """A site's own privacy terms: set by the hospital in its node config, not by a run.
 
-`fedvlsm site start --dp-require / --dp-site-budget EPS / --dp-site-delta D`
-put them in the SuperNode's node config; the train handler refuses any run
-that is not sample-level DP when either is set, and `common.privacy.fit_private`
-keeps the epsilon of all the site's runs together within the budget. No
-torch here: the site launcher checks the values before it starts anything.
+`fedvlsm site start --dp-require / --dp-site-budget EPS / --dp-site-delta D /
+--min-figure-images N` put them in the SuperNode's node config; the train
+handler refuses any run that is not sample-level DP when either of the first
+two is set, `common.privacy.fit_private` keeps the epsilon of all the site's
+runs together within the budget, and a deployed site serves no split with
+fewer than N images. No torch here: the site launcher checks the values
+before it starts anything.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ class SitePolicyError(ValueError):
 NODE_DP_REQUIRE = "dp-require"
 NODE_DP_SITE_BUDGET = "dp-site-budget"
 NODE_DP_SITE_DELTA = "dp-site-delta"
+# `fedvlsm site start --min-figure-images N`: the fewest images any figure a deployed site sends
+# (a split's Dice or loss) may cover. A mean over one image is that image's value.
+NODE_MIN_FIGURE_IMAGES = "min-figure-images"
+# The default, as small-number suppression in health statistics (cells under 5 withheld); 2 is the
+# floor: below it a figure is one image's own value, whatever the hospital sets.
+DEFAULT_MIN_FIGURE_IMAGES = 5
+MIN_FIGURE_IMAGES_FLOOR = 2
+MIN_FIGURE_IMAGES_CEILING = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class SitePolicy:
     require_dp: bool = False
     budget: float = 0.0  # epsilon over every run on this site's data (0: none)
     delta: float = 1e-5
+    # A deployed site's every split (train, val, test) must hold at least this many images: its
+    # replies carry each split's mean loss or Dice, which for one image is that image's value.
+    min_figure_images: int = DEFAULT_MIN_FIGURE_IMAGES
 
     @property
     def demands_dp(self) -> bool:
@@ -70,4 +83,19 @@ class SitePolicy:
                                   f"(0: none), got {budget}")
         if not 0.0 < delta < 1.0:
             raise SitePolicyError(f"node config '{NODE_DP_SITE_DELTA}': must be in (0, 1), got {delta}")
-        return cls(require, budget, delta)
+        return cls(require, budget, delta, _min_figure_images(node_config))
+
+
+def _min_figure_images(node_config: Mapping[str, Any]) -> int:
+    raw = node_config.get(NODE_MIN_FIGURE_IMAGES, DEFAULT_MIN_FIGURE_IMAGES)
+    low, high = MIN_FIGURE_IMAGES_FLOOR, MIN_FIGURE_IMAGES_CEILING
+    value = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.strip().isdigit():  # Flower may hand a TOML string through
+        value = int(raw.strip())
+    if value is None or not low <= value <= high:
+        raise SitePolicyError(f"node config '{NODE_MIN_FIGURE_IMAGES}': expected a whole number of images in "
+                              f"[{low}, {high}] (below {low} a figure is one image's own value), got "
+                              f"{repr(raw) if value is None else value}")
+    return value

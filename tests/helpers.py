@@ -80,3 +80,8 @@ def make_medvlsm_dataset(root: Path, n: int = 6, size: tuple[int, int] = (24, 32
         records.append(medvlsm_record(name))
     cut = max(1, n - 2)
     return write_medvlsm(root, {"train": records[: cut], "val": records[cut : cut + 1], "test": records[cut + 1 :]})
+
+
+# A deployed site (one with a data-path) serves no split with fewer images than its
+# min-figure-images (default 5): the smallest synthetic site such tests use, 5 per split.
+DEPLOYED_SITE_DATA = {"per_site": 15, "splits": (1 / 3, 1 / 3, 1 / 3)}

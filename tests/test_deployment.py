@@ -79,9 +79,10 @@ class Deployment:
 
     def start(self) -> None:
         from common.data import synthesize
+        from helpers import DEPLOYED_SITE_DATA
         from server.certs import write_certs
 
-        synthesize(self.tmp / "data", sites=K, per_site=12, seed=0, image_size=64)
+        synthesize(self.tmp / "data", sites=K, seed=0, image_size=64, **DEPLOYED_SITE_DATA)
         write_certs(self.certs, ["127.0.0.1"], [f"hospital-{i}" for i in range(K)] + ["rogue"])
         self.spawn("superlink", [SUPERLINK, "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                                  "--ssl-certfile", str(self.certs / "server.pem"),

@@ -12,6 +12,7 @@ from common.data import synthesize
 from common.federation_config import FederationConfig
 from fed_harness import InProcessGrid
 from server.server_app import run_federation
+from helpers import DEPLOYED_SITE_DATA
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
@@ -37,7 +38,7 @@ class SiteLeavesAfterRound1(InProcessGrid):
 @pytest.mark.parametrize("min_replies, expect", [(2, "ok"), (3, "stalls")])
 def test_a_site_gone_for_good_does_not_stall_the_run_unless_min_replies_needs_it(tmp_path, min_replies, expect):
     data = tmp_path / "data"
-    synthesize(data, sites=3, per_site=9, seed=0, image_size=64)
+    synthesize(data, sites=3, seed=0, image_size=64, **DEPLOYED_SITE_DATA)
     node_configs = [{"data-path": str(p), "site-name": f"hospital-{k}", "site-dir": str(tmp_path / f"s{k}")}
                     for k, p in enumerate(sorted(p for p in data.iterdir() if p.is_dir()))]
     cfg = FederationConfig(base="arch:tiny", adapter="shallow-vlc", home=str(tmp_path / "h"), rounds=3,

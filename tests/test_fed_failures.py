@@ -22,6 +22,7 @@ from common.federation_config import ConfigError, FederationConfig
 from common.site_errors import default_site_name
 from fed_harness import InProcessGrid
 from server.server_app import RunFailed, run_federation, wait_for_sites
+from helpers import DEPLOYED_SITE_DATA
 
 SECRET = "patient-4711-doe"  # a file-name fragment that must never reach the server
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 def hospitals(tmp_path):
     """Three deployed-style sites (data-path node configs); site-1 has one corrupt training image."""
     root = tmp_path / "hospitals"
-    synthesize(root, sites=3, per_site=9, seed=0, image_size=64)
+    synthesize(root, sites=3, seed=0, image_size=64, **DEPLOYED_SITE_DATA)
     sites = sorted(p for p in root.iterdir() if p.is_dir())
     bad = sites[1]
     # synth writes the medvlsm layout: rename one training image (and its

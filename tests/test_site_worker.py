@@ -23,6 +23,7 @@ from common.data import synthesize
 from common.federation_config import FederationConfig
 from fed_harness import InProcessGrid
 from server.server_app import run_federation
+from helpers import DEPLOYED_SITE_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_the_worker_serves_rounds_and_runs_warm(worker, tmp_path):
     address, proc, _ = worker
     assert oct(os.stat(address.removeprefix("unix:")).st_mode & 0o777) == "0o600"
     data = tmp_path / "data"
-    synthesize(data, sites=2, per_site=9, seed=0, image_size=64)
+    synthesize(data, sites=2, seed=0, image_size=64, **DEPLOYED_SITE_DATA)
     node_configs = [{"data-path": str(data / f"site-{k}"), "site-name": f"h{k}", "site-dir": str(tmp_path / f"s{k}"),
                      "worker": address} for k in range(2)]
     home = tmp_path / "server"
@@ -136,7 +137,7 @@ def test_the_worker_survives_bad_messages_and_says_why(worker, tmp_path):
     from client.client_app import app
 
     data = tmp_path / "data"
-    synthesize(data, sites=1, per_site=9, seed=0, image_size=64)
+    synthesize(data, sites=1, seed=0, image_size=64, **DEPLOYED_SITE_DATA)
     node = {"data-path": str(data / "site-0"), "site-name": "h0", "site-dir": str(tmp_path / "s0"), "worker": address}
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
 
