@@ -56,10 +56,10 @@ from common.evaluate import evaluate as evaluate_model
 from common.federation_config import (
     NODE_DATA_PATH,
     NODE_SITE_DIR,
+    NODE_SITE_NAME,
     ConfigError,
     FederationConfig,
     SiteIdentity,
-    fedvlsm_home,
     is_run_name,
 )
 from common.model import build_model
@@ -74,6 +74,7 @@ from common.payload import (
     update_of,
 )
 from common.site_errors import SiteRefusal, public_reason
+from common.site_naming import default_site_dir, fedvlsm_home
 from common.train import fit
 
 # Seconds this process spent importing the handlers' dependencies (torch,
@@ -164,9 +165,11 @@ def site_log_path(msg: Message, context: Context) -> Path:
         node = context.node_config
         if node.get(NODE_SITE_DIR):  # the site's own folder, as its node config names it
             return Path(str(node[NODE_SITE_DIR])).expanduser() / "logs" / "site.log"
-        # A deployed site never takes the run's `home`: it names a folder on the server.
-        home = cfg.home_dir if cfg is not None and NODE_DATA_PATH not in node else fedvlsm_home()
-        return home / "sites" / sites.local_folder_name(node) / "logs" / "site.log"
+        if node.get(NODE_DATA_PATH):  # a deployed site never takes the run's `home`: a folder on the server
+            return default_site_dir(Path(str(node[NODE_DATA_PATH])), str(node.get(NODE_SITE_NAME, "") or "")) \
+                / "logs" / "site.log"
+        home = cfg.home_dir if cfg is not None else fedvlsm_home()
+        return home / "sites" / sites.site_name_for(node) / "logs" / "site.log"
 
 
 def log_at_site(msg: Message, context: Context, text: str) -> Path | str:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
-from common.site_errors import default_site_name
+from common.site_naming import default_site_dir, default_site_name
 from common.site_policy import (
     DEFAULT_MIN_FIGURE_IMAGES,
     NODE_DP_REQUIRE,
@@ -158,11 +158,6 @@ def _is_superexec(proc: psutil.Process) -> bool:
         return False
 
 
-def _fedvlsm_home() -> Path:
-    # common.federation_config.fedvlsm_home without its torch import (this process stays light).
-    return Path(os.environ.get("FEDVLSM_HOME", "") or "~/.fedvlsm").expanduser().resolve()
-
-
 def _say(text: str) -> None:
     print(f"[fedvlsm site] {text}", flush=True)
 
@@ -268,6 +263,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+class SiteStartError(Exception):
+    """The site cannot start: said in one line, exit 2."""
+
+
 class Site:
     """The two children and what to do when one of them stops."""
 
@@ -275,9 +274,13 @@ class Site:
         data = Path(args.data).expanduser().resolve()
         # The name goes into every reply, so never the data folder's own (it can say whose data it
         # is); the site's own folder may be named after it (it stays here).
-        self.name = args.site_name or default_site_name(data)
         self.site_dir = Path(args.site_dir).expanduser().resolve() if args.site_dir else (
-            _fedvlsm_home() / "sites" / (args.site_name or data.name))
+            default_site_dir(data, args.site_name))
+        try:
+            self.name = args.site_name or default_site_name(data, self.site_dir)
+        except (OSError, ValueError) as err:
+            raise SiteStartError(f"site folder {self.site_dir}: cannot read or make the site's pseudonym key "
+                                 f"(give --site-name, or fix the folder): {err}") from err
         self.socket = Path(args.socket).expanduser().resolve() if args.socket else self.site_dir / "worker.sock"
         self.logs = self.site_dir / "logs"
         self.args = args
@@ -470,7 +473,11 @@ def cmd_site_start(args: argparse.Namespace) -> int:
     if problem:
         print(f"fedvlsm site start: {problem}", file=sys.stderr)
         return 2
-    site = Site(args)
+    try:
+        site = Site(args)
+    except SiteStartError as err:
+        print(f"fedvlsm site start: {err}", file=sys.stderr)
+        return 2
 
     def on_signal(signum, frame):  # noqa: ARG001
         if not site.stopping:

@@ -41,6 +41,7 @@ from common.data.formats import Item
 from common.federation_config import (
     NODE_DATA_PATH,
     NODE_PARTITION_ID,
+    NODE_SITE_DIR,
     NODE_SITE_NAME,
     FederationConfig,
     SiteIdentity,
@@ -48,7 +49,8 @@ from common.federation_config import (
 from common.adapters.baselines import MUTATING
 from common.model import AdaptedCLIPSeg
 from common.payload import split_personal
-from common.site_errors import SiteRefusal, default_site_name
+from common.site_errors import SiteRefusal
+from common.site_naming import default_site_dir, default_site_name
 from common.site_policy import SitePolicy, SitePolicyError
 
 # The per-process cache. A module global on purpose: it is exactly the
@@ -88,15 +90,12 @@ def site_name_for(node_config: Mapping[str, Any]) -> str:
     if NODE_PARTITION_ID in node_config:
         return f"site-{int(node_config[NODE_PARTITION_ID])}"
     if node_config.get(NODE_DATA_PATH):  # as SiteIdentity names it: never the data folder's own name
-        return default_site_name(str(node_config[NODE_DATA_PATH]))
+        data = Path(str(node_config[NODE_DATA_PATH]))
+        try:
+            return default_site_name(data, node_config.get(NODE_SITE_DIR, "") or default_site_dir(data))
+        except (OSError, ValueError):  # no key to be had: a name that says nothing rather than none
+            return "unnamed-site"
     return "unnamed-site"
-
-
-def local_folder_name(node_config: Mapping[str, Any]) -> str:
-    """The name of the site's own folder under `$FEDVLSM_HOME/sites/` (as SiteIdentity picks it; stays home)."""
-    if node_config.get(NODE_DATA_PATH) and not node_config.get(NODE_SITE_NAME):
-        return Path(str(node_config[NODE_DATA_PATH])).expanduser().resolve().name
-    return site_name_for(node_config)
 
 
 def process_stats() -> dict[str, float]:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.adapters.spec import VARIANTS, AdapterSpec
 from common.config import MAX_LR, TrainConfig, TrainConfigError
-from common.site_errors import SiteRefusal, default_site_name
+from common.site_errors import SiteRefusal
+from common.site_naming import default_site_dir, default_site_name, fedvlsm_home
 
 if TYPE_CHECKING:  # torch, transformers: imported where a model is built, so a bad config is refused at once
     from common.bases import Base
@@ -77,17 +78,6 @@ NODE_NUM_PARTITIONS = "num-partitions"
 
 class ConfigError(ValueError):
     """A run/node config value that cannot be used; the message names the key."""
-
-
-def fedvlsm_home(configured: str = "") -> Path:
-    """Where runs, demo data and site folders live by default (absolute).
-
-    `home` key if set, else $FEDVLSM_HOME, else ~/.fedvlsm. Flower runs the
-    apps with the working directory of whoever started the SuperLink, so
-    nothing here may be relative to the current directory.
-    """
-    raw = configured or os.environ.get("FEDVLSM_HOME", "") or "~/.fedvlsm"
-    return Path(raw).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -476,9 +466,14 @@ class SiteIdentity:
             # A deployed site's own folders: `site-dir`, else its own
             # FEDVLSM_HOME (the server's `home` names a folder on the server).
             # Named after the data folder: that name stays home, the server gets a pseudonym.
-            site_dir = node_config.get(NODE_SITE_DIR, "") or fedvlsm_home() / "sites" / (name or data_path.name)
-            name = name or default_site_name(data_path)
-            return cls(name, None, None, data_path, Path(str(site_dir)).expanduser().resolve())
+            site_dir = Path(str(node_config.get(NODE_SITE_DIR, "") or default_site_dir(data_path, name)))
+            site_dir = site_dir.expanduser().resolve()
+            try:
+                name = name or default_site_name(data_path, site_dir)
+            except (OSError, ValueError) as err:  # the key names the site folder: its text stays home
+                raise SiteRefusal("site config: the site's pseudonym key cannot be read or made",
+                                  f"site folder {site_dir}: {err}") from err
+            return cls(name, None, None, data_path, site_dir)
         if NODE_PARTITION_ID in node_config:
             pid = int(node_config[NODE_PARTITION_ID])
             num = int(node_config.get(NODE_NUM_PARTITIONS, 0))

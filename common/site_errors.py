@@ -10,9 +10,6 @@ to the site's own log.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 
 class SiteRefusal(Exception):
     """The site cannot serve this message; `reason` may be sent, `detail` may not."""
@@ -30,14 +27,3 @@ def public_reason(phase: str, err: BaseException) -> str:
     # The class name (ValueError, RuntimeError, OutOfMemoryError...) says what
     # kind of failure it was; its message may quote file names or values.
     return f"{phase} failed: {type(err).__name__} (details in the site's log)"
-
-
-def default_site_name(data_path: str | Path) -> str:
-    """The name a site without a `site-name` sends: a pseudonym of its data folder, never the folder's name.
-
-    A folder's name can say whose data it is (`/data/st-marys-oncology`), and every reply
-    carries the site's name into the server's records. Stable (the same folder gives the same
-    name across restarts and runs), so a site's rows still line up from round to round.
-    """
-    digest = hashlib.sha256(str(Path(data_path).expanduser().resolve()).encode()).hexdigest()
-    return f"site-{digest[:8]}"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.federation_config import ConfigError, FederationConfig, SiteIdentity
-from common.site_errors import SiteRefusal, default_site_name
+from common.site_errors import SiteRefusal
+from common.site_naming import default_site_name
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -59,21 +60,23 @@ def test_personal_accepts_a_comma_list_and_home_is_absolute(tmp_path, monkeypatc
     assert FederationConfig().home_dir == (tmp_path / "envhome").resolve()
 
 
-def test_site_identity_from_deployment_and_simulation_node_configs(tmp_path):
-    cfg = FederationConfig(home=str(tmp_path))
+def test_site_identity_from_deployment_and_simulation_node_configs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path / "site-home"))
+    cfg = FederationConfig(home=str(tmp_path / "server-home"))
     data = tmp_path / "hospital-a"
     data.mkdir()
     site = SiteIdentity.from_node_config({"data-path": str(data)}, cfg)
     # Unnamed, a site sends a pseudonym of its data folder (stable), never the folder's name; its own
     # folder (it stays home) is still named after the data folder.
-    assert site.name == default_site_name(data) and re.fullmatch(r"site-[0-9a-f]{8}", site.name)
+    assert site.name == default_site_name(data, site.site_dir) and re.fullmatch(r"site-[0-9a-f]{8}", site.name)
+    assert site.site_dir == (tmp_path / "site-home" / "sites" / "hospital-a").resolve()
     assert site.data_path == data.resolve() and site.site_dir.is_absolute() and site.site_dir.name == "hospital-a"
     named = SiteIdentity.from_node_config({"data-path": str(data), "site-name": "h1", "site-dir": str(tmp_path / "s")}, cfg)
     assert (named.name, named.site_dir) == ("h1", (tmp_path / "s").resolve())
     sim = SiteIdentity.from_node_config({"partition-id": 2, "num-partitions": 3}, cfg)
     assert (sim.name, sim.partition_id, sim.num_partitions) == ("site-2", 2, 3)
     # A deployed site's folders are its own (its FEDVLSM_HOME), not the server's `home`.
-    assert not str(site.site_dir).startswith(str(tmp_path))
+    assert not str(site.site_dir).startswith(str(tmp_path / "server-home"))
     # Refusals: a short reason safe to send (no path), the path only in the local detail.
     missing = tmp_path / "missing-patient-1234"
     with pytest.raises(SiteRefusal) as err:

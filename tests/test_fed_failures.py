@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.data import synthesize
 from common.federation_config import ConfigError, FederationConfig
-from common.site_errors import default_site_name
+from common.site_naming import default_site_name
 from fed_harness import InProcessGrid
 from server.server_app import RunFailed, run_federation, wait_for_sites
 from helpers import DEPLOYED_SITE_DATA
@@ -144,7 +144,7 @@ def test_a_site_without_a_name_is_not_named_after_its_data_folder(hospitals):
     run_dir = tmp / "server" / "runs" / "visible"
     assert SECRET.encode() not in everything_the_server_saw(grid, run_dir)
     record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
-    assert sorted(record["sites"]) == sorted([default_site_name(folder), "hospital-2"])
+    assert sorted(record["sites"]) == sorted([default_site_name(folder, unnamed["site-dir"]), "hospital-2"])
 
 
 def test_a_deployed_site_refuses_a_run_that_caps_its_images(hospitals):

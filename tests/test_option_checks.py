@@ -246,14 +246,14 @@ def test_site_start_without_a_site_name_sends_no_data_folder_name(tmp_path, monk
     # named the hospital); the site's own folder may still be named after it, it stays home.
     from client.launcher import Site
     from common.cli import build_parser
-    from common.site_errors import default_site_name
+    from common.site_naming import default_site_name
 
     monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path / "home"))
     data = tmp_path / "st-marys-oncology"
     data.mkdir()
     args = build_parser().parse_args(["site", "start", "--superlink", "x:9092", "--data", str(data), "--insecure"])
     site = Site(args)
-    assert site.node_config["site-name"] == site.name == default_site_name(data)
+    assert site.node_config["site-name"] == site.name == default_site_name(data, site.site_dir)
     assert "st-marys" not in site.name
     assert site.site_dir == (tmp_path / "home" / "sites" / "st-marys-oncology").resolve()
     named = Site(build_parser().parse_args(["site", "start", "--superlink", "x:9092", "--data", str(data),
