@@ -75,6 +75,7 @@ from common.payload import (
 )
 from common.site_errors import SiteRefusal, public_reason
 from common.site_naming import default_site_dir, fedvlsm_home
+from common.site_policy import SitePolicy, ledgers_elsewhere, mark_ledger
 from common.train import fit
 
 # Seconds this process spent importing the handlers' dependencies (torch,
@@ -274,6 +275,27 @@ def _bump_rounds_trained(context: Context) -> int:
     return int(record["rounds-trained"])
 
 
+def _check_site_ledger(site: sites.Site, policy: SitePolicy) -> None:
+    """A deployed site's DP-SGD steps are accounted in one site folder per data folder.
+
+    The site budget bounds every run on the data, but the ledger lives in the site folder: a site
+    restarted with another --site-name or --site-dir began from epsilon 0 on the same images.
+    Every charged folder records the data it accounts; a site with a budget refuses to train
+    while another folder (under $FEDVLSM_HOME/sites or beside its own) holds runs on its data.
+    """
+    data = site.identity.data_path
+    if data is None:  # a simulation's partitions: its site folders are the run's own
+        return
+    if policy.budget > 0:
+        others = ledgers_elsewhere(data, site.site_dir, [fedvlsm_home() / "sites", site.site_dir.parent])
+        if others:
+            raise SiteRefusal("site policy: this site's data has a privacy ledger in another site folder",
+                              f"{', '.join(map(str, others))} already accounts DP-SGD runs on {data}; a new "
+                              f"ledger in {site.site_dir} would restart dp-site-budget from epsilon 0. Start "
+                              f"the site with --site-dir {others[0]} (and its --site-name)")
+    mark_ledger(site.site_dir, data)
+
+
 @served("train")
 def train(msg: Message, context: Context) -> Message:
     start = time.time()
@@ -305,6 +327,7 @@ def train(msg: Message, context: Context) -> Message:
                 state_path = site_state_path(site.site_dir, run_name)
             except PrivacyError as err:  # the server's run name: safe to say back
                 raise SiteRefusal(f"privacy: {err}") from err
+            _check_site_ledger(site, policy)
 
             if train_cfg.compile != "off":  # the site's --compile: said in its log, not silently dropped
                 log(WARNING, "[fedvlsm site] compile=%s does not apply to DP-SGD rounds (Opacus' per-sample "

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
-from common.site_naming import default_site_dir, default_site_name
+from common.site_naming import default_site_dir, default_site_name, fedvlsm_home
 from common.site_policy import (
     DEFAULT_MIN_FIGURE_IMAGES,
     NODE_DP_REQUIRE,
@@ -56,6 +56,7 @@ from common.site_policy import (
     NODE_MIN_FIGURE_IMAGES,
     SitePolicy,
     SitePolicyError,
+    ledgers_elsewhere,
 )
 
 if TYPE_CHECKING:  # imported where used: this module stays light for the CLI
@@ -250,6 +251,14 @@ def _check_args(args: argparse.Namespace) -> str | None:
         SitePolicy.from_node_config(_policy_node_config(args))
     except SitePolicyError as err:
         return re.sub(r"node config '([a-z-]+)'", r"--\1", str(err))  # the option, as the user typed it
+    if args.dp_site_budget:
+        data = Path(args.data).expanduser().resolve()
+        site_dir = _site_dir(args, data)
+        others = ledgers_elsewhere(data, site_dir, [fedvlsm_home() / "sites", site_dir.parent])
+        if others:
+            return (f"--dp-site-budget: {others[0]} already holds the privacy ledger of DP-SGD runs on {data}; "
+                    f"a new one in {site_dir} would restart the budget from epsilon 0. Start with "
+                    f"--site-dir {others[0]} (and the --site-name it had)")
     small = small_splits(Path(args.data).expanduser(), args.min_figure_images)
     if small:
         return (f"--data: {', '.join(small)} below --min-figure-images {args.min_figure_images}: this site's "
@@ -263,6 +272,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _site_dir(args: argparse.Namespace, data: Path) -> Path:
+    """--site-dir, else `$FEDVLSM_HOME/sites/<--site-name, else the data folder's name>`."""
+    return Path(args.site_dir).expanduser().resolve() if args.site_dir else default_site_dir(data, args.site_name)
+
+
 class SiteStartError(Exception):
     """The site cannot start: said in one line, exit 2."""
 
@@ -274,8 +288,7 @@ class Site:
         data = Path(args.data).expanduser().resolve()
         # The name goes into every reply, so never the data folder's own (it can say whose data it
         # is); the site's own folder may be named after it (it stays here).
-        self.site_dir = Path(args.site_dir).expanduser().resolve() if args.site_dir else (
-            default_site_dir(data, args.site_name))
+        self.site_dir = _site_dir(args, data)
         try:
             self.name = args.site_name or default_site_name(data, self.site_dir)
         except (OSError, ValueError) as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -99,3 +100,52 @@ def _min_figure_images(node_config: Mapping[str, Any]) -> int:
                               f"[{low}, {high}] (below {low} a figure is one image's own value), got "
                               f"{repr(raw) if value is None else value}")
     return value
+
+
+# ------------------------------------------------------------ whose data a privacy ledger accounts
+# In `<site-dir>/privacy/`: the data folders (resolved, one per line) whose DP-SGD steps the folder's
+# state files account. A site budget bounds every run on the *data*; the ledger is per site folder,
+# so a site restarted with another --site-name or --site-dir began a fresh ledger for the same images.
+LEDGER_DATA_FILE = "data-path.txt"
+
+
+def ledger_data(site_dir: Path) -> list[str]:
+    """The data folders the privacy ledger in `site_dir` accounts (none if it has no marker)."""
+    marker = Path(site_dir) / "privacy" / LEDGER_DATA_FILE
+    return marker.read_text(encoding="utf-8").splitlines() if marker.is_file() else []
+
+
+def mark_ledger(site_dir: Path, data_path: Path) -> None:
+    """Record that `site_dir`'s ledger accounts `data_path` (kept with any it accounted before)."""
+    from common.atomic import write_text_atomic
+
+    data = str(Path(data_path).expanduser().resolve())
+    known = ledger_data(site_dir)
+    if data not in known:
+        (Path(site_dir) / "privacy").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(site_dir) / "privacy" / LEDGER_DATA_FILE, "".join(f"{d}\n" for d in known + [data]))
+
+
+def ledgers_elsewhere(data_path: Path, site_dir: Path, roots: list[Path]) -> list[Path]:
+    """Other site folders under `roots` whose privacy ledger holds runs on `data_path`.
+
+    `roots`: where a site's folders are made (`$FEDVLSM_HOME/sites`, and the parent of this site's
+    own folder for a --site-dir elsewhere). A folder whose marker cannot be read counts as found:
+    the budget must not restart because a file was unreadable.
+    """
+    data = str(Path(data_path).expanduser().resolve())
+    own = Path(site_dir).expanduser().resolve()
+    found: list[Path] = []
+    for root in dict.fromkeys(Path(r).expanduser().resolve() for r in roots):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != own):
+            if not any((folder / "privacy").glob("*.json")):
+                continue  # no run was ever charged there
+            try:
+                accounts = data in ledger_data(folder)
+            except (OSError, UnicodeDecodeError):
+                accounts = True
+            if accounts:
+                found.append(folder)
+    return found
