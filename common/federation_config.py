@@ -43,6 +43,11 @@ ADAPTER_INITS = ("paper", "identity")
 DP_MODES = ("off", "sample", "client")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_CLIPPINGS = ("server", "client")
+# Client level: which neighbouring federations the epsilon compares. "zero-update": one hospital's
+# update replaced by zero in a mean over a fixed m (the DP-FedAvg convention, sensitivity C / m).
+# "add-remove": a hospital added or removed, which also changes who or how many are averaged: the
+# mean moves by up to 2C / m, so the epsilon is that of noise z / 2 (the same noise is added).
+DP_CLIENT_NEIGHBOURS = ("zero-update", "add-remove")
 # Keys a resumed run takes from the new launch (when given) instead of its saved config.json.
 RESUME_OVERRIDABLE = ("rounds", "home", "round_timeout", "torch_threads", "min_sites", "site_wait_timeout",
                       "max_skipped_rounds", "compare", "dashboard_port", "pipeline_rounds")
@@ -150,6 +155,7 @@ class FederationConfig:
     dp_accountant: str = "rdp"  # sample: rdp | prv (client level is always Flower's RDP accountant)
     dp_clip_norm: float = 1.0  # client: L2 bound on a site's update (reply - global)
     dp_clipping: str = "server"  # client: where updates are clipped: server | client (a mod at the site)
+    dp_client_neighbour: str = "zero-update"  # client: which neighbour the epsilon is for (DP_CLIENT_NEIGHBOURS)
 
     # ------------------------------------------------------------------ build
     def __post_init__(self) -> None:
@@ -260,6 +266,12 @@ class FederationConfig:
             raise bad("'dp-accountant'", f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}")
         if self.dp_clipping not in DP_CLIPPINGS:
             raise bad("'dp-clipping'", f"must be one of {DP_CLIPPINGS}, got {self.dp_clipping!r}")
+        if self.dp_client_neighbour not in DP_CLIENT_NEIGHBOURS:
+            raise bad("'dp-client-neighbour'", f"must be one of {DP_CLIENT_NEIGHBOURS}, got {self.dp_client_neighbour!r}")
+        if self.dp_client_neighbour != "zero-update" and self.dp != "client":
+            raise bad("'dp-client-neighbour' without 'dp' = 'client'",
+                      "it chooses what a client-level epsilon means; sample-level DP protects one image "
+                      "(add or remove one, Opacus)")
         budget, target = self.dp_epsilon_budget, self.dp_target_epsilon
         if self.dp == "sample":
             if self.adapter == "full":

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
@@ -161,15 +161,14 @@ def wrap_strategy(strategy: Strategy, cfg: FederationConfig, num_sites: int) -> 
     """
     if cfg.dp != "client" or isinstance(strategy, (ServerSideClipping, ClientSideClipping)):
         return strategy
-    from flwr.serverapp import RdpAccountant
-
     if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
         raise ConfigError(f"run config 'dp' = 'client' with 'strategy' = {cfg.strategy!r}: the client-level "
                           "accountant needs FedAvg's mean of clipped updates (fedavg or fedprox)")
     if num_sites < 1:
         raise ValueError("wrap_strategy needs at least one site")
     strategy.weighted_by_key = DP_WEIGHT_KEY
-    accountant = RdpAccountant(PrivacyConfig(
+    accountant_cls = RdpAccountant if cfg.dp_client_neighbour == "zero-update" else AddRemoveAccountant
+    accountant = accountant_cls(PrivacyConfig(
         target_delta=cfg.dp_delta,
         population_size=num_sites,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -179,6 +178,29 @@ def wrap_strategy(strategy: Strategy, cfg: FederationConfig, num_sites: int) -> 
     cls = ServerSideClipping if cfg.dp_clipping == "server" else ClientSideClipping
     return cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clip_norm, num_sampled_sites(cfg, num_sites),
                accountant=accountant, wire_dtype=cfg.payload_dtype)
+
+
+def _at_half_noise(event: GaussianPrivacyEvent) -> GaussianPrivacyEvent:
+    return GaussianPrivacyEvent(noise_multiplier=event.noise_multiplier / 2, sample_size=event.sample_size,
+                                population_size=event.population_size)
+
+
+class AddRemoveAccountant(RdpAccountant):
+    """Flower's RDP accountant for `dp-client-neighbour = "add-remove"`: every release at noise z / 2.
+
+    Flower's wrappers add noise z x C / m to the mean of m clipped updates and account it as a
+    Gaussian of sensitivity C / m (one update replaced by zero, m fixed). Adding or removing a
+    hospital also changes what is averaged (another site sampled in its place, or one fewer in the
+    mean): the mean moves by up to 2C / m, the sensitivity doubles, and the same noise is worth
+    z / 2. The noise added is unchanged; only what it is accounted as. The state (ledger of
+    events) records the halved multiplier, so a resumed run continues in the same terms.
+    """
+
+    def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
+        super().compose(_at_half_noise(event), count)
+
+    def would_exceed(self, event: GaussianPrivacyEvent, max_epsilon: float | None = None, count: int = 1) -> bool:
+        return super().would_exceed(_at_half_noise(event), max_epsilon, count)
 
 
 def _accountant(strategy: Strategy):

@@ -206,6 +206,17 @@ class CrashAfterReleaseGrid(InProcessGrid):
         return replies
 
 
+def test_the_add_remove_neighbour_is_recorded_at_half_the_noise(data, tmp_path):
+    # The run config as `--run-config` gives it (hyphenated); the same noise, accounted as z / 2.
+    cfg = FederationConfig.from_run_config({**cfg_for(data, tmp_path, rounds=1, dp="client", dp_noise_multiplier=2.0,
+                                                       dp_clip_norm=1e-3).to_run_config(),
+                                            "dp-client-neighbour": "add-remove"})
+    run_federation(InProcessGrid(cfg, 2), cfg)
+    (record,) = rounds_of(tmp_path)
+    assert record["epsilon_server"] == pytest.approx(compute_epsilon([(1.0, 1.0, 1)], 1e-5), rel=0.01)
+    assert record["epsilon_server"] > 1.5 * compute_epsilon([(2.0, 1.0, 1)], 1e-5)
+
+
 def test_a_client_level_release_sent_before_a_crash_is_counted_after_the_resume(data, tmp_path):
     # Round 2's noised global reached the sites, then the server died before round 2's checkpoint. The
     # resume runs round 2 again with fresh noise: three releases in all. The accountant came back from
