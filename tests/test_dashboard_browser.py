@@ -4,14 +4,18 @@ Loads the page of a finished run written by a real (short) federation, checks
 that the charts rendered and that the Dice and byte figures shown equal the
 run store's, then adds a round to the store and waits for the open page to
 show it without a reload, then a skipped round, which keeps the last Dice and
-epsilon shown. Where CI is set, a missing Chromium fails the test.
+epsilon shown. Site names, reasons and config values made of markup are shown
+as text and run nothing; no page needs anything its Content-Security-Policy
+blocks. Where CI is set, a missing Chromium fails the test.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
+import sqlite3
 import time
 
 import pytest
@@ -21,6 +25,7 @@ from dashboard_support import simulate
 from server.dashboard import start_in_background
 from server.run_records import RunRecords
 from server.run_store import RunStore
+from test_dashboard_security import EVIL, evil_run
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -50,6 +55,11 @@ def browser():
                 "--window-size=1400,1800"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    # Every page records what its Content-Security-Policy blocked: the dashboard's own scripts and
+    # styles (Chart.js included) must need nothing the policy forbids.
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "window.cspViolations = []; document.addEventListener('securitypolicyviolation', "
+        "(e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));")})
     yield driver
     driver.quit()
 
@@ -145,6 +155,7 @@ def test_run_page_shows_the_store_and_updates_live(browser, served):
     records.append_round(fifth)
     wait_for(browser, "return document.body.dataset.rendered === '5'", timeout=15)
     assert text(browser, "#fig-dice") == "0.5000" and text(browser, "#fig-epsilon") == "1.25"
+    assert browser.execute_script("return window.cspViolations") == []
 
 
 def test_runs_list_and_error_page(browser, served):
@@ -154,3 +165,44 @@ def test_runs_list_and_error_page(browser, served):
     assert text(browser, "#runs tr[data-run='browser'] td.dice")  # a Dice figure, not empty
     browser.get(f"{url}runs/missing")
     assert "no run named 'missing'" in text(browser, "#page-error")
+
+
+@pytest.fixture(scope="module")
+def tokenless(tmp_path_factory):
+    """A dashboard without a token (loopback only) over runs written with RunRecords: `evil`, `quiet`."""
+    _need_browser()
+    runs_dir = tmp_path_factory.mktemp("browser-tokenless") / "runs"
+    evil_run(runs_dir)
+    quiet = RunRecords.create(runs_dir, "quiet", {"rounds": 2, "lr": 0.001})
+    quiet.append_round({"round": 1, "dice": 0.5, "sites": {"site-0": {"num_examples": 3}}})
+    return start_in_background(runs_dir, "127.0.0.1", 0, None), runs_dir
+
+
+def test_markup_from_sites_and_configs_is_shown_as_text_and_runs_nothing(browser, tokenless):
+    url, _ = tokenless
+    browser.get(f"{url}runs/evil")
+    wait_for(browser, "return document.body.dataset.rendered === '1'")
+    time.sleep(0.5)  # an injected <img src=x> would have errored by now
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.execute_script("return document.querySelectorAll('img, svg, main script').length") == 0
+    assert EVIL in text(browser, "#sites tbody")  # the site's name, as typed
+    assert f"failed: {EVIL} ({EVIL}): {EVIL}" in text(browser, "#timeline tbody")
+    assert text(browser, "#status-reason") == f"failed: {EVIL}"
+    assert EVIL in text(browser, "#config")
+    browser.get(url)
+    wait_for(browser, "return document.querySelector(\"#runs tr[data-run='evil']\") !== null")
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.execute_script("return window.cspViolations") == []
+
+
+def test_a_change_within_the_same_second_is_shown(browser, tokenless):
+    # Before: the page redrew only when status, reason, `updated_at` (to the second) or a count changed;
+    # a config or meta written within the second of the last write stayed unseen until the next round.
+    url, runs_dir = tokenless
+    browser.get(f"{url}runs/quiet")
+    wait_for(browser, "return document.body.dataset.rendered === '1'")
+    assert text(browser, "#fig-rounds") == "1 / 2"
+    with sqlite3.connect(runs_dir / "quiet" / "run.sqlite") as con:  # updated_at kept: the same second
+        con.execute("UPDATE run SET config_json = ?", (json.dumps({"rounds": 5, "lr": 0.002}),))
+    wait_for(browser, "return document.getElementById('fig-rounds').textContent === '1 / 5'", timeout=10)
+    assert "0.002" in text(browser, "#config")

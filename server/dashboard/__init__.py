@@ -8,7 +8,9 @@ Safe defaults: binds to 127.0.0.1; read-only (GET only); every script, style
 and the chart library (Chart.js, MIT, vendored in static/) are served by the
 dashboard itself, so it works without internet. With a token (argument, or
 $FEDVLSM_DASHBOARD_TOKEN when the argument is None) every route needs it; a
-token is required to bind to anything other than loopback.
+token is required to bind to anything other than loopback. Without a token
+it answers only requests addressed to localhost or a loopback address (a
+web page cannot reach it through DNS rebinding).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def _server(runs_dir: Path, host: str, port: int, token: str | None):
     token = resolve_token(token)
     check_bind(host, token)
     sock = _bind(host, port)
-    app = create_app(Path(runs_dir), token=token)
+    # Without a token (loopback only, check_bind): answer only requests addressed to a loopback name,
+    # or any web page could read the runs through DNS rebinding.
+    app = create_app(Path(runs_dir), token=token, loopback_only=not token)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     return uvicorn.Server(config), sock
 

@@ -46,15 +46,17 @@ function hideError() {
   document.getElementById("error").hidden = true;
 }
 
-// GET a JSON API route; resolves to {ok, body} and never throws (errors become a message).
+// GET a JSON API route; resolves to {ok, body, text} and never throws (errors become a message).
+// `text` is the response as received: the pages redraw when it changed, whatever changed in it.
 async function getJSON(url) {
-  let res;
+  let res, text = "";
   try {
     res = await fetch(url, { cache: "no-store", credentials: "same-origin" });
+    text = await res.text();
   } catch (err) {
-    return { ok: false, body: { error: "the dashboard is unreachable (" + err + "); retrying" } };
+    return { ok: false, body: { error: "the dashboard is unreachable (" + err + "); retrying" }, text: "" };
   }
   let body;
-  try { body = await res.json(); } catch (err) { body = { error: "HTTP " + res.status + " " + res.statusText }; }
-  return { ok: res.ok, body: body };
+  try { body = JSON.parse(text); } catch (err) { body = { error: "HTTP " + res.status + " " + res.statusText }; }
+  return { ok: res.ok, body: body, text: text };
 }

@@ -220,12 +220,13 @@ function renderTables(data) {
 }
 
 async function refresh() {
-  const { ok, body } = await getJSON(API);
+  const { ok, body, text } = await getJSON(API);
   if (!ok) { showError(body.error || "cannot read this run"); return; }
   hideError();
-  const key = JSON.stringify([body.run.status, body.run.reason, body.run.updated_at, body.rounds.length, body.downloads.length]);
-  if (key === lastKey) return;
-  lastKey = key;
+  // The whole response: a summary of it (status, update time to the second, counts) missed changes
+  // made within one second that kept the counts, e.g. a config or meta written right after a round.
+  if (text === lastKey) return;
+  lastKey = text;
   renderFigures(body);
   renderCharts(body);
   renderTables(body);

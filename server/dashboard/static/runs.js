@@ -27,11 +27,10 @@ function renderRuns(data) {
 }
 
 async function refreshRuns() {
-  const { ok, body } = await getJSON("/api/runs");
+  const { ok, body, text } = await getJSON("/api/runs");
   if (!ok) { showError(body.error || "cannot list the runs"); return; }
   hideError();
-  const key = JSON.stringify(body);
-  if (key !== lastRuns) { lastRuns = key; renderRuns(body); }
+  if (text !== lastRuns) { lastRuns = text; renderRuns(body); }
 }
 
 refreshRuns();
