@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from common.atomic import json_text
 from server.run_claim import held_by_a_process
@@ -267,10 +268,16 @@ class RunStore:
     def _connect(self, write: bool) -> Iterator[sqlite3.Connection]:
         if not write and not self.exists():
             raise RunStoreError(f"{self.path}: no run store (run.sqlite) in this run folder")
-        mode = "rwc" if write else "rw"  # a reader never creates the file
+        # A reader without write access to the folder (a dashboard run as another user) cannot make the
+        # WAL's run.sqlite-shm. With no run.sqlite-wal (no writer has it open) it reads the file as it
+        # stands (immutable: no locks, no -shm), and checks that the file did not change meanwhile.
+        frozen = not write and not os.access(self.path.parent, os.W_OK) and not self._wal().exists()
+        mode = "rwc" if write else "ro" if frozen else "rw"  # a reader never creates the file
+        # The path quoted: a '#', '?' or '%' in it would end or change the URI's path.
+        uri = f"file:{quote(str(self.path))}?mode={mode}{'&immutable=1' if frozen else ''}"
+        before = self._stamp() if frozen else None
         try:
-            con = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, timeout=10.0,
-                                  isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as err:
             raise RunStoreError(f"{self.path}: cannot open the run store: {err}") from err
         try:
@@ -283,11 +290,25 @@ class RunStore:
             else:
                 con.execute("PRAGMA query_only = ON")
             yield con
+            if frozen and self._stamp() != before:
+                raise RunStoreError(f"{self.path}: written while it was read (read as it stands: no write access "
+                                    "to its folder); read it again")
         except sqlite3.DatabaseError as err:
+            if not write and "readonly" in str(err):
+                raise RunStoreError(f"{self.path}: cannot be read without write access to its folder while "
+                                    f"its run.sqlite-wal has no run.sqlite-shm ({err})") from err
             raise RunStoreError(f"{self.path}: the run store is unreadable ({err}); "
                                 "it may be corrupt or not a fedvlsm run store") from err
         finally:
             con.close()
+
+    def _wal(self) -> Path:
+        return Path(f"{self.path}-wal")
+
+    def _stamp(self) -> tuple[int, int, int, bool]:
+        """What changes when the store's file is written (inode, size, mtime) and whether a writer has it open."""
+        st = self.path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns, self._wal().exists()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -304,6 +325,8 @@ class RunStore:
         try:
             row = con.execute("SELECT version FROM schema_version").fetchone()
         except sqlite3.OperationalError as err:
+            if "no such table" not in str(err):  # e.g. a read-only folder: said by _connect
+                raise
             raise RunStoreError(f"{self.path}: not a fedvlsm run store ({err})") from err
         if row is None:
             raise RunStoreError(f"{self.path}: run store has no schema version")
@@ -653,6 +676,10 @@ def import_from_jsonl(run_dir: Path, replace: bool = False) -> RunStore:
         started = _mtime_stamp(config_path if config_path.is_file() else rounds_path)
     except OSError as err:
         raise RunStoreError(f"{run_dir}: cannot import the run's records: {err}") from err
+    if not os.access(run_dir, os.W_OK):
+        raise RunStoreError(f"{run_dir}: a run folder from before the run store: its {DB_FILE} is made from "
+                            "rounds.jsonl on first view, which needs write access to the folder (view it once "
+                            "as a user who may write there)")
     # Build aside, then rename: a reader never sees a half-imported store.
     tmp = RunStore(run_dir / f".{DB_FILE}.import-{time.monotonic_ns()}")
     try:
