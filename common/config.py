@@ -23,6 +23,9 @@ DEFAULT_LR = {"shallow": 3e-4, "dense": 1e-3, "decoder": 1e-3, "lora": 3e-4, "fu
 # AdamW moves every weight by about lr per step, so an lr above 1 is never a fine-tuning rate; from
 # about 3.4e37 its step size (lr / bias correction) does not even fit a float32 (a traceback in AdamW).
 MAX_LR = 1.0
+# ... and below 1e-10 that step is under float32's resolution of every weight above ~1e-3 (ulp(1e-3) =
+# 1.2e-10): lr = 1e-320 was accepted, and AdamW's step left a float32 weight of 0.02 unchanged, silently.
+MIN_LR = 1e-10
 # numpy's generators (np.random.seed, default_rng) take seeds in [0, 2**32 - 1].
 MAX_TRAIN_SEED = 2**32 - 1
 # A batch size is a count of images: above this it only overflowed deep in the DataLoader (islice).
@@ -115,6 +118,9 @@ class TrainConfig:
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
             raise TrainConfigError("lr", f"must be > 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr per step), "
                             f"got {self.lr}")
+        if self.lr is not None and self.lr < MIN_LR:
+            raise TrainConfigError("lr", f"must be at least {MIN_LR:g} (AdamW moves each weight by about lr per step: "
+                                         f"less is lost in float32 rounding), got {self.lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise TrainConfigError("amp", f"must be auto|bf16|fp16|off, got {self.amp!r}")
         if self.num_workers < -1:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.adapters.spec import VARIANTS, AdapterSpec
-from common.config import MAX_LR, TrainConfig, TrainConfigError
+from common.config import MAX_LR, MIN_LR, TrainConfig, TrainConfigError
 from common.site_errors import SiteRefusal
 from common.site_naming import default_site_dir, default_site_name, fedvlsm_home
 
@@ -58,6 +58,51 @@ MAX_TORCH_THREADS = 1024
 # Simulated hospitals in one run (--num-sites, demo-sites): far above any consortium; beyond it a typo
 # (1e21) had Flower register nodes for ever.
 MAX_SIMULATED_SITES = 10_000
+# Bounds on values no run can use (docs/federation.md's key table says each). Why each one:
+# rounds: a million rounds take 3.5 days at the fastest round measured (0.3 s: arch:tiny, 3 demo
+# sites), real rounds take minutes; rounds = 1e12 was accepted and ran "round 1/1000000000000".
+MAX_ROUNDS = 1_000_000
+# local-epochs, finetune-epochs: a round is a handful of epochs; 1e12 was accepted, and no site could
+# ever finish its training (fit runs every epoch).
+MAX_EPOCHS = 10_000
+# demo-images: the demo writes every image (two PNGs) before the run starts, 4 ms and 32 kB each at
+# 96 px here: 1e5 is 7 minutes and 3 GB per site; 1e12 would have filled the disk.
+MAX_DEMO_IMAGES = 100_000
+# prox-mu: FedProx tunes mu up to about 1; 1e6 still trains (the term pins the weights to the global),
+# 1e38 overflowed the float32 loss: every site's reply was excluded (non-finite train loss) and the
+# run "finished" without one update.
+MAX_PROX_MU = 1e6
+# server-lr: FedAdam/FedYogi normalise the step, so every weight moves by about server-lr per round.
+# 1e38 failed round 1 ("overflows fp16"; with fp32 every site's training then diverged); below 1e-10
+# the step is under float32's resolution of any weight above ~1e-3 (1e-320 left the global adapter
+# unchanged round after round, silently).
+SERVER_LR_RANGE = (1e-10, 10.0)
+# server-tau: Adam's epsilon, m / (sqrt(v) + tau) in float32: below ~1e-45 tau is 0 there and a weight
+# no site changed gives 0/0 (1e-320: NaN global, the run failed in round 1). Above 1e3 tau swamps
+# sqrt(v) and the step is server-lr x m / tau, 1% of the update at most (1e38: the global never moved).
+SERVER_TAU_RANGE = (1e-30, 1e3)
+# dp-delta: kept below 1 / (images at a site, or sites); 1e-30 is below 1/N^2 for any N up to 1e15.
+# 1e-320 (a denormal) made Opacus' PRV fail at every site ("cannot convert float NaN to integer";
+# 5e-324: ZeroDivisionError), while RDP and Flower's accountant reported an epsilon for it.
+MIN_DP_DELTA = 1e-30
+# dp-delta with dp-accountant = 'prv': Opacus' PRV refuses a delta below 1.1e-19 (long double's eps)
+# x its grid's size ("Floating point errors will dominate"), and its grid grows with the run: 1.5e5
+# points for 100 steps, 1e7 for 1e5 steps here, so 1e-12 failed; 1e-10 keeps a margin (a far longer
+# run can need more still: its sites then fail with Opacus' message; RDP has no such limit).
+MIN_PRV_DELTA = 1e-10
+# dp-noise-multiplier (z, when > 0): Opacus' RDP divides by z^2 (1e-320: ZeroDivisionError at every
+# site); at 1e-9 its epsilon is already ~1e20 (100 steps at q = 0.1: no privacy). dp-max-grad-norm /
+# dp-clip-norm (C): at 1e-320 (0 in float32) nothing trained and the Dice never moved; AdamW's step does
+# not depend on the gradient's scale, so 1e-6 still trained (sample level, quick demo). Upper: the noise
+# std is z x C; 1e38 for either overflowed (every update "overflows fp16", or NaN): z, C <= 1e4 keep
+# z x C <= 1e8 and its square finite in float32. That keeps the arithmetic finite, not the model useful
+# (client level, C = 1, 3 sites: z = 1e4 made every site's training diverge in round 2), and above
+# z = 1e3 epsilon stops falling (RDP, 100 steps at q = 0.1: 0.103 at 1e3, 1e6 and 1e38).
+DP_NOISE_RANGE = (1e-9, 1e4)
+DP_CLIP_RANGE = (1e-6, 1e4)
+# dp-target-epsilon: e^10000 promises nothing; Opacus' calibration of z never returned at 1e15 (it
+# bisects to 0.01 absolute, finer than a float64 there; 1e12 took 7 s): a site would hang in round 1.
+MAX_DP_EPSILON = 1e4
 # The run-config key of each TrainConfig field the run config sets (train_config below).
 _TRAIN_KEYS = {"epochs": "local-epochs", "batch_size": "batch-size", "lr": "lr", "seed": "seed", "prox_mu": "prox-mu"}
 # Flower's client-level accountant needs FedAvg's uniform mean (FedProx is FedAvg on the server).
@@ -195,6 +240,11 @@ class FederationConfig:
                 raise bad(_key(key), f"must be >= 0, got {getattr(self, key)}")
         if self.demo_sites > MAX_SIMULATED_SITES:
             raise bad("demo-sites", f"must be at most {MAX_SIMULATED_SITES}, got {self.demo_sites}")
+        for key, most in (("rounds", MAX_ROUNDS), ("local_epochs", MAX_EPOCHS), ("finetune_epochs", MAX_EPOCHS),
+                          ("demo_images", MAX_DEMO_IMAGES), ("prox_mu", MAX_PROX_MU)):
+            if getattr(self, key) > most:
+                shown = most if isinstance(most, int) else f"{most:g}"
+                raise bad(_key(key), f"must be at most {shown}, got {getattr(self, key)}")
         if self.torch_threads > MAX_TORCH_THREADS:
             raise bad("torch-threads", f"must be at most {MAX_TORCH_THREADS} (0: torch's default), "
                                        f"got {self.torch_threads}")
@@ -217,15 +267,17 @@ class FederationConfig:
         try:
             self.train_config(self.local_epochs, self.seed, self.prox_mu)
         except TrainConfigError as err:
-            why = err.why if err.field != "lr" else f"must be in [0, {MAX_LR:g}] (0: the variant's default), got {self.lr}"
+            why = err.why if err.field != "lr" else (f"must be in [0, {MAX_LR:g}] (0: the variant's default; "
+                                                     f"else at least {MIN_LR:g}), got {self.lr}")
             raise bad(_TRAIN_KEYS.get(err.field, _key(err.field)), why) from None
         for key in ("fraction_train", "fraction_evaluate"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise bad(_key(key), f"must be in (0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise bad("trim-beta", f"must be in [0, 0.5), got {self.trim_beta}")
-        if self.server_lr <= 0 or self.server_tau <= 0:
-            raise bad("server-lr/server-tau", "must be > 0")
+        for key, (low, high) in (("server_lr", SERVER_LR_RANGE), ("server_tau", SERVER_TAU_RANGE)):
+            if not low <= getattr(self, key) <= high:
+                raise bad(_key(key), f"must be in [{low:g}, {high:g}], got {getattr(self, key)}")
         for key in ("server_beta1", "server_beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(_key(key), f"must be in [0, 1), got {getattr(self, key)}")
@@ -257,11 +309,17 @@ class FederationConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise bad(f"'{_key(key)}'", f"must be a finite number >= 0, got {value}")
-        if not 0.0 < self.dp_delta < 1.0:
-            raise bad("'dp-delta'", f"must be in (0, 1), got {self.dp_delta}")
-        for key in ("dp_max_grad_norm", "dp_clip_norm"):
-            if getattr(self, key) <= 0:
-                raise bad(f"'{_key(key)}'", f"must be > 0, got {getattr(self, key)}")
+        if not MIN_DP_DELTA <= self.dp_delta < 1.0:
+            raise bad("'dp-delta'", f"must be in [{MIN_DP_DELTA:g}, 1), got {self.dp_delta}")
+        for key, (low, high) in (("dp_max_grad_norm", DP_CLIP_RANGE), ("dp_clip_norm", DP_CLIP_RANGE)):
+            if not low <= getattr(self, key) <= high:
+                raise bad(f"'{_key(key)}'", f"must be in [{low:g}, {high:g}], got {getattr(self, key)}")
+        low, high = DP_NOISE_RANGE
+        if self.dp_noise_multiplier != 0 and not low <= self.dp_noise_multiplier <= high:
+            raise bad("'dp-noise-multiplier'", f"must be 0 or in [{low:g}, {high:g}], got {self.dp_noise_multiplier}")
+        if self.dp_target_epsilon > MAX_DP_EPSILON:
+            raise bad("'dp-target-epsilon'",
+                      f"must be at most {MAX_DP_EPSILON:g} (0: off), got {self.dp_target_epsilon}")
         if self.dp_accountant not in DP_ACCOUNTANTS:
             raise bad("'dp-accountant'", f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}")
         if self.dp_clipping not in DP_CLIPPINGS:
@@ -274,6 +332,10 @@ class FederationConfig:
                       "(add or remove one, Opacus)")
         budget, target = self.dp_epsilon_budget, self.dp_target_epsilon
         if self.dp == "sample":
+            if self.dp_accountant == "prv" and self.dp_delta < MIN_PRV_DELTA:
+                raise bad("'dp-delta' with 'dp-accountant' = 'prv'",
+                          f"must be at least {MIN_PRV_DELTA:g} (Opacus' PRV accountant failed below 1e-14 to 1e-12 "
+                          f"here, the longer the run the higher), got {self.dp_delta}; use 'rdp' for a smaller delta")
             if self.adapter == "full":
                 raise bad("'dp' = 'sample' with 'adapter' = 'full'",
                           "per-sample gradients of all 150 M parameters are not supported (Opacus cannot hook "

@@ -24,6 +24,8 @@ def _must_not_start(*args, **kwargs):
     # `fedvlsm train ... --lr 1e38`: a traceback inside AdamW (step size overflows float32);
     # --lr 10 trained "successfully" to nothing.
     ("lr", 1e38, "at most 1"), ("lr", 10.0, "at most 1"),
+    # --lr 1e-320: AdamW's step was lost in float32 rounding; "trained" without changing a weight.
+    ("lr", 1e-320, "at least 1e-10"), ("lr", 1e-11, "at least 1e-10"),
     # --batch-size 1e20: "Stop argument for islice() must be ..." (no option named).
     ("batch_size", 10**20, "at most"),
     # --seed -1 / 1e20: numpy's "Seed must be between 0 and 2**32 - 1" / "Overflow when unpacking long long".
@@ -44,6 +46,7 @@ def test_train_config_refuses(field, value, why):
 def test_train_config_accepts_the_edges():
     cfg = TrainConfig(lr=1.0, seed=2**32 - 1, eval_prompt_index=0, device="cuda:3")  # cuda:3: checked where it runs
     assert (cfg.lr, cfg.seed, cfg.eval_prompt_index, cfg.device) == (1.0, 2**32 - 1, 0, "cuda:3")
+    assert TrainConfig(lr=1e-10).lr == 1e-10
 
 
 def test_a_device_this_machine_lacks_is_a_value_error_not_a_torch_traceback():
@@ -63,6 +66,7 @@ def test_a_device_this_machine_lacks_is_a_value_error_not_a_torch_traceback():
 
 @pytest.mark.parametrize("argv, said", [
     (["train", "nodata", "--out", "o", "--lr", "1e38"], "fedvlsm train: error: --lr: must be > 0 and at most 1"),
+    (["train", "nodata", "--out", "o", "--lr", "1e-320"], "fedvlsm train: error: --lr: must be at least 1e-10"),
     (["train", "nodata", "--out", "o", "--seed", "-1"], "fedvlsm train: error: --seed: must be in"),
     (["train", "nodata", "--out", "o", "--patience", "0"], "fedvlsm train: error: --patience: must be >= 1"),
     (["eval", "nodata", "--adapter-dir", "a", "--eval-prompt-index", "-2"], "fedvlsm eval: error: --eval-prompt-index"),
@@ -191,9 +195,57 @@ def test_run_config_refuses(key, value, why):
 
 
 def test_run_config_accepts_the_edges():
-    for values in ({"lr": 0.0}, {"lr": 1.0}, {"torch-threads": 1024}, {"demo-image-size": 32, "demo-images": 3}):
+    for values in ({"lr": 0.0}, {"lr": 1.0}, {"torch-threads": 1024}, {"demo-image-size": 32, "demo-images": 3},
+                   {"rounds": 100_000}):
         FederationConfig.from_run_config(values)
     assert math.isfinite(FederationConfig().lr)
+
+
+# ---- bounds on values no run can use (common/federation_config.py says why each bound is where it is) ----
+
+@pytest.mark.parametrize("key, bad, inside, context", [
+    # each `bad` was accepted before; what it did, measured with the quick demo (arch:tiny, 3 sites):
+    ("rounds", 10**12, 1_000_000, {}),  # ran "round 1/1000000000000": a run that could never end
+    ("local-epochs", 10**12, 10_000, {}),  # no site could ever finish a round
+    ("finetune-epochs", 10**12, 10_000, {}),
+    ("demo-images", 10**12, 100_000, {}),  # written before the run starts, 32 kB each: the disk fills
+    ("lr", 1e-320, 1e-10, {}),  # every site trained without changing a weight
+    ("prox-mu", 1e38, 1e6, {"strategy": "fedprox"}),  # float32 loss overflow: every reply excluded, "finished"
+    ("server-lr", 1e38, 10.0, {"strategy": "fedadam"}),  # round 1 failed: "overflows fp16"
+    ("server-lr", 1e-320, 1e-10, {"strategy": "fedadam"}),  # the global adapter never moved
+    ("server-tau", 1e-320, 1e-30, {"strategy": "fedadam"}),  # 0/0 in float32: NaN global, run failed
+    ("server-tau", 1e38, 1e3, {"strategy": "fedadam"}),  # the global adapter never moved
+    ("dp-delta", 1e-320, 1e-30, {"dp": "sample"}),  # PRV: NaN at every site; RDP: an epsilon for a denormal
+    ("dp-delta", 1e-320, 1e-30, {"dp": "client"}),
+    ("dp-delta", 1e-12, 1e-10, {"dp": "sample", "dp-accountant": "prv"}),  # "Floating point errors will dominate"
+    ("dp-noise-multiplier", 1e-320, 1e-9, {"dp": "sample"}),  # ZeroDivisionError in Opacus' RDP, every site
+    ("dp-noise-multiplier", 1e38, 1e4, {"dp": "client"}),  # the noised global "overflows fp16": run failed
+    ("dp-max-grad-norm", 1e-320, 1e-6, {"dp": "sample"}),  # 0 in float32: nothing trained
+    ("dp-max-grad-norm", 1e38, 1e4, {"dp": "sample"}),  # every site's update overflowed fp16
+    ("dp-clip-norm", 1e-320, 1e-6, {"dp": "client"}),  # nothing trained, the Dice never moved
+    ("dp-clip-norm", 1e38, 1e4, {"dp": "client"}),  # run failed: "overflows fp16"
+    ("dp-target-epsilon", 1e15, 1e4, {"dp": "sample"}),  # Opacus' calibration of z never returned
+])
+def test_run_config_bounds_refuse_unusable_values_and_keep_the_edge(key, bad, inside, context):
+    with pytest.raises(ConfigError, match=f"^run config '{key}'") as err:
+        FederationConfig.from_run_config({**context, key: bad})
+    assert f"got {bad}" in str(err.value)
+    cfg = FederationConfig.from_run_config({**context, key: inside})
+    assert getattr(cfg, key.replace("-", "_")) == inside
+
+
+@pytest.mark.parametrize("run_config, said", [
+    ("rounds=1000000000000", "fedvlsm simulate: run config 'rounds': must be at most 1000000, got 1000000000000"),
+    ("strategy='fedadam' server-lr=1e38", "run config 'server-lr': must be in [1e-10, 10], got 1e+38"),
+    ("dp='sample' dp-delta=1e-320", "run config 'dp-delta': must be in [1e-30, 1), got 1e-320"),
+])
+def test_simulate_refuses_them_before_anything_starts(run_config, said, capsys, monkeypatch, tmp_path):
+    import simulations.simulate
+
+    monkeypatch.setenv("FEDVLSM_HOME", str(tmp_path))
+    monkeypatch.setattr(simulations.simulate, "simulate", _must_not_start)
+    assert main(["simulate", "--run-config", run_config]) == 2
+    assert said in capsys.readouterr().err
 
 
 def test_a_lora_rank_above_the_projection_width_is_refused(tiny_base):
