@@ -166,8 +166,7 @@ def test_a_store_read_as_it_stands_is_refused_when_written_meanwhile(tmp_path, m
     store = RunStore.in_run_dir(records.run_dir)
     monkeypatch.setattr(run_store.os, "access", lambda path, mode: False)  # as if: no write access
     assert store.summary()["rounds_done"] == 2  # read as it stands
-    with pytest.raises(RunStoreError, match="written while it was read"):
-        with store._connect(write=False) as con:
-            con.execute("SELECT COUNT(*) FROM rounds").fetchone()
-            records.append_round({"round": 3, "dice": 0.3})
+    with pytest.raises(RunStoreError, match="written while it was read"), store._connect(write=False) as con:
+        con.execute("SELECT COUNT(*) FROM rounds").fetchone()
+        records.append_round({"round": 3, "dice": 0.3})
     assert store.summary()["rounds_done"] == 3
