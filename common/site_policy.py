@@ -137,11 +137,9 @@ def ledgers_elsewhere(data_path: Path, site_dir: Path, roots: list[Path]) -> lis
     own = Path(site_dir).expanduser().resolve()
     found: list[Path] = []
     for root in dict.fromkeys(Path(r).expanduser().resolve() for r in roots):
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != own):
-            if not any((folder / "privacy").glob("*.json")):
-                continue  # no run was ever charged there
+        for folder in _subfolders(root):
+            if folder.resolve() == own or not _charged(folder):
+                continue
             try:
                 accounts = data in ledger_data(folder)
             except (OSError, UnicodeDecodeError):
@@ -149,3 +147,27 @@ def ledgers_elsewhere(data_path: Path, site_dir: Path, roots: list[Path]) -> lis
             if accounts:
                 found.append(folder)
     return found
+
+
+def _subfolders(root: Path) -> list[Path]:
+    """The folders in `root`; none where it cannot be listed (a site folder's parent may hold others')."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    folders = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                folders.append(entry)
+        except OSError:  # an entry this user may not look at is no site folder of its own
+            continue
+    return folders
+
+
+def _charged(folder: Path) -> bool:
+    """Whether `folder` holds a privacy ledger with at least one run's state file."""
+    try:
+        return any((folder / "privacy").glob("*.json"))
+    except OSError:
+        return False
