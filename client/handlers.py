@@ -287,7 +287,7 @@ def _check_site_ledger(site: sites.Site, policy: SitePolicy) -> None:
     if data is None:  # a simulation's partitions: its site folders are the run's own
         return
     if policy.budget > 0:
-        others = ledgers_elsewhere(data, site.site_dir, [fedvlsm_home() / "sites", site.site_dir.parent])
+        others = ledgers_elsewhere(data, site.site_dir)
         if others:
             raise SiteRefusal("site policy: this site's data has a privacy ledger in another site folder",
                               f"{', '.join(map(str, others))} already accounts DP-SGD runs on {data}; a new "
@@ -306,9 +306,10 @@ def train(msg: Message, context: Context) -> Message:
                           f"the run asks for dp = {cfg.dp!r}; this site's node config sets dp-require or "
                           "dp-site-budget, so it sends no update that is not sample-level DP")
     shared_in, bytes_down = _received(msg)
+    run_id = _run_id(msg)
     # Which round's personal parts this round starts from: the server refuses a site that lost them.
-    personal_from = site.personal_round(run_name, server_round, _run_id(msg)) if cfg.personal else None
-    with site.leased_model(frozen, shared_in, site.load_personal(run_name, server_round, _run_id(msg))) as model:
+    personal_from = site.personal_round(run_name, server_round, run_id) if cfg.personal else None
+    with site.leased_model(frozen, shared_in, site.personal_parts(run_name, personal_from or 0, run_id)) as model:
         # The update's reference: the shared adapter this site starts from (the
         # global one it received, or the common initial one if none was sent).
         start_shared = split_personal(model.adapter_state(), cfg.personal)[0]  # adapter_state clones
@@ -351,7 +352,7 @@ def train(msg: Message, context: Context) -> Message:
                 prox_reference=shared_in if mu > 0 else None,
             )
         shared_out, personal_out = split_personal(model.adapter_state(), cfg.personal)
-    site.save_personal(run_name, server_round, personal_out, _run_id(msg))
+    site.save_personal(run_name, server_round, personal_out, run_id)
     # The update (local - received global) in fp32, then encoded: int8's
     # stochastic rounding is seeded like the training, so a resumed run
     # sends bit-identical updates.

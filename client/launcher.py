@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from common.cli import device_arg, path_arg, port_arg  # argparse types shared with the other commands (light)
 from common.config import COMPILE_MODES
-from common.site_naming import default_site_dir, default_site_name, fedvlsm_home
+from common.site_naming import default_site_dir, default_site_name
 from common.site_policy import (
     DEFAULT_MIN_FIGURE_IMAGES,
     NODE_DP_REQUIRE,
@@ -254,7 +254,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.dp_site_budget:
         data = Path(args.data).expanduser().resolve()
         site_dir = _site_dir(args, data)
-        others = ledgers_elsewhere(data, site_dir, [fedvlsm_home() / "sites", site_dir.parent])
+        others = ledgers_elsewhere(data, site_dir)
         if others:
             return (f"--dp-site-budget: {others[0]} already holds the privacy ledger of DP-SGD runs on {data}; "
                     f"a new one in {site_dir} would restart the budget from epsilon 0. Start with "

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,9 @@ class Site:
     def site_dir(self) -> Path:
         return self.identity.site_dir
 
-    @property
+    @cached_property
     def policy(self) -> SitePolicy:
-        """The site's own terms from its node config (common/site_policy.py)."""
+        """The site's own terms from its node config (common/site_policy.py), read once per message."""
         try:
             return SitePolicy.from_node_config(self._node_config)
         except SitePolicyError as err:
@@ -282,10 +283,13 @@ class Site:
         """The latest personal parts saved before `before_round` ({} if none yet, or the run keeps none)."""
         if not self.cfg.personal:  # a run without personal parts starts every round from the global adapter
             return {}
-        latest = self.personal_round(run_name, before_round, run_id)
-        if not latest:
+        return self.personal_parts(run_name, self.personal_round(run_name, before_round, run_id), run_id)
+
+    def personal_parts(self, run_name: str, saved_round: int, run_id: str = "") -> dict[str, torch.Tensor]:
+        """The personal parts saved in round `saved_round` (`personal_round`'s answer; 0: none)."""
+        if not self.cfg.personal or not saved_round:
             return {}
-        state = load_file(str(self.personal_dir(run_name, run_id) / f"round-{latest:04d}.safetensors"))
+        state = load_file(str(self.personal_dir(run_name, run_id) / f"round-{saved_round:04d}.safetensors"))
         return split_personal(state, self.cfg.personal)[1]  # only what this run keeps personal
 
     def personal_round(self, run_name: str, before_round: int, run_id: str = "") -> int:

@@ -126,15 +126,18 @@ def mark_ledger(site_dir: Path, data_path: Path) -> None:
         write_text_atomic(Path(site_dir) / "privacy" / LEDGER_DATA_FILE, "".join(f"{d}\n" for d in known + [data]))
 
 
-def ledgers_elsewhere(data_path: Path, site_dir: Path, roots: list[Path]) -> list[Path]:
+def ledgers_elsewhere(data_path: Path, site_dir: Path, roots: list[Path] | None = None) -> list[Path]:
     """Other site folders under `roots` whose privacy ledger holds runs on `data_path`.
 
-    `roots`: where a site's folders are made (`$FEDVLSM_HOME/sites`, and the parent of this site's
-    own folder for a --site-dir elsewhere). A folder whose marker cannot be read counts as found:
-    the budget must not restart because a file was unreadable.
+    `roots`: where a site's folders are made; default `$FEDVLSM_HOME/sites` and the parent of this
+    site's own folder (a --site-dir elsewhere). A folder whose marker cannot be read counts as
+    found: the budget must not restart because a file was unreadable.
     """
+    from common.site_naming import fedvlsm_home
+
     data = str(Path(data_path).expanduser().resolve())
     own = Path(site_dir).expanduser().resolve()
+    roots = roots if roots is not None else [fedvlsm_home() / "sites", own.parent]
     found: list[Path] = []
     for root in dict.fromkeys(Path(r).expanduser().resolve() for r in roots):
         for folder in _subfolders(root):

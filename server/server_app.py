@@ -190,10 +190,11 @@ def _run(
 
     names = SiteNames()
     run_id = records.run_id  # sites key this run's personal parts by it
-    # Sample level: the most DP-SGD steps each site has reported in this run (a resume: from its records).
-    steps_seen = dp_steps_seen(records.read_rounds()) if cfg.dp == "sample" else None
-    # Personal parts: the last round each site trained in this run (a resume: from its records).
-    personal_seen = personal_rounds_seen(records.read_rounds()) if cfg.personal else None
+    # What a resume continues from, read once from its records: the most DP-SGD steps each site has
+    # reported (sample level), the last round each site trained with personal parts.
+    recorded = records.read_rounds() if cfg.dp == "sample" or cfg.personal else []
+    steps_seen = dp_steps_seen(recorded) if cfg.dp == "sample" else None
+    personal_seen = personal_rounds_seen(recorded) if cfg.personal else None
     skipped_in_a_row = 0
     ended_early = ""
     ahead: TrainAhead | None = None  # the next round's train messages, already pushed (pipeline-rounds)

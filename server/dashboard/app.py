@@ -26,7 +26,6 @@ name (`Host`), so a web page cannot reach it through DNS rebinding.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 import re
 import stat
@@ -46,6 +45,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from server.dashboard import is_loopback
 from server.run_claim import claim_path
 from server.run_store import DB_FILE, RunStoreError, ensure_store
 
@@ -236,12 +236,7 @@ def is_loopback_name(host: str) -> bool:
         name = host[1:host.find("]")] if "]" in host else ""
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name)
 
 
 class LoopbackHostMiddleware:
