@@ -15,6 +15,7 @@ extracted into columns for the API and the charts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -432,8 +433,18 @@ class RunStore:
             con.execute("UPDATE run SET config_json = ?, updated_at = ?", (_json(config), now()))
 
     # --------------------------------------------------------------- reading
-    def read(self) -> dict[str, Any]:
-        """The whole run: {run: {...}, rounds: [{..., sites: [...], failed: [...], excluded: [...]}]}."""
+    def read(self, since: int | None = None, base: str | None = None) -> dict[str, Any]:
+        """The run: {run, rounds: [{..., sites, failed, excluded}], rounds_key, since}.
+
+        `rounds_key` fingerprints the rounds returned (and what their derived
+        figures depend on). A reader that holds every round up to N, as of a
+        response whose `rounds_key` was K, asks `read(since=N, base=K)`: when
+        the rounds up to N are still those (same fingerprint), only the rounds
+        after N are read and returned, with `since` = N; otherwise (a resume
+        rewound and rewrote rounds, a new run took the name, a re-import) the
+        whole run is, with `since` = None. A 5,000-round run then costs a poll
+        a few kB instead of every round's site rows (docs/run-store.md).
+        """
         gone = self._process_gone()  # before the read: see _shown_status
         with self._connect(write=False) as con:
             con.execute("BEGIN")  # one snapshot for all the selects below
@@ -441,17 +452,26 @@ class RunStore:
             run = con.execute("SELECT * FROM run WHERE id = 1").fetchone()
             if run is None:
                 raise RunStoreError(f"{self.path}: the run store holds no run")
+            # The round columns of every round are cheap (no JSON, no site rows): the fingerprint covers them all.
             rounds = [dict(r) for r in con.execute(
                 f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds ORDER BY round")]
+            key_at_since, key = _rounds_keys(con, run, rounds, since)
+            if since is None or base != key_at_since:
+                since = None
+            else:
+                rounds = [r for r in rounds if r["round"] > since]
+            after = -(2 ** 63) if since is None else since  # SQLite's smallest integer: every round
             by_round = {r["round"]: r for r in rounds}
             for r in rounds:
                 r.update(sites=[], failed=[], excluded=[])
-            for row in con.execute(f"SELECT round, {', '.join(SITE_COLUMNS)} FROM site_rounds ORDER BY round, site"):
+            for row in con.execute(f"SELECT round, {', '.join(SITE_COLUMNS)} FROM site_rounds WHERE round > ? "
+                                   "ORDER BY round, site", (after,)):
                 row = dict(row)
                 number = row.pop("round")
                 row["trained"], row["evaluated"] = bool(row["trained"]), bool(row["evaluated"])
                 by_round[number]["sites"].append(row)
-            for ev in con.execute("SELECT round, kind, site, phase, reason FROM site_events ORDER BY rowid"):
+            for ev in con.execute("SELECT round, kind, site, phase, reason FROM site_events WHERE round > ? "
+                                  "ORDER BY rowid", (after,)):
                 by_round[ev["round"]][ev["kind"]].append({"site": ev["site"], "phase": ev["phase"],
                                                           "reason": ev["reason"]})
             con.execute("COMMIT")
@@ -466,7 +486,7 @@ class RunStore:
             downs = sum(int(s["trained"]) + int(s["evaluated"]) for s in r["sites"])
             r["full_model_bytes_up"] = ups * full if full is not None else None
             r["full_model_bytes_down"] = downs * full if full is not None else None
-        return {"run": info, "rounds": rounds}
+        return {"run": info, "rounds": rounds, "rounds_key": key, "since": since}
 
     def summary(self) -> dict[str, Any]:
         """The runs-list row: name, status, reason, rounds done, last round, last Dice, last privacy figures, times.
@@ -554,6 +574,32 @@ def _latest(con: sqlite3.Connection, column: str) -> Any:
 def _largest(con: sqlite3.Connection, column: str) -> Any:
     """The largest non-NULL value of a `rounds` column (one of ROUND_COLUMNS), or None."""
     return con.execute(f"SELECT MAX({_round_column(column)}) FROM rounds").fetchone()[0]
+
+
+def _rounds_keys(con: sqlite3.Connection, run: sqlite3.Row, rounds: list[dict[str, Any]],
+                 since: int | None) -> tuple[str, str]:
+    """(fingerprint of the rounds up to `since`, fingerprint of all rounds): what read()'s `base` is checked against.
+
+    Covers what a reader's copy of those rounds was made of: the run's identity
+    (a new run under the name has another start), the full-model size (each
+    round's full-model bytes derive from it), every round column (a rewritten
+    round has at least another `time`, to the second) and how many site rows and
+    events those rounds have (a round's rows are written with it, in one
+    transaction).
+    """
+    digest = hashlib.sha256(repr((run["started_at"], run["source_stamp"], run["full_model_bytes"])).encode())
+    at_since = digest.copy()
+    for r in rounds:
+        digest.update(repr(tuple(r.values())).encode())
+        if since is not None and r["round"] <= since:
+            at_since = digest.copy()
+    if since is not None:
+        counts = con.execute("SELECT (SELECT COUNT(*) FROM site_rounds WHERE round <= ?), "
+                             "(SELECT COUNT(*) FROM site_events WHERE round <= ?)", (since, since)).fetchone()
+        at_since.update(repr(tuple(counts)).encode())
+    total = con.execute("SELECT (SELECT COUNT(*) FROM site_rounds), (SELECT COUNT(*) FROM site_events)").fetchone()
+    digest.update(repr(tuple(total)).encode())
+    return at_since.hexdigest()[:32], digest.hexdigest()[:32]
 
 
 def _ended_early(run_dir: Path) -> str:

@@ -106,3 +106,17 @@ def test_gpu_table_divides_each_row_by_its_own_reference(tmp_path):
     assert "x_ref" not in out["ours"]["inference_fast"]
     assert out["epoch_vs_step_loader"] == 0.8 and out["epoch_vs_step_resident"] == 0.95
     assert "fast epoch, loader / fast step: 0.80" in proc.stdout
+
+
+def test_dashboard_poll_bench_runs_and_writes_its_json(tmp_path):
+    """`python bench/dashboard_poll.py` at a small size: a poll since the last round is far smaller than the whole run."""
+    env = {**os.environ, "ROUNDS": "30", "SITES": "2", "REPEAT": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/dashboard_poll.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-*-dashboard_poll.json")
+    res = json.loads(path.read_text())
+    assert res["rounds"] == 30 and res["sites"] == 2
+    assert res["since-last"]["bytes"] * 20 < res["whole"]["bytes"]
+    assert res["since-last"]["bytes"] < res["since-last-1"]["bytes"] < res["whole"]["bytes"]
+    assert "whole / since-last" in proc.stdout

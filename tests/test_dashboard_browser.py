@@ -3,8 +3,9 @@
 Loads the page of a finished run written by a real (short) federation, checks
 that the charts rendered and that the Dice and byte figures shown equal the
 run store's, then adds a round to the store and waits for the open page to
-show it without a reload, then a skipped round, which keeps the last Dice and
-epsilon shown. Site names, reasons and config values made of markup are shown
+show it without a reload (asking only for the rounds after those it holds),
+then a skipped round, which keeps the last Dice and epsilon shown, then a
+rewind and rewrite (a resume), which the page notices and shows. Site names, reasons and config values made of markup are shown
 as text and run nothing; no page needs anything its Content-Security-Policy
 blocks. Where CI is set, a missing Chromium fails the test.
 """
@@ -155,6 +156,20 @@ def test_run_page_shows_the_store_and_updates_live(browser, served):
     records.append_round(fifth)
     wait_for(browser, "return document.body.dataset.rendered === '5'", timeout=15)
     assert text(browser, "#fig-dice") == "0.5000" and text(browser, "#fig-epsilon") == "1.25"
+    # The page asked only for the rounds after those it held (a 5,000-round run is not re-sent every 2 s).
+    assert browser.execute_script("return document.body.dataset.polled") == "since 4"
+
+    # A resume rewinds the store and writes rounds again: the page drops what it held and shows them.
+    records.rewind_to(3)
+    again = copy.deepcopy(third)
+    again.update(round=4, dice=0.6543, time="2099-01-01T00:00:00+00:00", failures=[])
+    records.append_round(again)
+    # 4 rounds, not 5: the page's next poll after the rewind (since=5) got the whole run back.
+    wait_for(browser, "return document.body.dataset.rendered === '4' && "
+                      "document.getElementById('fig-dice').textContent === '0.6543'", timeout=15)
+    assert text(browser, "#fig-dice") == "0.6543"
+    assert text(browser, "#timeline tr[data-round='4'] td.dice") == "0.6543"
+    assert browser.execute_script("return window.notReloaded === true")
     assert browser.execute_script("return window.cspViolations") == []
 
 

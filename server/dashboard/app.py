@@ -7,9 +7,12 @@ Routes (all GET; every route needs the token when one is set):
     /runs/<name>/download/<what>.zip   `final` or `round-NNNN` (a checkpoint), zipped
     /api/runs                       every run: name, status, rounds done, last Dice, start time
     /api/runs/<name>                one run: run row (config, status, ...) and rounds with per-site rows
+    /api/runs/<name>?since=N&base=K only the rounds after N, when rounds 1..N are still those of the
+                                    response whose `rounds_key` was K (else the whole run; `since` says which)
     /static/...                     scripts, styles, the vendored Chart.js and its licence
 
-The pages fetch the API every 2 s and redraw when something changed. Nothing
+The pages fetch the API every 2 s and redraw when something changed; a run's
+page asks only for the rounds after those it holds. Nothing
 here writes to a run, except that a run folder from before the run store
 gets its `run.sqlite` imported from `rounds.jsonl` on first view.
 
@@ -71,6 +74,8 @@ def assets_dir() -> Path:
 TOKEN_COOKIE = "fedvlsm_dashboard_token"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # fullmatch: `$` would let a final newline through
 ROUND_RE = re.compile(r"round-\d{4,}")
+SINCE_RE = re.compile(r"-?\d{1,18}")  # within SQLite's 64-bit integers
+KEY_RE = re.compile(r"[0-9a-f]{32}")
 NO_STORE = {"Cache-Control": "no-store"}
 # On every response. The pages load their scripts and styles from /static only and set every text
 # that comes from a site or a config as text: no inline script, no eval, nothing from elsewhere.
@@ -198,9 +203,29 @@ def downloads(run_dir: Path) -> list[dict[str, str]]:
     return out
 
 
-def read_run(runs_dir: Path, name: str) -> dict[str, Any]:
+class BadQuery(ValueError):
+    """A query parameter of the wrong form (HTTP 400)."""
+
+
+def poll_query(params) -> tuple[int | None, str | None]:
+    """`since` and `base` of /api/runs/<name>?since=N&base=K (both or neither): BadQuery naming what is wrong."""
+    since, base = params.get("since"), params.get("base")
+    if since is None and base is None:
+        return None, None
+    if since is None or base is None:
+        raise BadQuery("'since' and 'base' go together: the last round you hold and the rounds_key it came with")
+    if not SINCE_RE.fullmatch(since):
+        raise BadQuery(f"'since' must be a round number, not {since[:40]!r}")
+    if not KEY_RE.fullmatch(base):
+        raise BadQuery(f"'base' must be a rounds_key (32 hex digits), not {base[:40]!r}")
+    return int(since), base
+
+
+def read_run(runs_dir: Path, name: str, since: int | None = None, base: str | None = None) -> dict[str, Any]:
+    """A run for the API; with `since`/`base` only the rounds after `since`, when the rest are unchanged
+    (RunStore.read)."""
     run_dir = run_dir_of(runs_dir, name)
-    data = ensure_store(run_dir).read()
+    data = ensure_store(run_dir).read(since=since, base=base)
     return {"name": name, **data, "downloads": downloads(run_dir)}
 
 
@@ -304,10 +329,10 @@ def create_app(runs_dir: Path, token: str | None = None, loopback_only: bool = F
     def error_page(request: Request, status: int, message: str) -> Response:
         return page(request, "error.html", status=status, status_code=status, message=message)
 
-    async def runs_page(request: Request) -> Response:
+    def runs_page(request: Request) -> Response:
         return page(request, "runs.html")
 
-    async def run_page(request: Request) -> Response:
+    def run_page(request: Request) -> Response:
         name = request.path_params["name"]
         try:
             run_dir = run_dir_of(runs_dir, name)
@@ -318,20 +343,23 @@ def create_app(runs_dir: Path, token: str | None = None, loopback_only: bool = F
             return error_page(request, 500, f"run '{name}' cannot be shown: {unreadable(err)}")
         return page(request, "run.html", name=name)
 
-    async def api_runs(request: Request) -> Response:
+    def api_runs(request: Request) -> Response:
         return JSONResponse(list_runs(runs_dir), headers=NO_STORE)
 
-    async def api_run(request: Request) -> Response:
+    def api_run(request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            return JSONResponse(read_run(runs_dir, name), headers=NO_STORE)
+            since, base = poll_query(request.query_params)
+            return JSONResponse(read_run(runs_dir, name, since, base), headers=NO_STORE)
+        except BadQuery as err:
+            return JSONResponse({"error": str(err)}, status_code=400, headers=NO_STORE)
         except RunNotFound as err:
             return JSONResponse({"error": str(err)}, status_code=404, headers=NO_STORE)
         except Exception as err:  # noqa: BLE001 - this run's own problem, said as such (the list shows the others)
             return JSONResponse({"error": f"run '{name}' cannot be read: {unreadable(err)}"}, status_code=500,
                                 headers=NO_STORE)
 
-    async def download(request: Request) -> Response:
+    def download(request: Request) -> Response:
         name, what = request.path_params["name"], request.path_params["what"]
         try:
             run_dir = run_dir_of(runs_dir, name)
@@ -378,6 +406,9 @@ def create_app(runs_dir: Path, token: str | None = None, loopback_only: bool = F
         if _is_api(request):
             return JSONResponse({"error": message}, status_code=405, headers=headers)
         return PlainTextResponse(message, status_code=405, headers=headers)
+
+    # The routes are plain functions, not coroutines: Starlette runs them in its thread pool, so one
+    # slow read (a large run, a busy disk) does not hold up every other request on the event loop.
 
     # Outermost first: the headers go on every response, a wrong Host is refused before the token is asked.
     middleware = [Middleware(SecurityHeadersMiddleware)]

@@ -1,10 +1,13 @@
-// A run's page: /api/runs/<name> every 2 s; everything is redrawn when the run changed.
+// A run's page: /api/runs/<name> every 2 s, asking only for the rounds after those it holds
+// (?since=<last round>&base=<rounds_key>; the server sends the whole run again when those changed,
+// e.g. a resume rewrote them); everything is redrawn when the run changed.
 "use strict";
 const RUN = document.body.dataset.run;
 const API = "/api/runs/" + encodeURIComponent(RUN);
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 const charts = {};
 let lastKey = null;
+let held = null;  // the run as last merged: {run, rounds, downloads, rounds_key, ...}
 
 Chart.defaults.animation = false;
 Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
@@ -220,18 +223,42 @@ function renderTables(data) {
     el("a", { href: "/runs/" + encodeURIComponent(RUN) + "/download/" + d.name + ".zip" }, d.label))) : [el("li", {}, "nothing yet")]));
 }
 
+// The URL of the next poll: the rounds after the last one held, when any are held.
+function pollUrl() {
+  if (!held || !held.rounds.length) return API;
+  const last = held.rounds[held.rounds.length - 1].round;
+  return API + "?since=" + last + "&base=" + encodeURIComponent(held.rounds_key);
+}
+
+// The whole run from a response: the rounds held up to `since` and the new ones after it, or the
+// response itself when the server sent the whole run (since === null).
+function merge(body) {
+  if (body.since === null || body.since === undefined || !held) return body;
+  return Object.assign({}, body, { rounds: held.rounds.filter((r) => r.round <= body.since).concat(body.rounds) });
+}
+
+let polling = false;  // one poll at a time: a slow answer must not be merged after a newer one
+
 async function refresh() {
-  const { ok, body, text } = await getJSON(API);
+  if (polling) return;
+  polling = true;
+  try { await poll(); } finally { polling = false; }
+}
+
+async function poll() {
+  const { ok, body, text } = await getJSON(pollUrl());
   if (!ok) { showError(body.error || "cannot read this run"); return; }
   hideError();
   // The whole response: a summary of it (status, update time to the second, counts) missed changes
   // made within one second that kept the counts, e.g. a config or meta written right after a round.
   if (text === lastKey) return;
   lastKey = text;
-  renderFigures(body);
-  renderCharts(body);
-  renderTables(body);
-  document.body.dataset.rendered = body.rounds.length;
+  held = merge(body);
+  renderFigures(held);
+  renderCharts(held);
+  renderTables(held);
+  document.body.dataset.rendered = held.rounds.length;
+  document.body.dataset.polled = body.since === null ? "all" : "since " + body.since;
 }
 
 refresh();
