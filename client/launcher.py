@@ -54,6 +54,7 @@ from common.site_policy import (
     NODE_DP_SITE_BUDGET,
     NODE_DP_SITE_DELTA,
     NODE_MIN_FIGURE_IMAGES,
+    small_splits,
     SitePolicy,
     SitePolicyError,
     ledgers_elsewhere,
@@ -203,22 +204,6 @@ def _policy_node_config(args: argparse.Namespace) -> dict[str, str]:
     if args.min_figure_images != DEFAULT_MIN_FIGURE_IMAGES:
         out[NODE_MIN_FIGURE_IMAGES] = str(args.min_figure_images)
     return out
-
-
-def small_splits(data: Path, minimum: int) -> list[str]:
-    """`split (n image(s))` for each of the data's splits that lists fewer than `minimum` images.
-
-    Said at start rather than by a refusal in round 1. Splits that cannot be listed are left to the
-    site's data check, which every message runs and which says what is wrong with them.
-    """
-    from common.data.formats import scan_split  # not torch: this process stays light
-
-    small = []
-    for split in ("train", "val", "test"):
-        items, problems = scan_split(data, split)
-        if not problems and len(items) < minimum:
-            small.append(f"{split} ({len(items)} image(s))")
-    return small
 
 
 def _check_args(args: argparse.Namespace) -> str | None:

@@ -37,6 +37,24 @@ MIN_FIGURE_IMAGES_FLOOR = 2
 MIN_FIGURE_IMAGES_CEILING = 1_000_000
 
 
+def small_splits(data: Path, minimum: int) -> list[str]:
+    """`split (n image(s))` for each of the data's splits that lists fewer than `minimum` images:
+    the splits a deployed site with that `min-figure-images` refuses to serve (client/site.py).
+
+    Said by `fedvlsm site start` before it starts (rather than by a refusal in round 1) and noted by
+    `fedvlsm data check`. Splits that cannot be listed are left to the data check, which says what is
+    wrong with them.
+    """
+    from common.data.formats import scan_split  # numpy and PIL, not torch: the launcher stays light
+
+    small = []
+    for split in ("train", "val", "test"):
+        items, problems = scan_split(data, split)
+        if not problems and len(items) < minimum:
+            small.append(f"{split} ({len(items)} image(s))")
+    return small
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """A site's own privacy terms, whatever a run's config asks.

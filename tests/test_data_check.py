@@ -174,7 +174,9 @@ def test_cli_check_exit_codes_and_output(tmp_path: Path, capsys: pytest.CaptureF
     assert _cli(["data", "check", str(broken)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     problems = check_dataset(broken)
-    assert out[:-1] == [str(p) for p in problems]  # one line per problem
+    assert out[:-2] == [str(p) for p in problems]  # one line per problem
+    # Then the note on the splits a deployed site would refuse (this dataset's are small).
+    assert out[-2].startswith(f"{broken}: note: ") and "below --min-figure-images 5" in out[-2]
     assert out[-1].startswith(f"{broken}: {len(problems)} problem(s)") and "non-binary-mask" in out[-1]
 
 

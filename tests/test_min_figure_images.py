@@ -93,3 +93,28 @@ def test_site_start_says_which_splits_are_too_small_before_starting_anything(tmp
     lowered = _site_start(tmp_path, small, "--min-figure-images", "2")
     assert lowered.returncode == 2 and "val (1 image(s)) below --min-figure-images 2" in lowered.stderr
     assert "test (" not in lowered.stderr
+
+
+def test_data_check_notes_the_splits_a_deployed_site_would_refuse(tmp_path):
+    # Before, only `fedvlsm site start` (or the site's refusal in round 1) said it; `fedvlsm data check`,
+    # the command a hospital runs to prepare its data, said "OK" of a 1-image validation split.
+    small, _ = _site(tmp_path / "data", "small", (0.7, 0.15, 0.15), 9)  # 6 / 1 / 2
+    big, _ = _site(tmp_path / "data", "big", DEPLOYED_SITE_DATA["splits"], DEPLOYED_SITE_DATA["per_site"])
+
+    def check(*args):
+        return subprocess.run([FEDVLSM, "data", "check", *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+
+    done = check(small)
+    assert done.returncode == 0, done.stdout + done.stderr  # a note, not a problem: local use is fine
+    assert (f"{small}: note: val (1 image(s)), test (2 image(s)) below --min-figure-images 5: a deployed site "
+            "(`fedvlsm site start`) refuses to serve these splits") in done.stdout
+    lowered = check(small, "--min-figure-images", "2")
+    assert "note: val (1 image(s)) below --min-figure-images 2" in lowered.stdout and "test (" not in lowered.stdout
+    root = check(small.parent)  # the multi-site root synth wrote: per site
+    assert root.returncode == 0 and f"{small}: note: val (1 image(s))" in root.stdout
+    fine = check(big)
+    assert fine.returncode == 0 and "note:" not in fine.stdout and "OK, no problems found" in fine.stdout
+    refused = check(big, "--min-figure-images", "1")
+    assert refused.returncode == 2
+    assert "--min-figure-images: expected a whole number of images in [2, 1000000]" in refused.stderr

@@ -11,7 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
+
+from common.site_policy import (
+    DEFAULT_MIN_FIGURE_IMAGES,
+    MIN_FIGURE_IMAGES_FLOOR,
+    NODE_MIN_FIGURE_IMAGES,
+    SitePolicy,
+    SitePolicyError,
+    small_splits,
+)
 
 from .check import check_dataset, errors, find_sites
 from .synth import IMAGE_SIZE_RANGE, MIN_PER_SITE, synthesize
@@ -29,6 +39,14 @@ def path_arg(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("empty: give a file or folder")
     return value
+
+
+def _figure_minimum(value: str) -> int:
+    """argparse type of --min-figure-images: what `fedvlsm site start` accepts, said the same way."""
+    try:
+        return SitePolicy.from_node_config({NODE_MIN_FIGURE_IMAGES: value}).min_figure_images
+    except SitePolicyError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,6 +72,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                                 description=CHECK_DESCRIPTION, formatter_class=HELP_FORMAT)
     check.add_argument("path", type=path_arg, help="dataset folder (folder format or medvlsm anns/ format), or a multi-site root")
     check.add_argument("--splits", nargs="+", default=None, help="splits to check; None = train val test and any the dataset declares")
+    check.add_argument("--min-figure-images", type=_figure_minimum, default=DEFAULT_MIN_FIGURE_IMAGES,
+                       metavar="N", help="note the splits a deployed site (`fedvlsm site start`, same option) "
+                                         "would refuse: fewer than N images")
     check.set_defaults(func=run_check)
     return data
 
@@ -105,17 +126,20 @@ PATH is one site's dataset, or a multi-site root (`fedvlsm data synth` output
 with sites.json, or any folder of dataset folders): then each site is checked
 and reported in turn, and the exit is 1 if any site has a problem.
 Warnings (unused-images: files in images/ that no split uses) are printed but
-do not fail the check, and training goes on with them."""
+do not fail the check, and training goes on with them. A note names each split
+(train, val, test) with fewer than --min-figure-images images (default 5): a
+deployed site (`fedvlsm site start`) refuses to serve it, since its replies
+carry each split's mean loss or Dice; local training and simulations use it."""
 
 
 def run_check(args: argparse.Namespace) -> int:
     sites = find_sites(args.path)
     if not sites:
-        return _report(str(args.path), check_dataset(args.path, splits=args.splits))
+        return _report(str(args.path), check_dataset(args.path, splits=args.splits), args)
     failed = []
     for site in sites:
         print(f"== site {site.name} ({site})")
-        if _report(str(site), check_dataset(site, splits=args.splits)):
+        if _report(str(site), check_dataset(site, splits=args.splits), args):
             failed.append(site.name)
     if failed:
         print(f"{args.path}: {len(failed)} of {len(sites)} site(s) have problems: {', '.join(failed)}")
@@ -124,10 +148,21 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(where: str, problems: list) -> int:
-    """Print one line per problem and a summary line; 1 if any is an error."""
+def _note_small_splits(where: str, args: argparse.Namespace) -> None:
+    """A note, not a problem (the exit status is unchanged): what `fedvlsm site start` would refuse."""
+    small = small_splits(Path(where), args.min_figure_images)
+    if small:
+        print(f"{where}: note: {', '.join(small)} below --min-figure-images {args.min_figure_images}: a deployed "
+              "site (`fedvlsm site start`) refuses to serve these splits, since its replies carry each split's mean "
+              f"loss or Dice; add images, or start the site with --min-figure-images N (at least "
+              f"{MIN_FIGURE_IMAGES_FLOOR}). Local training and simulations use them as they are")
+
+
+def _report(where: str, problems: list, args: argparse.Namespace) -> int:
+    """Print one line per problem, the small-splits note if any, and a summary line; 1 if any is an error."""
     for problem in problems:
         print(problem)
+    _note_small_splits(where, args)
     if not problems:
         print(f"{where}: OK, no problems found")
         return 0
