@@ -329,6 +329,8 @@ def create_app(runs_dir: Path, token: str | None = None, loopback_only: bool = F
     def error_page(request: Request, status: int, message: str) -> Response:
         return page(request, "error.html", status=status, status_code=status, message=message)
 
+    # The routes are plain functions, not coroutines: Starlette runs them in its thread pool, so one
+    # slow read (a large run, a busy disk) does not hold up every other request on the event loop.
     def runs_page(request: Request) -> Response:
         return page(request, "runs.html")
 
@@ -406,9 +408,6 @@ def create_app(runs_dir: Path, token: str | None = None, loopback_only: bool = F
         if _is_api(request):
             return JSONResponse({"error": message}, status_code=405, headers=headers)
         return PlainTextResponse(message, status_code=405, headers=headers)
-
-    # The routes are plain functions, not coroutines: Starlette runs them in its thread pool, so one
-    # slow read (a large run, a busy disk) does not hold up every other request on the event loop.
 
     # Outermost first: the headers go on every response, a wrong Host is refused before the token is asked.
     middleware = [Middleware(SecurityHeadersMiddleware)]
