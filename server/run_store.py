@@ -14,6 +14,7 @@ extracted into columns for the API and the charts.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -452,14 +453,17 @@ class RunStore:
             run = con.execute("SELECT * FROM run WHERE id = 1").fetchone()
             if run is None:
                 raise RunStoreError(f"{self.path}: the run store holds no run")
-            # The round columns of every round are cheap (no JSON, no site rows): the fingerprint covers them all.
-            rounds = [dict(r) for r in con.execute(
-                f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds ORDER BY round")]
-            key_at_since, key = _rounds_keys(con, run, rounds, since)
+            # The round columns of every round are cheap (no JSON, no site rows): the fingerprint covers them
+            # all. Plain tuples (no Row, no dict) for the rounds a poll does not send: most of them.
+            cursor = con.cursor()
+            cursor.row_factory = None
+            values = cursor.execute(f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds ORDER BY round").fetchall()
+            key_at_since, key = _rounds_keys(con, run, values, since)
             if since is None or base != key_at_since:
                 since = None
             else:
-                rounds = [r for r in rounds if r["round"] > since]
+                values = values[bisect.bisect_right(values, since, key=lambda v: v[0]):]  # sorted by round
+            rounds = [dict(zip(ROUND_COLUMNS, v)) for v in values]
             after = -(2 ** 63) if since is None else since  # SQLite's smallest integer: every round
             by_round = {r["round"]: r for r in rounds}
             for r in rounds:
@@ -576,30 +580,32 @@ def _largest(con: sqlite3.Connection, column: str) -> Any:
     return con.execute(f"SELECT MAX({_round_column(column)}) FROM rounds").fetchone()[0]
 
 
-def _rounds_keys(con: sqlite3.Connection, run: sqlite3.Row, rounds: list[dict[str, Any]],
+def _rounds_keys(con: sqlite3.Connection, run: sqlite3.Row, values: list[tuple[Any, ...]],
                  since: int | None) -> tuple[str, str]:
     """(fingerprint of the rounds up to `since`, fingerprint of all rounds): what read()'s `base` is checked against.
 
-    Covers what a reader's copy of those rounds was made of: the run's identity
-    (a new run under the name has another start), the full-model size (each
-    round's full-model bytes derive from it), every round column (a rewritten
-    round has at least another `time`, to the second) and how many site rows and
+    `values`: every round's ROUND_COLUMNS, sorted by round. Covers what a
+    reader's copy of those rounds was made of: the run's identity (a new run
+    under the name has another start), the full-model size (each round's
+    full-model bytes derive from it), every round column (a rewritten round
+    has at least another `time`, to the second) and how many site rows and
     events those rounds have (a round's rows are written with it, in one
-    transaction).
+    transaction). The two are equal when no round is after `since`.
     """
-    digest = hashlib.sha256(repr((run["started_at"], run["source_stamp"], run["full_model_bytes"])).encode())
-    at_since = digest.copy()
-    for r in rounds:
-        digest.update(repr(tuple(r.values())).encode())
-        if since is not None and r["round"] <= since:
-            at_since = digest.copy()
-    if since is not None:
-        counts = con.execute("SELECT (SELECT COUNT(*) FROM site_rounds WHERE round <= ?), "
-                             "(SELECT COUNT(*) FROM site_events WHERE round <= ?)", (since, since)).fetchone()
-        at_since.update(repr(tuple(counts)).encode())
-    total = con.execute("SELECT (SELECT COUNT(*) FROM site_rounds), (SELECT COUNT(*) FROM site_events)").fetchone()
-    digest.update(repr(tuple(total)).encode())
-    return at_since.hexdigest()[:32], digest.hexdigest()[:32]
+    def key(rows: list[tuple[Any, ...]], counts: tuple[int, int]) -> str:
+        text = repr((run["started_at"], run["source_stamp"], run["full_model_bytes"], rows, counts))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    total = tuple(con.execute("SELECT (SELECT COUNT(*) FROM site_rounds), (SELECT COUNT(*) FROM site_events)").fetchone())
+    if since is None:
+        return "", key(values, total)
+    held = bisect.bisect_right(values, since, key=lambda v: v[0])
+    if held == len(values):  # nothing after `since`: the same rounds, the same counts
+        whole = key(values, total)
+        return whole, whole
+    counts = tuple(con.execute("SELECT (SELECT COUNT(*) FROM site_rounds WHERE round <= ?), "
+                               "(SELECT COUNT(*) FROM site_events WHERE round <= ?)", (since, since)).fetchone())
+    return key(values[:held], counts), key(values, total)
 
 
 def _ended_early(run_dir: Path) -> str:
