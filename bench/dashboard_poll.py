@@ -3,8 +3,8 @@
 A run page polls `/api/runs/<name>` every 2 s. Before, every poll re-read and
 re-sent the whole run; now the page sends `?since=<last round>&base=<rounds_key>`
 and gets only the later rounds (none while the run waits for its next round).
-This builds a run store of ROUNDS rounds x SITES sites (RunRecords, as a
-server writes it), serves it with the dashboard's app (Starlette's test
+This builds a run store of ROUNDS rounds x SITES sites (as a server writes
+it), serves it with the dashboard's app (Starlette's test
 client: no network, so the figures are the server's own work plus JSON), and
 times REPEAT polls of each kind:
 
@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from starlette.testclient import TestClient  # noqa: E402
 
 from server.dashboard.app import create_app  # noqa: E402
-from server.run_records import RunRecords  # noqa: E402
 from server.run_store import RunStore  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "5000"))
@@ -56,13 +55,15 @@ def record(n: int) -> dict:
                                             "node_id": str(10**18 + i)} for i in range(SITES)}}
 
 
-def build(runs: Path) -> RunRecords:
-    records = RunRecords.create(runs, "long", {"rounds": ROUNDS + 1, "dp": "sample"},
-                                meta={"base_parameters": 150_000_000})
-    store = RunStore.in_run_dir(records.run_dir)
-    for n in range(1, ROUNDS + 1):  # the store directly: rounds.jsonl rewritten each round would be quadratic
+def build(runs: Path) -> RunStore:
+    """The run `long` under `runs`: its store only, as the ServerApp registers it and writes its rounds
+    (RunRecords would also rewrite rounds.jsonl each round, quadratic here, and import torch)."""
+    (runs / "long").mkdir(parents=True)
+    store = RunStore.in_run_dir(runs / "long")
+    store.register_run("long", {"rounds": ROUNDS + 1, "dp": "sample"}, {"base_parameters": 150_000_000})
+    for n in range(1, ROUNDS + 1):
         store.write_round(record(n))
-    return records
+    return store
 
 
 def timed(client: TestClient, url: str) -> dict:
@@ -80,7 +81,7 @@ def timed(client: TestClient, url: str) -> dict:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        records = build(Path(tmp))
+        store = build(Path(tmp))
         built = time.perf_counter() - t0
         client = TestClient(create_app(Path(tmp)))
         whole = client.get("/api/runs/long").json()
@@ -89,7 +90,7 @@ def main() -> None:
                "machine": platform.node(), "python": sys.version.split()[0],
                "whole": timed(client, "/api/runs/long"),
                "since-last": timed(client, f"/api/runs/long?since={last}&base={key}")}
-        RunStore.in_run_dir(records.run_dir).write_round(record(ROUNDS + 1))
+        store.write_round(record(ROUNDS + 1))
         one_new = timed(client, f"/api/runs/long?since={last}&base={key}")
         got = client.get(f"/api/runs/long?since={last}&base={key}").json()
         assert got["since"] == last and [r["round"] for r in got["rounds"]] == [ROUNDS + 1], "not an incremental read"

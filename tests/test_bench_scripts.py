@@ -120,3 +120,20 @@ def test_dashboard_poll_bench_runs_and_writes_its_json(tmp_path):
     assert res["since-last"]["bytes"] * 20 < res["whole"]["bytes"]
     assert res["since-last"]["bytes"] < res["since-last-1"]["bytes"] < res["whole"]["bytes"]
     assert "whole / since-last" in proc.stdout
+
+
+def test_dashboard_page_bench_runs_and_writes_its_json(tmp_path):
+    """`python bench/dashboard_page.py` at a small size, in headless Chromium (as the browser tests)."""
+    from test_dashboard_browser import _need_browser
+
+    _need_browser()
+    env = {**os.environ, "ROUNDS": "30", "SITES": "2", "NEW": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/dashboard_page.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-*-dashboard_page.json")
+    res = json.loads(path.read_text())
+    assert res["rounds"] == 30 and res["sites"] == 2 and len(res["shown_seconds"]) == len(res["redraw_ms"]) == 1
+    assert 0 < res["open_seconds"] and 0 < res["shown_seconds"][0] < 30  # the page polls every 2 s
+    assert set(res["redraw_ms"][0]) == {"figures", "charts", "tables"} and res["redraw_ms_median"] > 0
+    assert "new round shown after" in proc.stdout

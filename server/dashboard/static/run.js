@@ -20,16 +20,29 @@ function logTick(value) {
   return [1, 2, 5].some((k) => Math.abs(m - k) < 1e-6) ? fmt.human(value) : "";
 }
 
+// A long run's points are drawn as a line only: thousands of dots cost the redraw most of its time
+// and, a pixel or less apart, show nothing a line does not.
+const POINTS_UP_TO = 200;
+
 function line(label, data, color, extra) {
   return Object.assign({ label, data, borderColor: color, backgroundColor: color, spanGaps: true,
-                         tension: 0, pointRadius: 3, borderWidth: 2 }, extra || {});
+                         tension: 0, pointRadius: data.length > POINTS_UP_TO ? 0 : 3, borderWidth: 2 }, extra || {});
 }
 
+// A chart that exists is given its new data and options and redrawn in place (a new Chart per
+// round rebuilt every scale and element of a 5,000-round chart); a new type of chart is made anew.
 function draw(id, config) {
-  if (charts[id]) charts[id].destroy();
   const canvas = document.getElementById(id);
   canvas.parentElement.classList.remove("off");
-  charts[id] = new Chart(canvas, config);
+  const chart = charts[id];
+  if (chart && chart.config.type === config.type) {
+    chart.data = config.data;
+    chart.options = config.options;
+    chart.update("none");
+  } else {
+    if (chart) chart.destroy();
+    charts[id] = new Chart(canvas, config);
+  }
   canvas.dataset.datasets = config.data.datasets.length;
 }
 
@@ -187,9 +200,25 @@ function eventChips(r) {
   return chips.length ? chips : ["-"];
 }
 
+// The timeline lists the latest TIMELINE_ROWS rounds unless asked for all: the rows of a 5,000-round
+// run took seconds to lay out again at every new round (the charts show every round).
+const TIMELINE_ROWS = 200;
+let timelineAll = false;
+
+function timelineNote(count) {
+  const note = document.getElementById("timeline-note");
+  note.hidden = count <= TIMELINE_ROWS;
+  document.getElementById("timeline-shown").textContent = timelineAll
+    ? "All " + count + " rounds."
+    : "The latest " + TIMELINE_ROWS + " of " + count + " rounds.";
+  document.getElementById("timeline-all").textContent = timelineAll ? "show the latest " + TIMELINE_ROWS : "show all";
+}
+
 function renderTables(data) {
   const { run, rounds } = data;
-  document.querySelector("#timeline tbody").replaceChildren(...rounds.slice().reverse().map((r) => el("tr", { dataset: { round: r.round } },
+  const shown = timelineAll ? rounds : rounds.slice(-TIMELINE_ROWS);
+  timelineNote(rounds.length);
+  document.querySelector("#timeline tbody").replaceChildren(...shown.slice().reverse().map((r) => el("tr", { dataset: { round: r.round } },
     el("td", { class: "num" }, r.round),
     el("td", {}, badge(r.status)),
     el("td", {}, fmt.time(r.time)),
@@ -261,5 +290,9 @@ async function poll() {
   document.body.dataset.polled = body.since === null ? "all" : "since " + body.since;
 }
 
+document.getElementById("timeline-all").addEventListener("click", () => {
+  timelineAll = !timelineAll;
+  if (held) renderTables(held);
+});
 refresh();
 setInterval(refresh, POLL_MS);
