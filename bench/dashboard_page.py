@@ -16,7 +16,6 @@ Writes bench/results/cpu-<host>-dashboard_page.json (or $OUT/...).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,6 @@ import dashboard_poll  # noqa: E402  (its ROUNDS and SITES come from the same en
 from server.dashboard import start_in_background  # noqa: E402
 
 NEW = int(os.environ.get("NEW", "3"))
-OUT = Path(os.environ.get("OUT", ROOT / "bench" / "results"))
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 REDRAW = """const t = [performance.now()];
 renderFigures(held); document.body.offsetHeight; t.push(performance.now());
@@ -88,10 +86,7 @@ def main() -> None:
     print("one redraw, layout included (ms, figures/charts/tables): "
           + "; ".join("/".join(f"{v:.0f}" for v in r.values()) for r in res["redraw_ms"])
           + f"; median total {res['redraw_ms_median']:.0f} ms")
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"cpu-{platform.node() or 'host'}-dashboard_page.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {path}")
+    dashboard_poll.write_result("dashboard_page", res)
 
 
 if __name__ == "__main__":

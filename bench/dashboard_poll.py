@@ -66,6 +66,14 @@ def build(runs: Path) -> RunStore:
     return store
 
 
+def write_result(bench: str, res: dict) -> None:
+    """`res` as $OUT/cpu-<host>-<bench>.json (default OUT: bench/results), said on stdout."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"cpu-{platform.node() or 'host'}-{bench}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def timed(client: TestClient, url: str) -> dict:
     times, size = [], 0
     for _ in range(REPEAT):
@@ -102,10 +110,7 @@ def main() -> None:
         print(f"{part:<14}{row['bytes']:>14,}{row['seconds_median'] * 1e3:>12.1f}")
     print(f"whole / since-last: {res['whole']['bytes'] / res['since-last']['bytes']:.0f}x the bytes, "
           f"{res['whole']['seconds_median'] / res['since-last']['seconds_median']:.1f}x the time")
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"cpu-{platform.node() or 'host'}-dashboard_poll.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result("dashboard_poll", res)
 
 
 if __name__ == "__main__":

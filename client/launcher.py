@@ -54,10 +54,10 @@ from common.site_policy import (
     NODE_DP_SITE_BUDGET,
     NODE_DP_SITE_DELTA,
     NODE_MIN_FIGURE_IMAGES,
-    small_splits,
     SitePolicy,
     SitePolicyError,
     ledgers_elsewhere,
+    small_splits,
 )
 
 if TYPE_CHECKING:  # imported where used: this module stays light for the CLI

@@ -11,13 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_host_epoch_bench_runs_and_writes_its_json(tmp_path):
-    env = {**os.environ, "ITEMS": "40", "EPOCHS": "2", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/host_epoch.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+def run_bench(script: str, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python bench/<script>.py` as documented, with `env` set and its JSON written under tmp_path: it must
+    exit 0 and write exactly one `cpu-<host>-<script>.json`; returns the process and that JSON."""
+    proc = subprocess.run([sys.executable, f"bench/{script}.py"], cwd=ROOT, env={**os.environ, **env,
+                          "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (path,) = tmp_path.glob("cpu-*-host_epoch.json")
-    res = json.loads(path.read_text())
+    (path,) = tmp_path.glob(f"cpu-*-{script}.json")
+    return proc, json.loads(path.read_text())
+
+
+def test_host_epoch_bench_runs_and_writes_its_json(tmp_path):
+    proc, res = run_bench("host_epoch", tmp_path, ITEMS="40", EPOCHS="2")
     for part in ("shallow-cached", "dense"):
         row = res[part]
         assert len(row["epoch_s"]) == 2 and row["epoch_s_median"] > 0 and row["items"] > 0
@@ -29,12 +34,7 @@ def test_host_epoch_bench_runs_and_writes_its_json(tmp_path):
 
 def test_host_step_bench_runs_and_writes_its_json(tmp_path):
     """`python bench/host_step.py` at its smallest (arch:tiny for the count too): counts and host times."""
-    env = {**os.environ, "BASE": "arch:tiny", "BLOCKS": "2", "STEPS": "2", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/host_step.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (path,) = tmp_path.glob("cpu-*-host_step.json")
-    res = json.loads(path.read_text())
+    proc, res = run_bench("host_step", tmp_path, BASE="arch:tiny", BLOCKS="2", STEPS="2")
     assert res["base"] == "arch:tiny"
     for part in ("dense-vl", "shallow-vlc-cached"):
         stock, fused = res[part]["counts"]["stock"], res[part]["counts"]["fused"]
@@ -110,12 +110,7 @@ def test_gpu_table_divides_each_row_by_its_own_reference(tmp_path):
 
 def test_dashboard_poll_bench_runs_and_writes_its_json(tmp_path):
     """`python bench/dashboard_poll.py` at a small size: a poll since the last round is far smaller than the whole run."""
-    env = {**os.environ, "ROUNDS": "30", "SITES": "2", "REPEAT": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/dashboard_poll.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (path,) = tmp_path.glob("cpu-*-dashboard_poll.json")
-    res = json.loads(path.read_text())
+    proc, res = run_bench("dashboard_poll", tmp_path, ROUNDS="30", SITES="2", REPEAT="1")
     assert res["rounds"] == 30 and res["sites"] == 2
     assert res["since-last"]["bytes"] * 20 < res["whole"]["bytes"]
     assert res["since-last"]["bytes"] < res["since-last-1"]["bytes"] < res["whole"]["bytes"]
@@ -127,12 +122,7 @@ def test_dashboard_page_bench_runs_and_writes_its_json(tmp_path):
     from test_dashboard_browser import _need_browser
 
     _need_browser()
-    env = {**os.environ, "ROUNDS": "30", "SITES": "2", "NEW": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/dashboard_page.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (path,) = tmp_path.glob("cpu-*-dashboard_page.json")
-    res = json.loads(path.read_text())
+    proc, res = run_bench("dashboard_page", tmp_path, ROUNDS="30", SITES="2", NEW="1")
     assert res["rounds"] == 30 and res["sites"] == 2 and len(res["shown_seconds"]) == len(res["redraw_ms"]) == 1
     assert 0 < res["open_seconds"] and 0 < res["shown_seconds"][0] < 30  # the page polls every 2 s
     assert set(res["redraw_ms"][0]) == {"figures", "charts", "tables"} and res["redraw_ms_median"] > 0

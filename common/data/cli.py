@@ -135,11 +135,11 @@ carry each split's mean loss or Dice; local training and simulations use it."""
 def run_check(args: argparse.Namespace) -> int:
     sites = find_sites(args.path)
     if not sites:
-        return _report(str(args.path), check_dataset(args.path, splits=args.splits), args)
+        return _report(str(args.path), check_dataset(args.path, splits=args.splits), args.min_figure_images)
     failed = []
     for site in sites:
         print(f"== site {site.name} ({site})")
-        if _report(str(site), check_dataset(site, splits=args.splits), args):
+        if _report(str(site), check_dataset(site, splits=args.splits), args.min_figure_images):
             failed.append(site.name)
     if failed:
         print(f"{args.path}: {len(failed)} of {len(sites)} site(s) have problems: {', '.join(failed)}")
@@ -148,21 +148,21 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_small_splits(where: str, args: argparse.Namespace) -> None:
+def _note_small_splits(where: str, min_figure_images: int) -> None:
     """A note, not a problem (the exit status is unchanged): what `fedvlsm site start` would refuse."""
-    small = small_splits(Path(where), args.min_figure_images)
+    small = small_splits(Path(where), min_figure_images)
     if small:
-        print(f"{where}: note: {', '.join(small)} below --min-figure-images {args.min_figure_images}: a deployed "
+        print(f"{where}: note: {', '.join(small)} below --min-figure-images {min_figure_images}: a deployed "
               "site (`fedvlsm site start`) refuses to serve these splits, since its replies carry each split's mean "
               f"loss or Dice; add images, or start the site with --min-figure-images N (at least "
               f"{MIN_FIGURE_IMAGES_FLOOR}). Local training and simulations use them as they are")
 
 
-def _report(where: str, problems: list, args: argparse.Namespace) -> int:
+def _report(where: str, problems: list, min_figure_images: int) -> int:
     """Print one line per problem, the small-splits note if any, and a summary line; 1 if any is an error."""
     for problem in problems:
         print(problem)
-    _note_small_splits(where, args)
+    _note_small_splits(where, min_figure_images)
     if not problems:
         print(f"{where}: OK, no problems found")
         return 0

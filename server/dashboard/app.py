@@ -35,6 +35,7 @@ import stat
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,7 @@ class BadQuery(ValueError):
     """A query parameter of the wrong form (HTTP 400)."""
 
 
-def poll_query(params) -> tuple[int | None, str | None]:
+def poll_query(params: Mapping[str, str]) -> tuple[int | None, str | None]:
     """`since` and `base` of /api/runs/<name>?since=N&base=K (both or neither): BadQuery naming what is wrong."""
     since, base = params.get("since"), params.get("base")
     if since is None and base is None:

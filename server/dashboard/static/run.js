@@ -259,11 +259,11 @@ function pollUrl() {
   return API + "?since=" + last + "&base=" + encodeURIComponent(held.rounds_key);
 }
 
-// The whole run from a response: the rounds held up to `since` and the new ones after it, or the
-// response itself when the server sent the whole run (since === null).
+// The whole run from a response: the rounds held (the server found them unchanged up to `since`, the
+// last of them) and the new ones after it, or the response itself when it is the whole run (since null).
 function merge(body) {
   if (body.since === null || body.since === undefined || !held) return body;
-  return Object.assign({}, body, { rounds: held.rounds.filter((r) => r.round <= body.since).concat(body.rounds) });
+  return Object.assign({}, body, { rounds: held.rounds.concat(body.rounds) });
 }
 
 let polling = false;  // one poll at a time: a slow answer must not be merged after a newer one
